@@ -1,0 +1,157 @@
+"""Config files, `path:arg` specs and dotted overrides, validated before anything compiles.
+
+A config file is Python with `get_config(arg: str | None) -> ConfigDict` (the ml_collections idiom). The command line
+names it as `configs/NAME.py[:arg]` and changes single values with `--config.a.b=value`. Every failure here is a
+`ConfigError` whose message names the offending key, so that a typo costs a second, not a compile.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+from collections.abc import Iterable, Sequence
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+  """A config that cannot be run; the message names the key."""
+
+
+def parse_arg(arg: str | None, defaults: dict) -> ml_collections.ConfigDict:
+  """Parses a config argument `k=v,k2=v2` into typed fields, starting from `defaults`.
+
+  Values take the type of their default; unknown keys are an error listing the valid ones.
+  """
+  fields = ml_collections.ConfigDict(dict(defaults))
+  if not arg:
+    return fields
+  for item in arg.split(','):
+    if not item.strip():
+      continue
+    if '=' not in item:
+      raise ConfigError(f'config argument {item!r} is not of the form key=value (valid keys: {sorted(defaults)})')
+    key, value = (s.strip() for s in item.split('=', 1))
+    if key not in defaults:
+      raise ConfigError(f'unknown config argument {key!r}; valid: {sorted(defaults)}')
+    fields[key] = _coerce(value, defaults[key], key)
+  return fields
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `path/to/config.py[:arg]`, applies `a.b=value` overrides and validates the result."""
+  path, _, arg = spec.partition(':')
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f'config file {path!r} does not exist')
+  module_spec = importlib.util.spec_from_file_location(f'xmodal_config_{file.stem}', file)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f'config file {path!r} defines no get_config(arg)')
+  config = module.get_config(arg or None)
+  apply_overrides(config, overrides)
+  validate(config)
+  return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+  """Applies `a.b.c=value` assignments in place; unknown keys and type mismatches raise ConfigError."""
+  for override in overrides:
+    key, sep, raw = override.partition('=')
+    key = key.strip().removeprefix('--config.').removeprefix('config.')
+    if not sep:
+      raise ConfigError(f'override {override!r} is not of the form a.b=value')
+    *parents, leaf = key.split('.')
+    node = config
+    for depth, name in enumerate(parents):
+      if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+        raise ConfigError(f'unknown config key {".".join(parents[:depth + 1])!r} (in override {override!r})')
+      node = node[name]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ConfigError(f'unknown config key {key!r}; valid keys here: {valid}')
+    current = node[leaf]
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ConfigError(f'config key {key!r} is a group; set one of its fields: {sorted(current.keys())}')
+    with node.unlocked():
+      node[leaf] = _coerce(raw, current, key)
+
+
+def _coerce(raw: str, current, key: str):
+  """Turns the string `raw` into the type of `current`, the value it replaces."""
+  if current is None:
+    return _literal(raw)
+  kind = type(current)
+  try:
+    if kind is bool:
+      lowered = raw.lower()
+      if lowered not in ('true', 'false', '1', '0'):
+        raise ValueError(raw)
+      return lowered in ('true', '1')
+    if kind is int:
+      return int(raw)
+    if kind is float:
+      return float(raw)
+    if kind is str:
+      return raw
+    if kind in (tuple, list):
+      value = ast.literal_eval(raw)
+      if not isinstance(value, (tuple, list)):
+        value = (value,)
+      return kind(value)
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(f'config key {key!r} expects {kind.__name__}, got {raw!r}') from e
+  raise ConfigError(f'config key {key!r} of type {kind.__name__} cannot be set from the command line')
+
+
+def _literal(raw: str):
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f'{key}: {message}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks shapes and choices that would otherwise fail deep inside a compile."""
+  if 'model' in config:
+    validate_model(config.model, prefix='model')
+  if 'loss' in config:
+    loss = config.loss
+    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight'):
+      if name in loss:
+        _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
+
+
+ATTENTION_IMPLS = ('xla', 'cudnn')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> None:
+  """Checks a model config: divisibility of widths by heads and of images by patches, and the choices."""
+  vit, text = model.vision, model.text
+  _require(model.image_size % vit.patch_size == 0, f'{prefix}.image_size',
+           f'{model.image_size} is not divisible by {prefix}.vision.patch_size={vit.patch_size}')
+  for tower_name, tower in (('vision', vit), ('text', text)):
+    for field in ('width', 'depth', 'heads', 'mlp_dim'):
+      _require(tower[field] > 0, f'{prefix}.{tower_name}.{field}', f'must be positive, got {tower[field]}')
+    _require(tower.width % tower.heads == 0, f'{prefix}.{tower_name}.width',
+             f'{tower.width} is not divisible by {prefix}.{tower_name}.heads={tower.heads}')
+  _require(model.fusion_depth > 0, f'{prefix}.fusion_depth', f'must be positive, got {model.fusion_depth}')
+  _require(model.embed_dim > 0, f'{prefix}.embed_dim', f'must be positive, got {model.embed_dim}')
+  _require(text.vocab_size > 0, f'{prefix}.text.vocab_size', f'must be positive, got {text.vocab_size}')
+  _require(model.max_text_len <= text.max_positions, f'{prefix}.max_text_len',
+           f'{model.max_text_len} exceeds {prefix}.text.max_positions={text.max_positions}')
+  _require(model.attention in ATTENTION_IMPLS, f'{prefix}.attention',
+           f'{model.attention!r} is not one of {ATTENTION_IMPLS}')
+  _require(model.remat in REMAT_POLICIES, f'{prefix}.remat', f'{model.remat!r} is not one of {REMAT_POLICIES}')
+  _require(model.dtype in COMPUTE_DTYPES, f'{prefix}.dtype', f'{model.dtype!r} is not one of {COMPUTE_DTYPES}')
+  _require(0.001 <= model.temperature_init <= 0.5, f'{prefix}.temperature_init',
+           f'{model.temperature_init} is outside [0.001, 0.5]')

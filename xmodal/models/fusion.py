@@ -1,0 +1,32 @@
+"""Fusion encoder: text tokens attend to themselves, then to image tokens (cross-attention), then an MLP."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xmodal.models import layers
+
+
+class FusionEncoder(nn.Module):
+  """(text tokens (B, L, Dt), text mask (B, L), image tokens (B, N, Dv), image mask (B, N) or None) -> (B, L, Dt)."""
+  depth: int
+  heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-12
+  dtype: jnp.dtype = jnp.float32
+  attention: str = 'xla'
+  scan_layers: bool = True
+  remat: str = 'none'
+
+  @nn.compact
+  def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+               image_mask: jax.Array | None = None) -> jax.Array:
+    if image_mask is None:
+      image_mask = jnp.ones(image_tokens.shape[:2], bool)
+    apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat, num_broadcast=3,
+                         heads=self.heads, mlp_dim=self.mlp_dim, eps=self.layer_norm_eps, dtype=self.dtype,
+                         impl=self.attention)
+    return apply(text_tokens.astype(self.dtype), text_mask.astype(bool), image_tokens.astype(self.dtype),
+                 image_mask.astype(bool))

@@ -1,0 +1,166 @@
+"""Transformer building blocks shared by the towers, with logical axis names on every parameter.
+
+Logical axes: 'embed' (model width), 'heads', 'kv' (per-head width), 'mlp', 'vocab', 'layers' (the scanned depth).
+Activations carry ('batch', 'length', 'embed'). The config's rules map them onto the mesh.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from xmodal.models.attention import dot_product_attention
+
+Dtype = Any
+
+# BERT and ViT both initialise weights with a truncated normal of std 0.02.
+default_kernel_init = nn.initializers.truncated_normal(0.02)
+
+
+def with_names(init: Callable, *names: str | None) -> Callable:
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in float32 whatever the compute dtype, returned in the compute dtype."""
+  eps: float
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    return nn.LayerNorm(epsilon=self.eps, dtype=self.dtype, param_dtype=jnp.float32,
+                        scale_init=with_names(nn.initializers.ones, 'embed'),
+                        bias_init=with_names(nn.initializers.zeros, 'embed'), name='norm')(x)
+
+
+class Attention(nn.Module):
+  """Multi-head attention; self-attention when `kv` is None, cross-attention otherwise.
+
+  Cross-attention projects keys and values from the other modality's width (`kv.shape[-1]`) to this one's, which is
+  how text tokens of width Dt read image tokens of width Dv.
+  """
+  heads: int
+  dtype: Dtype = jnp.float32
+  impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None) -> jax.Array:
+    """x (B, Lq, D), mask (B, Lk) bool, kv (B, Lk, Dkv) or None -> (B, Lq, D)."""
+    width = x.shape[-1]
+    head_dim = width // self.heads
+    dense = lambda features, axes, name, in_axes=('embed',): nn.DenseGeneral(
+        features, dtype=self.dtype, param_dtype=jnp.float32, name=name,
+        kernel_init=with_names(default_kernel_init, *in_axes, *axes),
+        bias_init=with_names(nn.initializers.zeros, *axes))
+    if kv is None:
+      # One fused matmul for Q, K and V: three small matmuls waste the machine.
+      qkv = dense((3, self.heads, head_dim), (None, 'heads', 'kv'), 'qkv')(x)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    else:
+      q = dense((self.heads, head_dim), ('heads', 'kv'), 'query')(x)
+      kv_proj = dense((2, self.heads, head_dim), (None, 'heads', 'kv'), 'kv')(kv)
+      k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
+    out = dot_product_attention(q, k, v, mask, impl=self.impl)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name='out',
+                           kernel_init=with_names(default_kernel_init, 'heads', 'kv', 'embed'),
+                           bias_init=with_names(nn.initializers.zeros, 'embed'))(out)
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32, name='fc1',
+                 kernel_init=with_names(default_kernel_init, 'embed', 'mlp'),
+                 bias_init=with_names(nn.initializers.zeros, 'mlp'))(x)
+    h = constrain(nn.gelu(h, approximate=False), 'batch', 'length', 'mlp')  # BERT and ViT use the exact GELU.
+    return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name='fc2',
+                    kernel_init=with_names(default_kernel_init, 'mlp', 'embed'),
+                    bias_init=with_names(nn.initializers.zeros, 'embed'))(h)
+
+
+class PreLNBlock(nn.Module):
+  """ViT layer: x + attn(LN(x)), then x + mlp(LN(x))."""
+  heads: int
+  mlp_dim: int
+  eps: float
+  dtype: Dtype = jnp.float32
+  impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, mask):
+    x = x + Attention(self.heads, self.dtype, self.impl, name='attn')(LayerNorm(self.eps, self.dtype, name='ln1')(x), mask)
+    x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(LayerNorm(self.eps, self.dtype, name='ln2')(x))
+    return constrain(x, 'batch', 'length', 'embed'), None
+
+
+class PostLNBlock(nn.Module):
+  """BERT layer: LN(x + attn(x)), then LN(x + mlp(x))."""
+  heads: int
+  mlp_dim: int
+  eps: float
+  dtype: Dtype = jnp.float32
+  impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, mask):
+    x = LayerNorm(self.eps, self.dtype, name='ln1')(x + Attention(self.heads, self.dtype, self.impl, name='attn')(x, mask))
+    x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, name='mlp')(x))
+    return constrain(x, 'batch', 'length', 'embed'), None
+
+
+class FusionBlock(nn.Module):
+  """ALBEF fusion layer, post-LN: self-attention over text, cross-attention to image tokens, MLP."""
+  heads: int
+  mlp_dim: int
+  eps: float
+  dtype: Dtype = jnp.float32
+  impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, mask, image_tokens, image_mask):
+    x = LayerNorm(self.eps, self.dtype, name='ln1')(x + Attention(self.heads, self.dtype, self.impl, name='attn')(x, mask))
+    cross = Attention(self.heads, self.dtype, self.impl, name='cross_attn')(x, image_mask, kv=image_tokens)
+    x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)
+    x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, name='mlp')(x))
+    return constrain(x, 'batch', 'length', 'embed'), None
+
+
+_REMAT_POLICIES = {
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.checkpoint_dots,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num_broadcast: int = 1,
+          name: str = 'layers', **block_kwargs) -> Callable:
+  """Returns `f(x, *broadcast_args) -> x` applying `depth` copies of `block_cls`.
+
+  With `scan`, one block is traced and its parameters are stacked on a leading 'layers' axis (compile time flat in
+  depth); without, the blocks are `name_0 ... name_{depth-1}`. `remat` picks what the backward pass may keep.
+  """
+  if remat != 'none':
+    block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+  if scan:
+    scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                      in_axes=(nn.broadcast,) * num_broadcast, length=depth,
+                      metadata_params={nn.PARTITION_NAME: 'layers'})(name=name, **block_kwargs)
+    return lambda x, *args: scanned(x, *args)[0]
+  blocks = [block_cls(name=f'{name}_{i}', **block_kwargs) for i in range(depth)]
+
+  def apply(x, *args):
+    for block in blocks:
+      x, _ = block(x, *args)
+    return x
+  return apply

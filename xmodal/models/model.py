@@ -1,0 +1,146 @@
+"""XModal: two towers for contrastive search (ITC) and a fusion encoder for image-text matching (ITM).
+
+  images ─ViT─► image tokens ─[CLS]→proj→L2─► image_emb
+  ids    ─BERT─► text tokens ─[CLS]→proj→L2─► text_emb
+  (text tokens, text mask, image tokens) ─fusion─► fused [CLS] ─ITM head─► match logits (B, 2)
+
+All methods are pure and reachable through `model.apply(variables, ..., method=XModal.encode_image)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xmodal.models import layers
+from xmodal.models.fusion import FusionEncoder
+from xmodal.models.text import TextEncoder
+from xmodal.models.vit import VisionEncoder
+
+TEMPERATURE_RANGE = (0.001, 0.5)  # ALBEF clamps its learnable temperature to this range.
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionSpec:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch_size: int
+  layer_norm_eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSpec:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  vocab_size: int
+  max_positions: int
+  type_vocab_size: int
+  layer_norm_eps: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """The hashable, typed form of the `model` config section."""
+  vision: VisionSpec
+  text: TextSpec
+  image_size: int
+  fusion_depth: int
+  embed_dim: int
+  max_text_len: int
+  temperature_init: float = 0.07
+  dtype: str = 'float32'
+  attention: str = 'xla'
+  remat: str = 'none'
+  scan_layers: bool = True
+
+  @classmethod
+  def from_config(cls, model: ml_collections.ConfigDict) -> ModelSpec:
+    fields = {f.name for f in dataclasses.fields(cls)} - {'vision', 'text'}
+    return cls(vision=VisionSpec(**model.vision.to_dict()), text=TextSpec(**model.text.to_dict()),
+               **{k: model[k] for k in fields})
+
+
+class XModal(nn.Module):
+  spec: ModelSpec
+
+  def setup(self):
+    s = self.spec
+    dtype = jnp.dtype(s.dtype)
+    common = dict(dtype=dtype, attention=s.attention, scan_layers=s.scan_layers, remat=s.remat)
+    self.vision = VisionEncoder(s.vision.width, s.vision.depth, s.vision.heads, s.vision.mlp_dim, s.vision.patch_size,
+                                s.image_size, s.vision.layer_norm_eps, **common)
+    self.text = TextEncoder(s.text.vocab_size, s.text.width, s.text.depth, s.text.heads, s.text.mlp_dim,
+                            s.text.max_positions, s.text.type_vocab_size, s.text.layer_norm_eps, **common)
+    self.fusion = FusionEncoder(s.fusion_depth, s.text.heads, s.text.mlp_dim, s.text.layer_norm_eps, **common)
+    dense = lambda features, name: nn.Dense(
+        features, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
+        kernel_init=layers.with_names(layers.default_kernel_init, 'embed', None),
+        bias_init=layers.with_names(nn.initializers.zeros, None))
+    self.image_proj = dense(s.embed_dim, 'image_proj')
+    self.text_proj = dense(s.embed_dim, 'text_proj')
+    self.itm_head = dense(2, 'itm_head')
+    self.raw_temperature = self.param('temperature', layers.with_names(nn.initializers.constant(s.temperature_init)),
+                                      ())
+    # SigLIP's learnable log-scale and bias (init log 10 and -10), used only by the sigmoid loss.
+    self.sigmoid_log_scale = self.param('sigmoid_log_scale',
+                                        layers.with_names(nn.initializers.constant(jnp.log(10.0))), ())
+    self.sigmoid_bias = self.param('sigmoid_bias', layers.with_names(nn.initializers.constant(-10.0)), ())
+
+  def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """images (B, H, W, 3) normalised floats -> (tokens (B, 1+N, Dv), emb (B, E) float32, unit norm)."""
+    tokens = self.vision(images)
+    return tokens, _normalize(self.image_proj(tokens[:, 0].astype(jnp.float32)))
+
+  def encode_text(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ids (B, L) int, mask (B, L) -> (tokens (B, L, Dt), emb (B, E) float32, unit norm)."""
+    tokens = self.text(ids, mask)
+    return tokens, _normalize(self.text_proj(tokens[:, 0].astype(jnp.float32)))
+
+  def match(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+            image_mask: jax.Array | None = None) -> jax.Array:
+    """(text tokens (B, L, Dt), text mask (B, L), image tokens (B, N, Dv)[, image mask (B, N)]) -> logits (B, 2).
+
+    Logit 1 is "matches", logit 0 "does not match" (ALBEF's order).
+    """
+    fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask)
+    return self.itm_head(fused[:, 0].astype(jnp.float32))
+
+  def temperature(self) -> jax.Array:
+    """The contrastive temperature, kept in [0.001, 0.5]."""
+    return jnp.clip(self.raw_temperature, *TEMPERATURE_RANGE)
+
+  def sigmoid_params(self) -> tuple[jax.Array, jax.Array]:
+    """(scale, bias) of the sigmoid loss."""
+    return jnp.exp(self.sigmoid_log_scale), self.sigmoid_bias
+
+  def __call__(self, images, ids, mask):
+    """Runs every path once (what `init` needs): returns (image_emb, text_emb, match logits)."""
+    image_tokens, image_emb = self.encode_image(images)
+    text_tokens, text_emb = self.encode_text(ids, mask)
+    self.temperature()
+    self.sigmoid_params()
+    return image_emb, text_emb, self.match(text_tokens, mask, image_tokens)
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def build(model_config: ml_collections.ConfigDict) -> XModal:
+  """The model for a config's `model` section."""
+  return XModal(ModelSpec.from_config(model_config))
+
+
+def dummy_inputs(spec: ModelSpec, batch: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Zero inputs of the model's shapes, for `init` and `eval_shape`."""
+  images = jnp.zeros((batch, spec.image_size, spec.image_size, 3), jnp.float32)
+  ids = jnp.zeros((batch, spec.max_text_len), jnp.int32)
+  return images, ids, jnp.ones((batch, spec.max_text_len), jnp.int32)

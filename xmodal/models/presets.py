@@ -1,0 +1,77 @@
+"""Model sizes in one table, and the model config they fill.
+
+`base` is ALBEF's: ViT-B/16 + BERT-base whose 12 layers are split into 6 text and 6 fusion layers, embedding 256.
+The tower layouts follow the public checkpoints (ViT/DeiT, BERT) so that their weights load without surgery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Tower:
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  vision: Tower
+  patch_size: int
+  image_size: int
+  text: Tower  # depth = text layers only; the fusion layers come on top
+  fusion_depth: int
+  embed_dim: int
+  vocab_size: int = 30522  # bert-base-uncased
+  max_positions: int = 512
+  max_text_len: int = 30  # ALBEF's caption length
+
+
+PRESETS: dict[str, Preset] = {
+    # A few M parameters: CPU tests and the embedded shapes run.
+    'tiny': Preset(vision=Tower(128, 4, 4, 512), patch_size=8, image_size=64,
+                   text=Tower(128, 2, 4, 512), fusion_depth=2, embed_dim=128, vocab_size=1024,
+                   max_positions=64, max_text_len=32),
+    # ViT-S/16 + a 4+4-layer BERT of width 512.
+    'small': Preset(vision=Tower(384, 12, 6, 1536), patch_size=16, image_size=224,
+                    text=Tower(512, 4, 8, 2048), fusion_depth=4, embed_dim=256),
+    # ALBEF: ViT-B/16 + BERT-base (6 text + 6 fusion layers).
+    'base': Preset(vision=Tower(768, 12, 12, 3072), patch_size=16, image_size=256,
+                   text=Tower(768, 6, 12, 3072), fusion_depth=6, embed_dim=256),
+    # ViT-L/16 + BERT-large (12 text + 12 fusion layers).
+    'large': Preset(vision=Tower(1024, 24, 16, 4096), patch_size=16, image_size=256,
+                    text=Tower(1024, 12, 16, 4096), fusion_depth=12, embed_dim=256),
+}
+
+
+def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
+  """The full model config of a preset; every field can then be overridden on its own."""
+  if size not in PRESETS:
+    raise ValueError(f'unknown model size {size!r}; valid: {sorted(PRESETS)}')
+  p = PRESETS[size]
+  return ml_collections.ConfigDict({
+      'size': size,
+      'image_size': p.image_size,
+      'vision': {'width': p.vision.width, 'depth': p.vision.depth, 'heads': p.vision.heads,
+                 'mlp_dim': p.vision.mlp_dim, 'patch_size': p.patch_size, 'layer_norm_eps': 1e-6},
+      'text': {'width': p.text.width, 'depth': p.text.depth, 'heads': p.text.heads, 'mlp_dim': p.text.mlp_dim,
+               'vocab_size': p.vocab_size, 'max_positions': p.max_positions, 'type_vocab_size': 2,
+               'layer_norm_eps': 1e-12},
+      'fusion_depth': p.fusion_depth,
+      'embed_dim': p.embed_dim,
+      'max_text_len': p.max_text_len,
+      'temperature_init': 0.07,
+      # Compute dtype of matmuls; parameters and optimizer state stay float32.
+      'dtype': 'float32',
+      # 'xla' runs everywhere; 'cudnn' is the fused flash kernel on NVIDIA GPUs.
+      'attention': 'xla',
+      # Rematerialisation of each layer: 'none', 'full', 'dots' or 'dots_no_batch' (what the backward may keep).
+      'remat': 'none',
+      # nn.scan over layers: compile time flat in depth.
+      'scan_layers': True,
+  })
