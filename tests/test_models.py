@@ -1,0 +1,150 @@
+"""Model presets, parameter metadata, and the invariances of scan, remat and resolution."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from xmodal.models import PRESETS, XModal, build, dummy_inputs, model_config
+from xmodal.models.vit import resize_pos_embedding
+from xmodal.objective import LossWeights, compute_loss
+
+# Expected parameter counts in millions. base is ALBEF's ~210M (ViT-B/16 86M + BERT-base 110M + 6 cross-attentions).
+EXPECTED_MILLIONS = {'tiny': (1.0, 5.0), 'small': (50, 80), 'base': (210 * 0.97, 210 * 1.03), 'large': (600, 750)}
+
+
+def count_params(config):
+  model = build(config)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model.spec)))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+
+
+@pytest.mark.parametrize('size', sorted(PRESETS))
+def test_preset_parameter_count(size):
+  millions = count_params(model_config(size)) / 1e6
+  print(f'{size}: {millions:.2f}M parameters')
+  low, high = EXPECTED_MILLIONS[size]
+  assert low <= millions <= high
+
+
+def test_base_counts_like_albef_by_hand():
+  """ViT-B/16 at 256 px + BERT-base with 6 of its 12 layers given cross-attention, counted by hand."""
+  d, mlp, vocab = 768, 3072, 30522
+  layer = 4 * d * d + 4 * d + 2 * d * mlp + mlp + d + 4 * d  # attention, MLP, two LayerNorms
+  vit = (3 * 16 * 16 * d + d) + d + (1 + 16 * 16) * d + 12 * layer + 2 * d
+  bert = (vocab + 512 + 2) * d + 2 * d + 12 * layer
+  cross = 6 * (4 * d * d + 4 * d + 2 * d)
+  heads = 2 * (d * 256 + 256) + (d * 2 + 2) + 3
+  assert count_params(model_config('base')) == vit + bert + cross + heads
+
+
+@pytest.fixture(scope='module')
+def tiny_setup():
+  model = build(model_config('tiny'))
+  variables = model.init(jax.random.key(0), *dummy_inputs(model.spec))
+  rng = np.random.default_rng(0)
+  s = model.spec
+  batch = {
+      'images': jnp.asarray(rng.normal(size=(4, s.image_size, s.image_size, 3)), jnp.float32),
+      'text_ids': jnp.asarray(rng.integers(5, s.text.vocab_size, size=(4, s.max_text_len)), jnp.int32),
+      'text_mask': jnp.asarray(np.arange(s.max_text_len)[None] < np.array([[5], [9], [32], [3]]), jnp.int32),
+      'image_ids': jnp.arange(4),
+  }
+  return model, variables, batch
+
+
+def test_every_parameter_has_logical_axis_names(tiny_setup):
+  _, variables, _ = tiny_setup
+  leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves
+  for leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned), type(leaf)
+    assert len(leaf.names) == leaf.value.ndim
+
+
+def _loss_and_grad(model, params, batch):
+  def loss_fn(p):
+    return compute_loss(model, p, batch, jax.random.key(1), LossWeights(1.0, 1.0, 0.5))
+  return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
+
+
+def test_tiny_loss_and_gradient_are_finite(tiny_setup):
+  model, variables, batch = tiny_setup
+  (loss, metrics), grads = _loss_and_grad(model, variables['params'], batch)
+  assert np.isfinite(float(loss))
+  for key in ('itc_loss', 'itm_loss', 'sigmoid_loss', 'temperature'):
+    assert np.isfinite(float(metrics[key])), key
+  norms = [float(jnp.linalg.norm(g)) for g in jax.tree.leaves(nn.unbox(grads))]
+  assert all(np.isfinite(norms))
+  assert sum(n > 0 for n in norms) > 0.9 * len(norms)  # nearly every parameter receives a gradient
+
+
+def _unstack(params, name):
+  """Scanned parameters (module `name`, leading layer axis) -> unscanned `name_0, name_1, ...`."""
+  out = {}
+  for key, value in params.items():
+    if key == name:
+      depth = jax.tree.leaves(value)[0].shape[0]
+      for i in range(depth):
+        out[f'{name}_{i}'] = jax.tree.map(lambda x: x[i], value)
+    elif isinstance(value, dict):
+      out[key] = _unstack(value, name)
+    else:
+      out[key] = value
+  return out
+
+
+@pytest.mark.parametrize('remat', ['none', 'full', 'dots'])
+def test_unscanned_and_rematerialised_models_compute_the_same_loss_and_grads(tiny_setup, remat):
+  model, variables, batch = tiny_setup
+  params = nn.unbox(variables['params'])
+  (loss, _), grads = _loss_and_grad(model, params, batch)
+  cfg = model_config('tiny')
+  cfg.scan_layers, cfg.remat = False, remat
+  (loss2, _), grads2 = _loss_and_grad(build(cfg), _unstack(params, 'layers'), batch)
+  np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6),
+               _unstack(grads, 'layers'), grads2)
+
+
+def test_bfloat16_compute_keeps_float32_parameters(tiny_setup):
+  _, variables, batch = tiny_setup
+  cfg = model_config('tiny')
+  cfg.dtype = 'bfloat16'
+  model = build(cfg)
+  params = nn.unbox(variables['params'])
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(model.init(jax.random.key(0),
+                                                                        *dummy_inputs(model.spec))))
+  tokens, emb = model.apply({'params': params}, batch['images'], method=XModal.encode_image)
+  assert tokens.dtype == jnp.bfloat16 and emb.dtype == jnp.float32
+  _, emb32 = build(model_config('tiny')).apply({'params': params}, batch['images'], method=XModal.encode_image)
+  np.testing.assert_allclose(np.asarray(emb), np.asarray(emb32), atol=0.05)
+
+
+def test_position_embedding_resize_keeps_cls_and_identity_grid():
+  posemb = jax.random.normal(jax.random.key(0), (1, 1 + 16, 8))
+  assert resize_pos_embedding(posemb, (4, 4)) is posemb
+  bigger = resize_pos_embedding(posemb, (6, 6))
+  assert bigger.shape == (1, 37, 8)
+  np.testing.assert_array_equal(bigger[:, 0], posemb[:, 0])
+  # A constant grid stays constant under bicubic resizing.
+  flat = jnp.concatenate([posemb[:, :1], jnp.ones((1, 16, 8))], axis=1)
+  np.testing.assert_allclose(resize_pos_embedding(flat, (7, 7))[:, 1:], 1.0, atol=1e-5)
+
+
+def test_model_runs_at_another_resolution(tiny_setup):
+  model, variables, _ = tiny_setup
+  images = jnp.zeros((2, 96, 96, 3))
+  tokens, emb = model.apply(variables, images, method=XModal.encode_image)
+  assert tokens.shape == (2, 1 + (96 // 8) ** 2, model.spec.vision.width)
+  assert emb.shape == (2, model.spec.embed_dim)
+
+
+def test_temperature_is_kept_in_range(tiny_setup):
+  model, variables, _ = tiny_setup
+  params = nn.unbox(variables['params'])
+  assert float(model.apply({'params': params}, method=XModal.temperature)) == pytest.approx(0.07)
+  for raw, expected in ((1e-6, 0.001), (3.0, 0.5)):
+    changed = dict(params, temperature=jnp.asarray(raw))
+    assert float(model.apply({'params': changed}, method=XModal.temperature)) == pytest.approx(expected)

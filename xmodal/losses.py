@@ -1,0 +1,122 @@
+"""Losses on embeddings and match logits: ITC (softmax and sigmoid), hard-negative sampling, ITM.
+
+Pure functions of global arrays. Under `jax.jit` with a batch sharded over many devices, XLA partitions them and every
+example still meets the whole global batch as negatives: the result equals the single-device value.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+def positives(ids: jax.Array | None, size: int) -> jax.Array:
+  """(B, B) bool: True where two examples share an id (several captions of one image); the diagonal without ids."""
+  if ids is None:
+    return jnp.eye(size, dtype=bool)
+  return ids[:, None] == ids[None, :]
+
+
+def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+
+
+def _accuracy(logits: jax.Array, positive: jax.Array) -> jax.Array:
+  """Fraction of rows whose top-scoring column is a positive."""
+  best = jnp.argmax(logits, axis=-1)
+  return jnp.mean(jnp.take_along_axis(positive, best[:, None], axis=-1).astype(jnp.float32))
+
+
+def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array,
+                     ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Symmetric InfoNCE (CLIP/ALBEF ITC) over the whole batch.
+
+  Args:
+    image_emb: (B, E) unit-norm image embeddings.
+    text_emb: (B, E) unit-norm text embeddings; row i describes image i.
+    temperature: scalar; logits are cosine similarities divided by it.
+    ids: (B,) image ids or None. Examples with equal ids are all positives of each other, and the target
+      distribution is spread evenly over them (ALBEF's `sim_targets` for duplicated images).
+
+  Returns:
+    (loss, metrics) with metrics 'itc_loss', 'itc_i2t_acc', 'itc_t2i_acc'.
+  """
+  logits = jnp.einsum('ie,te->it', image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)) / temperature
+  positive = positives(ids, logits.shape[0])
+  targets = positive / jnp.sum(positive, axis=-1, keepdims=True)
+  loss = 0.5 * (_soft_cross_entropy(logits, targets) + _soft_cross_entropy(logits.T, targets.T))
+  return loss, {'itc_loss': loss, 'itc_i2t_acc': _accuracy(logits, positive),
+                'itc_t2i_acc': _accuracy(logits.T, positive.T)}
+
+
+def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, bias: jax.Array,
+                 ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """SigLIP: every (image, text) pair is an independent binary problem.
+
+  loss = -1/B * sum_ij log sigmoid(z_ij * (scale * <x_i, y_j> + bias)), z_ij = +1 for positives, -1 otherwise.
+
+  Returns:
+    (loss, metrics) with 'sigmoid_loss'.
+  """
+  logits = scale * jnp.einsum('ie,te->it', image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)) + bias
+  signs = jnp.where(positives(ids, logits.shape[0]), 1.0, -1.0)
+  loss = -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
+  return loss, {'sigmoid_loss': loss}
+
+
+class HardNegatives(NamedTuple):
+  """Indices of one hard negative per text and per image, and whether one existed."""
+  image_for_text: jax.Array  # (B,) int: for text j, the index of a non-matching image
+  text_for_image: jax.Array  # (B,) int: for image i, the index of a non-matching text
+  image_for_text_valid: jax.Array  # (B,) bool: False when every image in the batch matches text j
+  text_for_image_valid: jax.Array  # (B,) bool
+
+
+def sample_hard_negatives(rng: jax.Array, sim: jax.Array, ids: jax.Array | None = None) -> HardNegatives:
+  """Draws ALBEF's hard negatives: probability ∝ softmax(similarity) over the non-positives, never a positive.
+
+  Args:
+    rng: a PRNG key.
+    sim: (B, B) image-text similarity logits (image rows, text columns), e.g. cosine / temperature.
+      Gradients do not flow through the sampling.
+    ids: (B,) image ids or None (then only the diagonal is positive).
+
+  Returns:
+    HardNegatives. A row whose every candidate is a positive has no negative; its index is then arbitrary and its
+    `valid` flag False, so that the matching loss can leave it out.
+  """
+  sim = jax.lax.stop_gradient(sim.astype(jnp.float32))
+  positive = positives(ids, sim.shape[0])
+  masked = jnp.where(positive, -jnp.inf, sim)
+  rng_images, rng_texts = jax.random.split(rng)
+  image_for_text = jax.random.categorical(rng_images, masked.T, axis=-1)
+  text_for_image = jax.random.categorical(rng_texts, masked, axis=-1)
+  has_negative = ~jnp.all(positive, axis=-1)
+  return HardNegatives(image_for_text, text_for_image, has_negative, has_negative)
+
+
+def matching_loss(positive_logits: jax.Array, negative_logits: jax.Array,
+                  negative_valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ITM cross-entropy over B positive and 2B negative pairs.
+
+  Args:
+    positive_logits: (B, 2) match logits of the true pairs (class 1 = match).
+    negative_logits: (2B, 2) match logits of the hard-negative pairs (class 0).
+    negative_valid: (2B,) bool, False for negatives that do not exist (left out of the mean); None = all valid.
+
+  Returns:
+    (loss, metrics) with 'itm_loss' and 'itm_acc' (accuracy over the counted pairs).
+  """
+  if negative_valid is None:
+    negative_valid = jnp.ones(negative_logits.shape[:1], bool)
+  logits = jnp.concatenate([positive_logits, negative_logits]).astype(jnp.float32)
+  labels = jnp.concatenate([jnp.ones(positive_logits.shape[:1], jnp.int32),
+                            jnp.zeros(negative_logits.shape[:1], jnp.int32)])
+  weights = jnp.concatenate([jnp.ones(positive_logits.shape[:1], jnp.float32), negative_valid.astype(jnp.float32)])
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
+  count = jnp.sum(weights)
+  loss = jnp.sum(nll * weights) / count
+  correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return loss, {'itm_loss': loss, 'itm_acc': jnp.sum(correct * weights) / count}

@@ -1,0 +1,84 @@
+"""The training objective: ITC (+ optional sigmoid ITC) and ITM on hard negatives, as one pure function.
+
+ITM reuses the tower outputs of the ITC pass: the hard negatives are gathered from the tokens already computed, and
+only the fusion encoder runs again, on 3B pairs (B positives, B texts with a negative image, B images with a negative
+text).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from xmodal import losses
+from xmodal.models.model import XModal
+
+
+@dataclasses.dataclass(frozen=True)
+class LossWeights:
+  itc: float = 1.0
+  itm: float = 1.0
+  sigmoid: float = 0.0
+
+  @classmethod
+  def from_config(cls, loss: ml_collections.ConfigDict) -> LossWeights:
+    return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight))
+
+
+def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array,
+            weights: LossWeights) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs inside `model.apply`: `module` is the bound XModal."""
+  ids = batch.get('image_ids')
+  image_tokens, image_emb = module.encode_image(batch['images'])
+  text_tokens, text_emb = module.encode_text(batch['text_ids'], batch['text_mask'])
+  temperature = module.temperature()
+  metrics = {'temperature': temperature}
+  total = jnp.zeros((), jnp.float32)
+
+  itc, itc_metrics = losses.contrastive_loss(image_emb, text_emb, temperature, ids)
+  metrics.update(itc_metrics)
+  total += weights.itc * itc
+
+  if weights.sigmoid > 0:
+    scale, bias = module.sigmoid_params()
+    sig, sig_metrics = losses.sigmoid_loss(image_emb, text_emb, scale, bias, ids)
+    metrics.update(sig_metrics)
+    total += weights.sigmoid * sig
+
+  if weights.itm > 0:
+    sim = jnp.einsum('ie,te->it', image_emb, text_emb) / temperature
+    negatives = losses.sample_hard_negatives(rng, sim, ids)
+    text_mask = batch['text_mask']
+    # Rows: B positives, then B texts with their negative image, then B images with their negative text.
+    pair_text = jnp.concatenate([text_tokens, text_tokens, text_tokens[negatives.text_for_image]])
+    pair_mask = jnp.concatenate([text_mask, text_mask, text_mask[negatives.text_for_image]])
+    pair_image = jnp.concatenate([image_tokens, image_tokens[negatives.image_for_text], image_tokens])
+    logits = module.match(pair_text, pair_mask, pair_image)
+    size = image_emb.shape[0]
+    negative_valid = jnp.concatenate([negatives.image_for_text_valid, negatives.text_for_image_valid])
+    itm, itm_metrics = losses.matching_loss(logits[:size], logits[size:], negative_valid)
+    metrics.update(itm_metrics)
+    total += weights.itm * itm
+
+  metrics['loss'] = total
+  return total, metrics
+
+
+def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Array,
+                 weights: LossWeights) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted ITC + ITM (+ sigmoid) loss of a batch.
+
+  Args:
+    model: the XModal module.
+    params: its parameters (boxed or plain).
+    batch: {'images' (B, H, W, 3) float, 'text_ids' (B, L) int, 'text_mask' (B, L), 'image_ids' (B,) optional}.
+    rng: PRNG key for the hard-negative sampling.
+    weights: loss weights.
+
+  Returns:
+    (scalar loss, metrics dict of scalars).
+  """
+  return model.apply({'params': params}, batch, rng, weights, method=_losses)
