@@ -1,0 +1,148 @@
+"""ITM re-ranking of the ITC top-k (the ALBEF protocol), with the fusion encoder run on fixed-shape chunks of pairs.
+
+For each query the k candidates with the highest ITC similarity are scored by the fusion encoder; those k are ordered
+by that score and every other candidate scores -inf, i.e. ranks below all of them (with the pessimistic tie rule of
+`metrics`, a query whose match is outside its top-k therefore ranks last).
+
+Score variants ('itm_score' in the config):
+  'itm'      the ITM logit of class 1 ("match"), as ALBEF ranks (the raw logit, not its softmax probability).
+  'itm+itc'  that logit plus the pair's ITC cosine similarity, as BLIP ranks.
+
+Pairs come from both directions (image queries over texts, text queries over images); a pair in both top-k sets is
+scored once. Image and text tokens are computed once per item (`embed.embed_dataset`) and gathered per pair.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from xmodal.models.model import XModal
+
+ITM_SCORES = ('itm', 'itm+itc')
+
+# (text tokens (P, L, Dt), text mask (P, L), image tokens (P, N, Dv)) -> match logits (P, 2).
+MatchFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+_ROWS_PER_STEP = 1024
+
+
+def match_fn_for(model: XModal, variables) -> MatchFn:
+  """The jitted match function of a model, with the parameters as an argument (not baked into the program).
+
+  Calls with the same chunk shape share one compilation, whatever gallery the chunks come from.
+  """
+  apply = jax.jit(lambda v, t, m, i: model.apply(v, t, m, i, method=XModal.match))
+  return lambda text_tokens, text_mask, image_tokens: apply(variables, text_tokens, text_mask, image_tokens)
+
+
+@jax.jit
+def _gather_pairs(text_tokens, text_mask, image_tokens, text_idx, image_idx):
+  # Compiled once per gallery shape; it only gathers, so the fusion encoder's program stays gallery-independent.
+  return text_tokens[text_idx], text_mask[text_idx], image_tokens[image_idx]
+
+
+def score_pairs(match_fn: MatchFn, text_tokens, text_mask, image_tokens, text_idx: np.ndarray,
+                image_idx: np.ndarray, chunk_size: int = 256) -> np.ndarray:
+  """ITM match logits (class 1) of (text, image) pairs, run in chunks of exactly `chunk_size` pairs.
+
+  Args:
+    match_fn: see `MatchFn`; pass a jitted function (`match_fn_for`) so that each chunk reuses one compilation.
+    text_tokens: (num_texts, L, Dt) from the text tower, on host or device.
+    text_mask: (num_texts, L).
+    image_tokens: (num_images, N, Dv) from the image tower.
+    text_idx: (P,) int, the text of each pair.
+    image_idx: (P,) int, the image of each pair.
+    chunk_size: pairs per fusion call; the last chunk is padded with pair (0, 0) and its padding dropped.
+
+  Returns:
+    (P,) float32 match logits.
+  """
+  text_idx = np.asarray(text_idx, np.int32)
+  image_idx = np.asarray(image_idx, np.int32)
+  num_pairs = text_idx.shape[0]
+  if num_pairs == 0:
+    return np.zeros((0,), np.float32)
+  pad = -num_pairs % chunk_size
+  text_idx = np.pad(text_idx, (0, pad)).reshape(-1, chunk_size)
+  image_idx = np.pad(image_idx, (0, pad)).reshape(-1, chunk_size)
+  # Moved to the device once; every chunk then gathers there (a no-op if they already live on the device).
+  text_tokens, text_mask, image_tokens = map(jnp.asarray, (text_tokens, text_mask, image_tokens))
+  outputs = []
+  for t, i in zip(text_idx, image_idx):
+    # Dispatched asynchronously and read back after the loop, so the host never waits on one chunk at a time.
+    outputs.append(match_fn(*_gather_pairs(text_tokens, text_mask, image_tokens, t, i)))
+  return np.concatenate([np.asarray(o, np.float32)[:, 1] for o in outputs])[:num_pairs]
+
+
+def top_k_indices(scores: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
+  """Indices of the k highest scores of each row (axis=1) or each column (axis=0), in no particular order.
+
+  Args:
+    scores: (R, C).
+    k: capped at the length of `axis`.
+    axis: 1 -> (R, k) column indices per row; 0 -> (C, k) row indices per column.
+
+  Ties at the k-th place are resolved by numpy's selection: deterministic for a given matrix, not by index.
+  """
+  scores = np.asarray(scores)
+  lines = scores.shape[1 - axis]
+  k = min(k, scores.shape[axis])
+  out = np.empty((lines, k), np.int64)
+  for start in range(0, lines, _ROWS_PER_STEP):
+    part = slice(start, start + _ROWS_PER_STEP)
+    # Columns are transposed one block at a time: a whole (I, T) transpose is slow and doubles the memory.
+    block = scores[part] if axis == 1 else np.ascontiguousarray(scores[:, part].T)
+    out[part] = np.argpartition(-block, k - 1, axis=1)[:, :k]
+  return out
+
+
+def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndarray, k: int,
+           chunk_size: int = 256, score: str = 'itm') -> tuple[np.ndarray, np.ndarray]:
+  """Re-ranked score matrices of both directions.
+
+  Args:
+    match_fn: see `MatchFn` (jitted; `match_fn_for`).
+    image_tokens: (num_images, N, Dv) image-tower tokens, computed once per image.
+    text_tokens: (num_texts, L, Dt) text-tower tokens.
+    text_mask: (num_texts, L).
+    sim: (num_images, num_texts) ITC cosine similarities.
+    k: candidates re-ranked per query (ALBEF: 128 on Flickr30K, 256 on COCO); capped at the gallery size.
+    chunk_size: pairs per fusion call.
+    score: one of `ITM_SCORES`.
+
+  Returns:
+    (i2t, t2i), both (num_images, num_texts) float32 indexed [image, text]: i2t ranks texts for each image (row),
+    t2i ranks images for each text (column). Inside the query's top-k the entry is the score, elsewhere -inf.
+    Feed them to `metrics.retrieval_metrics(i2t, text_to_image, sim_t2i=t2i)`.
+  """
+  if score not in ITM_SCORES:
+    raise ValueError(f'unknown ITM score {score!r}; valid: {ITM_SCORES}')
+  if k < 1 or chunk_size < 1:
+    raise ValueError(f'k and chunk_size must be positive, got k={k}, chunk_size={chunk_size}')
+  sim = np.asarray(sim, np.float32)
+  num_images, num_texts = sim.shape
+  if image_tokens.shape[0] != num_images or text_tokens.shape[0] != num_texts or text_mask.shape[0] != num_texts:
+    raise ValueError(f'sim {sim.shape} does not match image tokens {image_tokens.shape}, text tokens '
+                     f'{text_tokens.shape} and text mask {text_mask.shape}')
+  i2t_texts = top_k_indices(sim, k)  # (I, ki)
+  t2i_images = top_k_indices(sim, k, axis=0)  # (T, kt)
+  i2t_images = np.broadcast_to(np.arange(num_images)[:, None], i2t_texts.shape)
+  t2i_texts = np.broadcast_to(np.arange(num_texts)[:, None], t2i_images.shape)
+  # One key per (image, text) pair; pairs in both directions' top-k go through the fusion encoder once.
+  keys = np.concatenate([(i2t_images * num_texts + i2t_texts).ravel(), (t2i_images * num_texts + t2i_texts).ravel()])
+  unique, inverse = np.unique(keys, return_inverse=True)
+  pair_images, pair_texts = np.divmod(unique, num_texts)
+  pair_scores = score_pairs(match_fn, text_tokens, text_mask, image_tokens, pair_texts, pair_images, chunk_size)
+  if score == 'itm+itc':
+    pair_scores = pair_scores + sim[pair_images, pair_texts]
+  scores = pair_scores[inverse]
+  split = i2t_texts.size
+  i2t = np.full(sim.shape, -np.inf, np.float32)
+  i2t[i2t_images, i2t_texts] = scores[:split].reshape(i2t_texts.shape)
+  t2i = np.full(sim.shape, -np.inf, np.float32)
+  t2i[t2i_images, t2i_texts] = scores[split:].reshape(t2i_images.shape)
+  return i2t, t2i
