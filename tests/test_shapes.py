@@ -1,0 +1,187 @@
+"""The embedded shapes dataset: deterministic, sized as asked, captions true of their pixels, hard negatives false.
+
+Captions are checked with a parser written here from the grammar's documented form (`det [size] colour shape`),
+against the stored object metadata and the image's pixels, not with the generator's own helpers.
+"""
+
+import collections
+import re
+
+import numpy as np
+import pytest
+
+tfds = pytest.importorskip('tensorflow_datasets')
+
+from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
+from xmodal.data import shapes_render
+
+SIZES = {'train_size': 40, 'validation_size': 10, 'test_size': 10, 'test_hard_size': 12}
+SPLITS = {'train': 40, 'validation': 10, 'test': 10, 'test_hard': 12}
+
+COLOR = {'red': 'red', 'green': 'green', 'blue': 'blue', 'yellow': 'yellow', 'purple': 'purple', 'pink': 'pink',
+         'white': 'white', 'gray': 'gray', 'grey': 'gray', 'cyan': 'cyan', 'brown': 'brown'}
+SHAPE = {'circle': 'circle', 'disk': 'circle', 'square': 'square', 'box': 'square', 'block': 'square',
+         'triangle': 'triangle', 'star': 'star', 'cross': 'cross', 'diamond': 'diamond', 'rhombus': 'diamond'}
+SIZE = {'small': 'small', 'little': 'small', 'tiny': 'small', 'large': 'large', 'big': 'large'}
+RELATION = {'left': 'left', 'right': 'right', 'above': 'above', 'over': 'above', 'top': 'above',
+            'below': 'below', 'under': 'below', 'beneath': 'below', 'underneath': 'below'}
+COUNT = {'only': 1, 'just': 1, 'two': 2, 'three': 3}
+
+
+def _build(tmp_path_factory, seed, num_workers=1):
+  builder = shapes.XmodalShapes(data_dir=tmp_path_factory.mktemp(f'shapes{seed}'),
+                                config=shapes.shapes_config(seed=seed, **SIZES), num_workers=num_workers)
+  builder.download_and_prepare()
+  return builder
+
+
+@pytest.fixture(scope='module')
+def builder(tmp_path_factory):
+  return _build(tmp_path_factory, seed=0)
+
+
+def _records(builder, split):
+  source = builder.as_data_source(split=split)
+  return [source[i] for i in range(len(source))]
+
+
+def _objects(record):
+  """The stored metadata as a list of dicts with names, not label ids."""
+  o = record['objects']
+  return [{'color': shapes_render.COLORS[c], 'shape': shapes_render.SHAPES[s], 'size': shapes_render.SIZES[z],
+           'x': float(x), 'y': float(y), 'r': float(r)}
+          for c, s, z, x, y, r in zip(o['color'], o['shape'], o['size'], o['x'], o['y'], o['radius'])]
+
+
+def _words(caption):
+  return re.findall(r'[a-z]+|[,:]', caption)
+
+
+def _parse(caption):
+  """(phrases, relation): phrases = [(position, size or None, colour, shape)], relation = (i, predicate, j) or None."""
+  words = _words(caption)
+  phrases = []
+  for k, w in enumerate(words):
+    if w in SHAPE:
+      assert words[k - 1] in COLOR, caption
+      phrases.append((k, SIZE.get(words[k - 2]) if k >= 2 else None, COLOR[words[k - 1]], SHAPE[w]))
+  keys = [k for k, w in enumerate(words) if w in RELATION]
+  assert len(keys) <= 1, caption
+  relation = None
+  if keys:
+    k = keys[0]
+    before = max(i for i, p in enumerate(phrases) if p[0] < k)
+    after = min(i for i, p in enumerate(phrases) if p[0] > k)
+    relation = (before, RELATION[words[k]], after)
+  return phrases, relation
+
+
+def _matches(phrase, obj):
+  _, size, color, shape = phrase
+  return obj['color'] == color and obj['shape'] == shape and size in (None, obj['size'])
+
+
+def _holds(a, predicate, b, strict):
+  """`a` is `predicate` of `b`: strict = dominant axis and apart; loose = any displacement that way."""
+  dx, dy = b['x'] - a['x'], b['y'] - a['y']
+  along, across = {'left': (dx, dy), 'right': (-dx, dy), 'above': (dy, dx), 'below': (-dy, dx)}[predicate]
+  if not strict:
+    return along > 0
+  return along >= a['r'] + b['r'] and abs(across) <= 0.5 * along
+
+
+def _statement_true(objects, first, predicate, second, strict):
+  return any(a is not b and _matches(first, a) and _matches(second, b) and _holds(a, predicate, b, strict)
+             for a in objects for b in objects)
+
+
+def test_split_sizes_and_ids(builder):
+  for split, n in SPLITS.items():
+    assert builder.info.splits[split].num_examples == n
+    records = _records(builder, split)
+    assert [int(r['image_id']) for r in records] == list(range(n))  # record i is image i
+    for r in records:
+      assert r['image'].shape == (64, 64, 3) and r['image'].dtype == np.uint8
+      assert len(r['captions']) == (1 if split == 'test_hard' else 5)
+      assert (r['negative_caption'] != b'') == (split == 'test_hard')
+
+
+def test_same_seed_same_dataset_other_seed_different(builder, tmp_path_factory, monkeypatch):
+  # The rebuild renders in a pool of worker processes: it must not change a byte.
+  monkeypatch.setattr(shapes.XmodalShapes, 'MIN_EXAMPLES_PER_WORKER', 4)
+  again = _build(tmp_path_factory, seed=0, num_workers=2)
+  other = _build(tmp_path_factory, seed=1)
+  for split in SPLITS:
+    a, b, c = _records(builder, split), _records(again, split), _records(other, split)
+    for ra, rb in zip(a, b):
+      np.testing.assert_array_equal(ra['image'], rb['image'])
+      assert ra['captions'] == rb['captions'] and ra['negative_caption'] == rb['negative_caption']
+    assert any(not np.array_equal(ra['image'], rc['image']) for ra, rc in zip(a, c))
+    assert [r['captions'] for r in a] != [r['captions'] for r in c]
+
+
+def test_captions_describe_their_image(builder):
+  for split in ('train', 'validation', 'test', 'test_hard'):
+    for record in _records(builder, split):
+      objects = _objects(record)
+      assert 1 <= len(objects) <= 3
+      if len(objects) >= 2:  # the stored relation is a clear one
+        rel = record['relation']
+        assert _holds(objects[rel['subject']], shapes_render.RELATIONS[rel['predicate'] - 1],
+                      objects[rel['object']], strict=True)
+      texts = [c.decode() for c in record['captions']]
+      assert len(set(texts)) == len(texts), texts
+      for caption in texts:
+        phrases, relation = _parse(caption)
+        assert phrases, caption
+        # Each phrase names exactly one object, and no object twice.
+        named = [[i for i, o in enumerate(objects) if _matches(p, o)] for p in phrases]
+        assert all(len(n) == 1 for n in named), (caption, objects)
+        assert len({n[0] for n in named}) == len(named), caption
+        if relation is not None:
+          i, predicate, j = relation
+          assert _holds(objects[named[i][0]], predicate, objects[named[j][0]], strict=True), (caption, objects)
+        for word, count in COUNT.items():
+          if word in _words(caption):
+            assert len(objects) == count, caption
+
+
+def test_pixels_show_the_objects_and_nothing_else(builder):
+  for record in _records(builder, 'train'):
+    image, objects = record['image'], _objects(record)
+    for o in objects:  # every shape covers its centre pixel in its flat colour
+      assert tuple(image[int(o['y']), int(o['x'])]) == shapes_render.PALETTE[o['color']]
+    # Any bright pixel belongs to some object's disc: the background stays dark, nothing undescribed is drawn.
+    ys, xs = np.nonzero(image.max(-1) > 100)
+    near = np.zeros(len(xs), bool)
+    for o in objects:
+      near |= np.hypot(xs + 0.5 - o['x'], ys + 0.5 - o['y']) <= 1.2 * o['r'] + 1
+    assert near.all()
+
+
+def test_hard_negative_breaks_exactly_one_binding(builder):
+  kinds = collections.Counter()
+  for record in _records(builder, 'test_hard'):
+    objects = _objects(record)
+    positive, negative = record['captions'][0].decode(), record['negative_caption'].decode()
+    pw, nw = _words(positive), _words(negative)
+    assert sorted(pw) == sorted(nw) and pw != nw  # same multiset of words
+    (pp, prel), (nph, nrel) = _parse(positive), _parse(negative)
+    assert prel is not None and nrel is not None and len(pp) == len(nph) == 2
+    diff = [k for k in range(len(pw)) if pw[k] != nw[k]]
+    if len(diff) == 2 and all(pw[k] in COLOR for k in diff):  # the two colour words swapped
+      kinds['colors'] += 1
+    else:  # the two phrases swapped (determiners aside): the relation reversed
+      assert [p[1:] for p in nph] == [p[1:] for p in pp[::-1]] and nrel[1] == prel[1], (positive, negative)
+      kinds['relation'] += 1
+    assert _statement_true(objects, pp[prel[0]], prel[1], pp[prel[2]], strict=True), (positive, objects)
+    assert not _statement_true(objects, nph[nrel[0]], nrel[1], nph[nrel[2]], strict=False), (negative, objects)
+  assert kinds['colors'] and kinds['relation'], kinds
+
+
+def test_example_is_independent_of_split_size():
+  small = shapes.shapes_config(train_size=5)
+  large = shapes.shapes_config(train_size=50)
+  for i in range(5):
+    a, b = shapes.make_example(small, 'train', i), shapes.make_example(large, 'train', i)
+    assert a['image'] == b['image'] and a['captions'] == b['captions']

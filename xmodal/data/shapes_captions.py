@@ -1,0 +1,166 @@
+"""Captions of shapes scenes: five COCO-like descriptions per image, and Winoground-style hard negatives.
+
+Every noun phrase reads `determiner [size] colour shape` ("a small red circle", "one blue box"), so the colour word is
+always the one just before the shape word; sentence templates, synonyms and word order vary around it. A caption
+only states what is in its scene: each phrase names an object that is there, a relation word joins the scene's
+related pair in its true direction, a count word ("two", "only") matches the number of objects.
+
+A hard negative keeps a true caption's words and breaks one binding: it swaps the colour words of the two phrases
+("a blue circle left of a red box") or swaps the two phrases, reversing the relation ("a red box left of a blue
+circle"). It is kept only if no pair of objects in the scene satisfies it, even in the loosest reading.
+
+Pure Python + numpy: the tokenizer builds its vocabulary from `vocabulary()` without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+
+from xmodal.data.shapes_render import COLORS, INVERSE, RELATIONS, SHAPES, SIZES, Obj, Scene, relation_holds
+
+# Synonyms; the first is the canonical name used in the metadata.
+COLOR_WORDS: dict[str, tuple[str, ...]] = {c: (c,) for c in COLORS} | {'gray': ('gray', 'grey')}
+SHAPE_WORDS: dict[str, tuple[str, ...]] = {
+    'circle': ('circle', 'disk'), 'square': ('square', 'box', 'block'), 'triangle': ('triangle',),
+    'star': ('star',), 'cross': ('cross',), 'diamond': ('diamond', 'rhombus'),
+}
+SIZE_WORDS: dict[str, tuple[str, ...]] = {'small': ('small', 'little', 'tiny'), 'large': ('large', 'big')}
+RELATION_PHRASES: dict[str, tuple[str, ...]] = {
+    'left': ('to the left of', 'left of', 'on the left of'),
+    'right': ('to the right of', 'right of', 'on the right of'),
+    'above': ('above', 'over', 'on top of'),
+    'below': ('below', 'under', 'beneath', 'underneath'),
+}
+DETERMINERS = ('a', 'one')
+
+# {X} {R} {Y}: the related pair and a relation phrase; {Z}: the third object; {A}, {B}, {C}: all objects, any order.
+_ONE = ('{A}', 'there is {A}', '{A} on a dark background', 'a picture of {A}', 'an image of {A}',
+        'a drawing of {A}', '{A} in the picture', 'only {A}', 'just {A}')
+_RELATED = ('{X} {R} {Y}', '{X} is {R} {Y}', 'there is {X} {R} {Y}', 'a picture of {X} {R} {Y}',
+            'an image where {X} is {R} {Y}', 'a drawing of {X} {R} {Y}')
+_TWO = _RELATED + ('{A} and {B}', 'two shapes, {A} and {B}', 'two objects: {A} and {B}')
+_THREE = _RELATED + ('{X} {R} {Y}, and {Z}', '{X} is {R} {Y}, and there is also {Z}',
+                     'there is {Z}, and {X} is {R} {Y}', '{X} {R} {Y}, plus {Z}', '{A}, {B} and {C}',
+                     'three shapes, {A}, {B} and {C}')
+TEMPLATES: dict[int, tuple[str, ...]] = {1: _ONE, 2: _TWO, 3: _THREE}
+
+
+@dataclasses.dataclass(frozen=True)
+class Phrase:
+  """A noun phrase: determiner, optional size word, colour word, shape word (all surface words)."""
+  det: str
+  size: str | None
+  color: str
+  shape: str
+
+  def words(self) -> list[str]:
+    return [self.det] + ([self.size] if self.size else []) + [self.color, self.shape]
+
+
+def _canonical(word: str, table: dict[str, tuple[str, ...]]) -> str:
+  return next(k for k, words in table.items() if word in words)
+
+
+def phrase_matches(p: Phrase, o: Obj) -> bool:
+  """Whether the phrase describes the object (a phrase without size fits either size)."""
+  return (_canonical(p.color, COLOR_WORDS) == o.color and _canonical(p.shape, SHAPE_WORDS) == o.shape
+          and (p.size is None or _canonical(p.size, SIZE_WORDS) == o.size))
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+  return options[rng.integers(len(options))]
+
+
+def _phrase(o: Obj, rng: np.random.Generator) -> Phrase:
+  size = _pick(rng, SIZE_WORDS[o.size]) if rng.random() < 0.5 else None
+  det = 'one' if rng.random() < 0.2 else 'a'  # 'one' now and then, as people write
+  return Phrase(det, size, _pick(rng, COLOR_WORDS[o.color]), _pick(rng, SHAPE_WORDS[o.shape]))
+
+
+def _fill(template: str, slots: dict[str, str]) -> str:
+  return template.format(**slots)
+
+
+def _related(scene: Scene, rng: np.random.Generator) -> tuple[Phrase, str, Phrase, str]:
+  """The related pair in a random order: (first phrase, predicate read first → second, second phrase, phrase)."""
+  s, predicate, o = scene.relation
+  first, second = scene.objects[s], scene.objects[o]
+  if rng.random() < 0.5:  # "B right of A" says the same as "A left of B"
+    first, second, predicate = second, first, INVERSE[predicate]
+  return _phrase(first, rng), predicate, _phrase(second, rng), _pick(rng, RELATION_PHRASES[predicate])
+
+
+def caption(scene: Scene, rng: np.random.Generator) -> str:
+  """One true caption of the scene, drawn from the templates for its object count."""
+  template = _pick(rng, TEMPLATES[len(scene.objects)])
+  slots = {}
+  order = rng.permutation(len(scene.objects))
+  for slot, i in zip('ABC', order):
+    slots[slot] = ' '.join(_phrase(scene.objects[i], rng).words())
+  if scene.relation is not None:
+    x, _, y, r = _related(scene, rng)
+    slots |= {'X': ' '.join(x.words()), 'R': r, 'Y': ' '.join(y.words())}
+    others = [i for i in range(len(scene.objects)) if i not in (scene.relation[0], scene.relation[2])]
+    if others:
+      slots['Z'] = ' '.join(_phrase(scene.objects[others[0]], rng).words())
+  return _fill(template, slots)
+
+
+def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+  """n different true captions (different wording; a caption repeats only if the grammar runs out, never here)."""
+  out: list[str] = []
+  for _ in range(50 * n):
+    c = caption(scene, rng)
+    if c not in out:
+      out.append(c)
+      if len(out) == n:
+        return out
+  return out + [out[i % len(out)] for i in range(n - len(out))]
+
+
+def statement_holds(scene: Scene, first: Phrase, predicate: str, second: Phrase, *, strict: bool) -> bool:
+  """Whether some pair of distinct objects fits "first <predicate> second" (strict or loosest relation reading)."""
+  return any(a is not b and phrase_matches(first, a) and phrase_matches(second, b)
+             and relation_holds(a, predicate, b, strict=strict)
+             for a, b in itertools.product(scene.objects, repeat=2))
+
+
+def hard_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | None:
+  """A true caption, its hard negative and the broken binding ('colors' or 'relation'); None if none is safe.
+
+  The negative has the same words as the positive with either the two colour words swapped or the two noun phrases
+  swapped (which reverses the relation). None when the scene has no relation or every candidate negative would
+  still be true of some pair of objects in the scene.
+  """
+  if scene.relation is None:
+    return None
+  x, predicate, y, rel = _related(scene, rng)
+  template = _pick(rng, _RELATED)
+  negatives = []
+  if _canonical(x.color, COLOR_WORDS) != _canonical(y.color, COLOR_WORDS):
+    negatives.append(('colors', dataclasses.replace(x, color=y.color), dataclasses.replace(y, color=x.color)))
+  negatives.append(('relation', dataclasses.replace(y, det=x.det), dataclasses.replace(x, det=y.det)))
+  if rng.random() < 0.5:
+    negatives.reverse()
+  positive = _fill(template, {'X': ' '.join(x.words()), 'R': rel, 'Y': ' '.join(y.words())})
+  for kind, nx, ny in negatives:
+    if not statement_holds(scene, nx, predicate, ny, strict=False):
+      return positive, _fill(template, {'X': ' '.join(nx.words()), 'R': rel, 'Y': ' '.join(ny.words())}), kind
+  return None
+
+
+def vocabulary() -> list[str]:
+  """Every word and punctuation mark the caption grammar can produce, sorted (for the shipped WordPiece vocab)."""
+  words: set[str] = set(DETERMINERS)
+  for table in (COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, RELATION_PHRASES):
+    for options in table.values():
+      for option in options:
+        words.update(option.split())
+  for template in itertools.chain.from_iterable(TEMPLATES.values()):
+    for token in template.replace(',', ' , ').replace(':', ' : ').split():
+      if not token.startswith('{'):
+        words.add(token)
+  return sorted(words)
