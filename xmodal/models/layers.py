@@ -40,6 +40,26 @@ class LayerNorm(nn.Module):
                         bias_init=with_names(nn.initializers.zeros, 'embed'), name='norm')(x)
 
 
+class Projection(nn.Module):
+  """x (..., Din) -> (..., *features): a dense layer with a multi-dimensional output (e.g. (3, heads, head_dim)).
+
+  Parameters keep DenseGeneral's layout (kernel (Din, *features), bias (*features)) so checkpoints map one to one;
+  the kernel is created at its full shape, so its logical names always match its rank.
+  """
+  features: tuple[int, ...]
+  names: tuple[str | None, ...]  # logical names of the output axes
+  in_name: str | None = 'embed'
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', with_names(default_kernel_init, self.in_name, *self.names),
+                        (x.shape[-1], *self.features), jnp.float32)
+    bias = self.param('bias', with_names(nn.initializers.zeros, *self.names), self.features, jnp.float32)
+    y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
+    return y + bias.astype(self.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head attention; self-attention when `kv` is None, cross-attention otherwise.
 
@@ -55,22 +75,29 @@ class Attention(nn.Module):
     """x (B, Lq, D), mask (B, Lk) bool, kv (B, Lk, Dkv) or None -> (B, Lq, D)."""
     width = x.shape[-1]
     head_dim = width // self.heads
-    dense = lambda features, axes, name, in_axes=('embed',): nn.DenseGeneral(
-        features, dtype=self.dtype, param_dtype=jnp.float32, name=name,
-        kernel_init=with_names(default_kernel_init, *in_axes, *axes),
-        bias_init=with_names(nn.initializers.zeros, *axes))
     if kv is None:
       # One fused matmul for Q, K and V: three small matmuls waste the machine.
-      qkv = dense((3, self.heads, head_dim), (None, 'heads', 'kv'), 'qkv')(x)
+      qkv = Projection((3, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, name='qkv')(x)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      q = dense((self.heads, head_dim), ('heads', 'kv'), 'query')(x)
-      kv_proj = dense((2, self.heads, head_dim), (None, 'heads', 'kv'), 'kv')(kv)
+      q = Projection((self.heads, head_dim), ('heads', 'kv'), dtype=self.dtype, name='query')(x)
+      kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, name='kv')(kv)
       k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
     out = dot_product_attention(q, k, v, mask, impl=self.impl)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name='out',
-                           kernel_init=with_names(default_kernel_init, 'heads', 'kv', 'embed'),
-                           bias_init=with_names(nn.initializers.zeros, 'embed'))(out)
+    return HeadsOut(width, dtype=self.dtype, name='out')(out)
+
+
+class HeadsOut(nn.Module):
+  """(B, L, H, Dh) -> (B, L, D): the attention output projection, contracting heads and head width at once."""
+  width: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', with_names(default_kernel_init, 'heads', 'kv', 'embed'),
+                        (*x.shape[-2:], self.width), jnp.float32)
+    bias = self.param('bias', with_names(nn.initializers.zeros, 'embed'), (self.width,), jnp.float32)
+    return jnp.einsum('blhd,hdo->blo', x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
 
 class Mlp(nn.Module):
