@@ -1,0 +1,170 @@
+"""Checkpointer: restore onto other meshes, retention, shape errors, killed saves, preemption signals."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from xmodal.train.checkpoint import Checkpointer, CheckpointMismatchError, PreemptionGuard
+
+OPTIMIZER = optax.adamw(1e-2, weight_decay=0.1)
+
+
+def _params(width: int = 8) -> dict:
+  # A flax-style tree: one boxed (nn.Partitioned) kernel, as `nn.with_logical_partitioning` leaves them.
+  kernel = jnp.arange(width * 4, dtype=jnp.float32).reshape(width, 4) / 10
+  return {'dense': {'kernel': nn.Partitioned(kernel, names=('embed', 'mlp')), 'bias': jnp.arange(4.0)},
+          'scale': jnp.ones((2,), jnp.bfloat16)}
+
+
+def _state(width: int = 8) -> dict:
+  params = _params(width)
+  opt_state = OPTIMIZER.init(params)
+  # One update, so that the moments are not all zeros and `count` is 1.
+  updates, opt_state = OPTIMIZER.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+  return {'step': jnp.array(3, jnp.int32), 'params': optax.apply_updates(params, updates), 'opt_state': opt_state}
+
+
+def _shard(tree, mesh: Mesh):
+  """Shards 2-D leaves over both mesh axes, replicates the rest."""
+  def spec(x):
+    return NamedSharding(mesh, P(*mesh.axis_names) if np.ndim(x) == 2 else P())
+  return jax.tree.map(lambda x: jax.device_put(x, spec(x)), tree)
+
+
+def _abstract(mesh: Mesh, width: int = 8):
+  shapes = jax.eval_shape(lambda: _state(width))
+  def target(s):
+    sharding = NamedSharding(mesh, P(*mesh.axis_names) if len(s.shape) == 2 else P())
+    return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+  return jax.tree.map(target, shapes)
+
+
+def _mesh(shape: tuple[int, int]) -> Mesh:
+  n = shape[0] * shape[1]
+  return Mesh(np.array(jax.devices()[:n]).reshape(shape), ('fsdp', 'tensor'))
+
+
+def test_state_saved_on_4x2_mesh_restores_onto_2x1_mesh_and_one_device(tmp_path):
+  state = _shard(_state(), _mesh((4, 2)))
+  assert len(state['params']['dense']['kernel'].value.sharding.device_set) == 8
+  data_state = {'epoch': 1, 'position': 12345, 'seed': 'abc'}
+  with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
+    assert ckpt.save(3, state, data_state)
+
+  expected = jax.tree.map(np.asarray, jax.device_get(_state()))
+  for mesh in (_mesh((2, 1)), _mesh((1, 1))):
+    with Checkpointer(tmp_path, save_every=1, keep=3) as ckpt:
+      assert ckpt.latest_step() == 3
+      restored, restored_data = ckpt.restore(_abstract(mesh))
+    assert restored_data == data_state
+    # The target's structure comes back: optax named tuples and flax boxes, not lists and dicts.
+    assert jax.tree.structure(restored) == jax.tree.structure(_state())
+    assert isinstance(restored['opt_state'][0], optax.ScaleByAdamState)
+    assert isinstance(restored['params']['dense']['kernel'], nn.Partitioned)
+    kernel = restored['params']['dense']['kernel'].value
+    assert kernel.sharding.mesh.devices.shape == mesh.devices.shape
+    assert kernel.sharding.device_set == set(mesh.devices.flat)
+    assert restored['params']['scale'].dtype == jnp.bfloat16
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), expected)
+
+
+def test_saves_every_n_steps_and_at_the_end_and_keeps_the_last_k(tmp_path):
+  state = _state()
+  with Checkpointer(tmp_path, save_every=2, keep=2) as ckpt:
+    saved = [step for step in range(1, 8) if ckpt.save(step, state, {'step': step})]
+    assert saved == [2, 4, 6]
+    assert ckpt.save(7, state, {'step': 7}, force=True)  # the end of training
+    assert not ckpt.save(7, state, {'step': 7}, force=True)  # already on disk: no second write
+    ckpt.wait()
+    assert ckpt.all_steps() == [6, 7]
+    assert ckpt.latest_step() == 7
+    _, data_state = ckpt.restore(jax.eval_shape(_state), step=6)
+    assert data_state == {'step': 6}
+  assert sorted(p for p in os.listdir(tmp_path) if not p.startswith('.')) == ['6', '7']
+
+
+def test_restoring_another_model_shape_names_the_first_mismatching_parameter(tmp_path):
+  with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+    ckpt.save(1, _state(width=8), {})
+    with pytest.raises(CheckpointMismatchError) as info:
+      ckpt.restore(jax.eval_shape(lambda: _state(16)))
+  message = str(info.value)
+  # The first leaf in tree order whose shape differs: the first moment of the kernel, inside the optimizer state.
+  assert "first shape mismatch at 'opt_state/0/mu/dense/kernel/value'" in message
+  assert '(8, 4)' in message and '(16, 4)' in message
+
+
+def test_restoring_other_parameter_names_lists_missing_and_unexpected(tmp_path):
+  with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+    ckpt.save(1, {'params': {'a': jnp.ones(2), 'b': jnp.ones(3)}}, {})
+    target = {'params': {'a': jax.ShapeDtypeStruct((2,), jnp.float32), 'c': jax.ShapeDtypeStruct((3,), jnp.float32)}}
+    with pytest.raises(CheckpointMismatchError, match=r"missing in the checkpoint \(1\): params/c(.|\n)*"
+                                                      r"unexpected in the checkpoint \(1\): params/b"):
+      ckpt.restore(target)
+
+
+def test_restore_without_a_checkpoint_is_a_clear_error(tmp_path):
+  with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+    assert ckpt.latest_step() is None
+    with pytest.raises(FileNotFoundError, match='No checkpoint'):
+      ckpt.restore(jax.eval_shape(_state))
+
+
+_KILLED_MID_SAVE = textwrap.dedent('''
+  import os, signal, sys
+  import jax.numpy as jnp
+  from xmodal.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(sys.argv[1], save_every=1, keep=5)
+  ckpt.save(1, {'w': jnp.full((4,), 1.0)}, {'position': 1})
+  ckpt.wait()
+  # 64 MB: the background write is still running when the process dies.
+  ckpt.save(2, {'w': jnp.full((16 * 1024 * 1024,), 2.0)}, {'position': 2})
+  os.kill(os.getpid(), signal.SIGKILL)
+''')
+
+
+def test_save_killed_midway_leaves_the_previous_checkpoint_restorable(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  child = subprocess.run([sys.executable, '-c', _KILLED_MID_SAVE, str(tmp_path)], env=env, timeout=60,
+                         capture_output=True, text=True)
+  assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+  assert any(name.startswith('2.') for name in os.listdir(tmp_path)), os.listdir(tmp_path)  # the torn step 2
+  with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    assert ckpt.latest_step() == 1
+    state, data_state = ckpt.restore({'w': jax.ShapeDtypeStruct((4,), jnp.float32)})
+  np.testing.assert_array_equal(state['w'], np.ones(4))
+  assert data_state == {'position': 1}
+
+
+def test_preemption_guard_turns_sigterm_into_a_flag_and_restores_the_handler():
+  def previous(signum, frame):
+    raise AssertionError('the old handler must not run inside the guard')
+  old = signal.signal(signal.SIGTERM, previous)
+  try:
+    with PreemptionGuard() as guard:
+      assert not guard.should_stop(0)
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert guard.requested and guard.signal_received == signal.SIGTERM
+      assert guard.should_stop(1)
+    assert signal.getsignal(signal.SIGTERM) is previous
+  finally:
+    signal.signal(signal.SIGTERM, old)
+
+
+def test_preemption_guard_second_sigint_still_interrupts():
+  with PreemptionGuard(signals=(signal.SIGINT,)) as guard:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert guard.requested
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
