@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from xmodal.data.config import data_config
 from xmodal.models.presets import model_config
 
 # Logical axis → mesh axes. Batch over data and fsdp; parameters sharded over fsdp on their width ('embed') and over
@@ -38,4 +39,44 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'shape': (-1, 1, 1),
       'rules': DEFAULT_RULES,
   })
+  config.optim = ml_collections.ConfigDict({
+      'lr': 1e-4,
+      'warmup_steps': 1000,
+      'final_lr_ratio': 0.01,  # cosine decays to lr * this at train.steps
+      'weight_decay': 0.02,  # ALBEF; not applied to biases, norms, embeddings
+      'b1': 0.9,
+      'b2': 0.999,
+      'eps': 1e-8,
+      'clip_norm': 1.0,  # global-norm clipping; 0 = off
+      # Ordered (regex over 'a/b/c' parameter paths, multiplier); the first match decides. E.g.
+      # (('^vision/', 0.1),) trains the image tower at a tenth of the rate.
+      'lr_multipliers': (),
+      # Regexes of parameters that do not train, e.g. ('^text/embeddings/',).
+      'freeze': (),
+  })
+  config.train = ml_collections.ConfigDict({
+      'steps': 10_000,
+      'seed': 0,
+      'log_every': 50,
+      'checkpoint_every': 1000,
+      'keep_checkpoints': 3,
+      'eval_every': 0,  # 0 = only at the end
+      'grad_accum': 1,  # micro-batches per step; see xmodal/train/step.py for what it does to negatives
+      'nan_policy': 'stop',  # 'stop': a non-finite loss ends the run naming the step; 'skip': drop that update
+      'compilation_cache_dir': '',  # persistent XLA compilation cache ('' = off)
+      'peak_flops_per_device': 0.0,  # for MFU; 0 = from the device table (xmodal/flops.py)
+      'progress': True,  # tqdm progress bar on process 0
+  })
+  config.eval = ml_collections.ConfigDict({
+      'k': 128,  # ITC candidates re-ranked by ITM per query (ALBEF: 128 Flickr30K, 256 COCO)
+      'score': 'itm',  # 'itm' (ALBEF) or 'itm+itc' (BLIP)
+      'chunk_size': 256,  # (query, candidate) pairs per fusion-encoder call
+      'binding_split': '',  # a split of (true, hard negative) caption pairs, e.g. 'test_hard' ('' = none)
+  })
+  config.init = ml_collections.ConfigDict({
+      'text': '',  # Hugging Face BERT directory for the text tower (and the fusion layers' self-attention/MLP)
+      'image': '',  # Hugging Face ViT/DeiT directory or timm state dict for the image tower
+      'expected_unused': (),  # regexes of checkpoint tensors that may stay unused beyond the defaults
+  })
+  config.data = data_config(image_size=config.model.image_size, max_text_len=config.model.max_text_len)
   return config

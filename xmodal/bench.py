@@ -1,0 +1,112 @@
+"""`xmodal bench`: the jitted train step alone, on synthetic batches of the config's shapes (no input pipeline).
+
+Reports compile time, median steady-state step time, examples/s, model TFLOP/s per device and MFU, peak memory,
+parameter count and FLOPs per step. MFU divides by the device table's peak (xmodal/flops.py) on accelerators, and by
+a jitted matmul timed in the same run on CPUs (whose peak no table knows). The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from xmodal import flops, parallel
+from xmodal.models import build
+from xmodal.objective import LossWeights
+from xmodal.train import optim, state as state_lib
+from xmodal.train.step import make_train_step
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
+  """FLOP/s of a large jitted square matmul on the default device: the machine's practical peak."""
+  a = jax.random.normal(jax.random.key(0), (size, size), dtype)
+  b = jax.random.normal(jax.random.key(1), (size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - start)
+  return 2 * size ** 3 / statistics.median(times)
+
+
+def synthetic_batch(spec, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Random inputs of the model's shapes; captions of random length; distinct image ids."""
+  length = spec.max_text_len
+  lengths = rng.integers(length // 3, length + 1, size=batch)
+  return {
+      'images': rng.normal(size=(batch, spec.image_size, spec.image_size, 3)).astype(np.float32),
+      'text_ids': rng.integers(5, spec.text.vocab_size, size=(batch, length)).astype(np.int32),
+      'text_mask': (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
+      'image_ids': np.arange(batch, dtype=np.int64),
+  }
+
+
+def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
+  mesh = parallel.make_mesh(config.mesh.shape)
+  rules = [tuple(r) for r in config.mesh.rules]
+  model = build(config.model)
+  batch_size = config.data.batch_size
+  abstract = nn.unbox(state_lib.abstract_params(model))
+  tx, lr_schedule = optim.build_optimizer(config.optim, abstract, max(steps, 2))
+  shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  step_fn = make_train_step(model, tx, lr_schedule, LossWeights.from_config(config.loss),
+                            grad_accum=config.train.grad_accum)
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  device_kind = jax.devices()[0].device_kind
+  peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
+  peak_source = 'table' if peak else 'measured matmul'
+  if peak is None:
+    peak = measure_matmul_peak()
+  # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
+  state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    batch = parallel.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0)), mesh)
+    rng = jax.random.key(1)
+    start = time.perf_counter()
+    compiled = jit_step.lower(state, batch, rng).compile()
+    compile_seconds = time.perf_counter() - start
+    state, metrics = compiled(state, batch, rng)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      state, metrics = compiled(state, batch, rng)
+      jax.block_until_ready(metrics)
+      times.append(time.perf_counter() - start)
+  step_time = statistics.median(times)
+  step_flops = flops.train_flops(model.spec, batch_size)
+  per_device = step_flops / step_time / jax.device_count()
+  memory = None
+  stats = jax.devices()[0].memory_stats() or {}
+  if 'peak_bytes_in_use' in stats:
+    memory = int(stats['peak_bytes_in_use'])
+  else:
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      memory = int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
+  return {
+      'device': device_kind, 'devices': jax.device_count(), 'batch': batch_size,
+      'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract))),
+      'flops_per_step': step_flops, 'compile_s': round(compile_seconds, 2), 'step_s': step_time,
+      'step_s_min': min(times), 'examples_per_s': batch_size / step_time,
+      'tflops_per_device': per_device / 1e12, 'peak_tflops_per_device': peak / 1e12, 'peak_source': peak_source,
+      'mfu': per_device / peak, 'peak_memory_bytes': memory, 'loss': float(metrics['loss']), 'steps': steps,
+  }
+
+
+def main(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
+  result = run(config, steps)
+  for key, value in result.items():
+    print(f'{key:>24}: {value:.4g}' if isinstance(value, float) else f'{key:>24}: {value}')
+  print(json.dumps(result))
+  return result

@@ -1,0 +1,67 @@
+"""Model FLOPs, counted analytically, and the peak FLOP/s of each device kind (for MFU).
+
+Counts matmul FLOPs (2 per multiply-add) including attention scores and the weighted sum; elementwise work (norms,
+softmax, GELU) is left out, as MFU conventions do. Training = 3 x forward (backward = 2 x forward); rematerialised
+recomputation is not model FLOPs and is not counted.
+"""
+
+from __future__ import annotations
+
+from xmodal.models.model import ModelSpec
+
+# Dense peak FLOP/s per chip by `jax.Device.device_kind` prefix, for bfloat16 matmuls (no sparsity).
+PEAK_FLOPS = {
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA B200': 2250e12,
+    'NVIDIA A100': 312e12,
+    'NVIDIA L4': 121e12,
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,
+    'TPU v5e': 197e12,
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,
+}
+
+
+def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | None:
+  """Peak FLOP/s of one device: the override if set, else the table; None when unknown (e.g. CPU)."""
+  if override > 0:
+    return override
+  for prefix, flops in PEAK_FLOPS.items():
+    if device_kind.startswith(prefix):
+      return flops
+  return None
+
+
+def _layer(tokens: int, width: int, mlp: int) -> int:
+  """One self-attention transformer layer over `tokens`: QKV, scores, weighted sum, output, MLP."""
+  projections = 2 * tokens * width * (3 * width) + 2 * tokens * width * width
+  attention = 2 * (2 * tokens * tokens * width)
+  return projections + attention + 2 * (2 * tokens * width * mlp)
+
+
+def forward_flops(spec: ModelSpec, batch: int) -> dict[str, int]:
+  """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
+
+  The fusion encoder runs on 3B pairs (B positives, 2B hard negatives); its cross-attention projects the image tokens
+  to keys and values once per pair.
+  """
+  v, t = spec.vision, spec.text
+  patches = (spec.image_size // v.patch_size) ** 2
+  n = 1 + patches
+  length = spec.max_text_len
+  vision = 2 * patches * (v.patch_size ** 2 * 3) * v.width + v.depth * _layer(n, v.width, v.mlp_dim)
+  text = t.depth * _layer(length, t.width, t.mlp_dim)
+  cross = (2 * length * t.width * t.width + 2 * n * v.width * (2 * t.width)  # Q; K and V from image tokens
+           + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output
+  fusion = 3 * spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
+  heads = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim + 3 * 2 * t.width * 2
+  similarity = 2 * batch * spec.embed_dim  # one row of the (B, B) similarity matrix per example
+  return {'vision': batch * vision, 'text': batch * text, 'fusion': batch * fusion,
+          'heads': batch * (heads + similarity)}
+
+
+def train_flops(spec: ModelSpec, batch: int) -> int:
+  """Model FLOPs of one training step (forward + backward = 3 x forward)."""
+  return 3 * sum(forward_flops(spec, batch).values())

@@ -1,0 +1,7 @@
+"""`python -m xmodal.train --config ... --workdir ...` is `xmodal train ...`."""
+
+import sys
+
+from xmodal.cli import main
+
+sys.exit(main(['train', *sys.argv[1:]]))

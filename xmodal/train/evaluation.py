@@ -1,0 +1,44 @@
+"""Evaluation as the training loop and `xmodal eval` run it: embed the eval split, ITC recalls, ITM re-ranking."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from xmodal import evaluate as ev
+from xmodal.models import XModal
+
+
+def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None,
+             split: str | None = None) -> dict[str, Any]:
+  """Retrieval results on `split` (default: config.data.eval_split), plus binding accuracy when configured."""
+  from xmodal.data import pipeline  # TensorFlow only when evaluation reads data
+  data = config.data
+  if split is not None:
+    data = ml_collections.ConfigDict(data.to_dict())
+    data.eval_split = split
+  variables = {'params': params}
+  embedded = ev.embed_dataset(model, variables, pipeline.eval_iterator(data), mesh)
+  binding = None
+  if config.eval.binding_split:
+    pairs = pipeline.binding_iterator(config.data, config.eval.binding_split)
+    binding = ev.binding_set_from_pairs(ev.embed_dataset(model, variables, pairs, mesh))
+  results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=config.eval.k,
+                                  chunk_size=config.eval.chunk_size, score=config.eval.score, binding=binding)
+  results['split'] = data.eval_split if split is None else split
+  results['num_images'] = int(embedded.image_emb.shape[0])
+  results['num_texts'] = int(embedded.text_emb.shape[0])
+  return results
+
+
+def flatten(results: dict[str, Any]) -> dict[str, float]:
+  """{'itc': {'t2i_r1': x}} -> {'itc/t2i_r1': x}: scalar metrics for the metric writer."""
+  flat = {}
+  for group, values in results.items():
+    if isinstance(values, dict):
+      flat.update({f'{group}/{k}': float(v) for k, v in values.items() if isinstance(v, (int, float))})
+  return flat
+
+
+format_table = ev.format_table

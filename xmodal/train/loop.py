@@ -1,0 +1,177 @@
+"""`xmodal train`: the training loop, read top to bottom as one story.
+
+processes → workdir → mesh → model and optimizer → state (restored or born sharded) → input → update step →
+loop (metrics a step late, checkpoints, evals, preemption) → final checkpoint and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from xmodal import distributed, flops, parallel
+from xmodal.models import build
+from xmodal.objective import LossWeights
+from xmodal.train import evaluation, optim, state as state_lib
+from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
+from xmodal.train.metrics import MetricWriter
+from xmodal.train.step import make_train_step
+
+log = logging.getLogger('xmodal.train')
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN or infinite (train.nan_policy='stop')."""
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return None
+  from tqdm import tqdm
+  return tqdm(total=total, initial=initial, desc='train', unit='step', dynamic_ncols=True)
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """The resolved config, as JSON, beside the checkpoints (process 0)."""
+  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation results (or {} when stopped early)."""
+  # ------------------------------------------------------------------------------------------ processes, workdir
+  distributed.initialize()
+  primary = jax.process_index() == 0
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if primary:
+    write_config(config, workdir)
+  if config.train.compilation_cache_dir:
+    jax.config.update('jax_compilation_cache_dir', config.train.compilation_cache_dir)
+  total_steps = int(config.train.steps)
+
+  # ------------------------------------------------------------------------------------------------------ mesh
+  mesh = parallel.make_mesh(config.mesh.shape)
+  rules = [tuple(r) for r in config.mesh.rules]
+  log.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
+
+  # -------------------------------------------------------------------------------------- model and optimizer
+  model = build(config.model)
+  abstract = nn.unbox(state_lib.abstract_params(model))
+  tx, lr_schedule = optim.build_optimizer(config.optim, abstract, total_steps)
+  shardings = state_lib.state_shardings(model, tx, mesh, rules)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+
+  # ------------------------------------------------------------------------ state: restored, or born sharded
+  checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
+                              keep=config.train.keep_checkpoints)
+  data_state = None
+  if checkpointer.latest_step() is not None:
+    state, data_state = checkpointer.restore(state_lib.abstract_state(shardings, model, tx))
+    log.info('resumed from step %d', int(state.step))
+  else:
+    state = state_lib.create_state(model, tx, jax.random.key(config.train.seed), shardings,
+                                   params=_pretrained_params(config, model))
+  start_step = int(state.step)
+
+  # ----------------------------------------------------------------------------------------------------- input
+  from xmodal.data import pipeline  # TensorFlow stays out of the module import of the training code
+  batches = pipeline.train_iterator(config.data, state=data_state)
+  batch_sharding = parallel.batch_sharding(mesh)
+
+  # ----------------------------------------------------------------------------------------------- update step
+  weights = LossWeights.from_config(config.loss)
+  step_fn = make_train_step(model, tx, lr_schedule, weights, grad_accum=config.train.grad_accum,
+                            skip_nonfinite=config.train.nan_policy == 'skip')
+  rng = jax.random.key(config.train.seed + 1)
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
+                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+  step_flops = flops.train_flops(model.spec, config.data.batch_size)
+  peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
+  writer = MetricWriter(workdir, enabled=primary)
+  progress = _progress(total_steps, start_step, primary and config.train.progress)
+  log.info('%.2fM parameters, %.3f TFLOP per step', num_params / 1e6, step_flops / 1e12)
+
+  def report(step: int, metrics: dict, seconds: float) -> None:
+    """Fetches a step's metrics (already computed: the next step is in flight) and writes them."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not values.pop('finite'):
+      message = f'non-finite loss or gradient at step {step}: loss={values["loss"]}, grad_norm={values["grad_norm"]}'
+      if config.train.nan_policy == 'stop':
+        raise NonFiniteLossError(message + ' (train.nan_policy=stop)')
+      log.warning('%s; update skipped (train.nan_policy=skip)', message)
+    values['step_time'] = seconds
+    values['examples_per_sec'] = config.data.batch_size / seconds
+    values['tflops_per_device'] = step_flops / seconds / jax.device_count() / 1e12
+    if peak:
+      values['mfu'] = values['tflops_per_device'] * 1e12 / peak
+    if step % config.train.log_every == 0 or step == total_steps:
+      writer.write(step, values)
+      writer.write(step, batches.stats(), prefix='data/')
+    if progress is not None:
+      progress.set_postfix(loss=f'{values["loss"]:.3f}', itc=f'{values["itc_loss"]:.3f}', refresh=False)
+      progress.update(step - progress.n)
+
+  # ------------------------------------------------------------------------------------------------------ loop
+  pending = None  # (step, metrics, dispatch time) of the step whose metrics are not fetched yet
+  last_time = time.perf_counter()
+  stopped_early = False
+  with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    for step in range(start_step + 1, total_steps + 1):
+      batch = parallel.host_to_global(next(batches), mesh, batch_sharding)
+      state, metrics = jit_step(state, batch, rng)
+      if pending is not None:
+        now = time.perf_counter()
+        report(pending[0], pending[1], now - last_time)
+        last_time = now
+      pending = (step, metrics)
+      if step % config.train.checkpoint_every == 0:
+        report(*pending, time.perf_counter() - last_time)  # never checkpoint a state that is not finite
+        pending, last_time = None, time.perf_counter()
+        checkpointer.save(step, state, batches.state())
+      if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
+        results = evaluation.evaluate(config, model, state.params, mesh)
+        writer.write(step, evaluation.flatten(results), prefix='eval/')
+      if guard.should_stop(step):
+        log.warning('stopping at step %d on request; checkpointing', step)
+        stopped_early = True
+        break
+    if pending is not None:
+      report(pending[0], pending[1], time.perf_counter() - last_time)
+    final_step = int(state.step)
+    checkpointer.save(final_step, state, batches.state(), force=True)
+    checkpointer.wait()
+    results = {}
+    if not stopped_early:
+      results = evaluation.evaluate(config, model, state.params, mesh)
+      writer.write(final_step, evaluation.flatten(results), prefix='eval/')
+      if primary:
+        (workdir / 'eval.json').write_text(json.dumps(results, indent=2) + '\n')
+        print(evaluation.format_table(results), flush=True)
+  checkpointer.close()
+  writer.close()
+  if progress is not None:
+    progress.close()
+  return results
+
+
+def _pretrained_params(config: ml_collections.ConfigDict, model):
+  """Parameters with imported towers when config.init names checkpoints, else None (random initialisation)."""
+  if not (config.init.text or config.init.image):
+    return None
+  from xmodal.models import dummy_inputs
+  from xmodal.pretrained import load_pretrained
+  params = nn.unbox(model.init(jax.random.key(config.train.seed), *dummy_inputs(model.spec))['params'])
+  params, report = load_pretrained(params, config.model, config.init.text, config.init.image,
+                                   config.init.expected_unused)
+  log.info('pretrained towers loaded:\n%s', report.summary())
+  return jax.tree.map(jnp.asarray, params)

@@ -1,0 +1,81 @@
+"""optax: AdamW with warmup + cosine, global-norm clipping, and per-parameter rules by path pattern.
+
+Per-parameter behaviour is an ordered list of (regex, value) over parameter paths like
+'vision/layers/attn/qkv/kernel': the first pattern that matches a path decides. A pattern that matches no parameter
+is an error (a typo must not silently train everything).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+# Parameters that never get weight decay: biases, LayerNorm scales, embeddings, [CLS], position embeddings and the
+# loss scalars (ALBEF/BERT practice).
+_NO_DECAY = re.compile(r'(bias|scale|embedding|/cls|pos_embedding|temperature|sigmoid_log_scale|sigmoid_bias)$')
+
+
+def param_paths(params) -> list[str]:
+  """'a/b/c' path of every leaf, in `jax.tree.leaves` order."""
+  return ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+def _tree_from_paths(params, values: list):
+  return jax.tree.unflatten(jax.tree.structure(params), values)
+
+
+def match_rules(params, rules: Sequence[tuple[str, float]], default: float, what: str):
+  """A tree of floats: for each parameter, the value of the first rule whose regex matches its path."""
+  paths = param_paths(params)
+  compiled = [(re.compile(pattern), float(value)) for pattern, value in rules]
+  for pattern, _ in compiled:
+    if not any(pattern.search(p) for p in paths):
+      raise ValueError(f'{what}: pattern {pattern.pattern!r} matches no parameter (e.g. {paths[:3]})')
+  values = []
+  for path in paths:
+    values.append(next((value for pattern, value in compiled if pattern.search(path)), default))
+  return _tree_from_paths(params, values)
+
+
+def decay_mask(params):
+  """True for the parameters that get weight decay (matrices), False for biases, norms and embeddings."""
+  return _tree_from_paths(params, [not _NO_DECAY.search(p) for p in param_paths(params)])
+
+
+def schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * final_lr_ratio` at `total_steps`."""
+  warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
+  return optax.warmup_cosine_decay_schedule(0.0, optim.lr, warmup, max(total_steps, warmup + 1),
+                                            end_value=optim.lr * optim.final_lr_ratio)
+
+
+def _scale_by_tree(multipliers) -> optax.GradientTransformation:
+  def update(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, multipliers), state
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def build_optimizer(optim: ml_collections.ConfigDict, params, total_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer for `params` (an unboxed tree or its abstract shapes) and its learning-rate schedule.
+
+  Frozen parameters (optim.freeze) get zero gradients before clipping, so that they neither move nor count in the
+  gradient norm; learning-rate multipliers (optim.lr_multipliers) scale the final update.
+  """
+  lr_schedule = schedule(optim, total_steps)
+  multipliers = match_rules(params, optim.lr_multipliers, 1.0, 'optim.lr_multipliers')
+  frozen = match_rules(params, [(p, 0.0) for p in optim.freeze], 1.0, 'optim.freeze')
+  tx = optax.chain(
+      _scale_by_tree(frozen),
+      optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
+      optax.adamw(lr_schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                  mask=decay_mask(params)),
+      _scale_by_tree(jax.tree.map(lambda m, f: m * f, multipliers, frozen)),
+  )
+  return tx, lr_schedule
