@@ -5,3 +5,13 @@ import os
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
+
+# Tests compile the same small programs again and again (a fresh closure per test); a persistent cache shared by the
+# pytest-xdist workers of one run turns the repeats into lookups. Fresh per run: a stale cache cannot hide a change.
+_CACHE = os.environ.setdefault('XMODAL_TEST_COMPILE_CACHE', tempfile.mkdtemp(prefix='xmodal-jax-cache-'))
+jax.config.update('jax_compilation_cache_dir', _CACHE)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)

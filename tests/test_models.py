@@ -9,6 +9,7 @@ import pytest
 from xmodal.models import PRESETS, XModal, build, dummy_inputs, model_config
 from xmodal.models.vit import resize_pos_embedding
 from xmodal.objective import LossWeights, compute_loss
+from micro import micro_model_config
 
 # Expected parameter counts in millions. base is ALBEF's ~210M (ViT-B/16 86M + BERT-base 110M + 6 cross-attentions).
 EXPECTED_MILLIONS = {'tiny': (1.0, 5.0), 'small': (50, 80), 'base': (210 * 0.97, 210 * 1.03), 'large': (600, 750)}
@@ -41,14 +42,14 @@ def test_base_counts_like_albef_by_hand():
 
 @pytest.fixture(scope='module')
 def tiny_setup():
-  model = build(model_config('tiny'))
+  model = build(micro_model_config())
   variables = model.init(jax.random.key(0), *dummy_inputs(model.spec))
   rng = np.random.default_rng(0)
   s = model.spec
   batch = {
       'images': jnp.asarray(rng.normal(size=(4, s.image_size, s.image_size, 3)), jnp.float32),
       'text_ids': jnp.asarray(rng.integers(5, s.text.vocab_size, size=(4, s.max_text_len)), jnp.int32),
-      'text_mask': jnp.asarray(np.arange(s.max_text_len)[None] < np.array([[5], [9], [32], [3]]), jnp.int32),
+      'text_mask': jnp.asarray(np.arange(s.max_text_len)[None] < np.array([[5], [9], [12], [3]]), jnp.int32),
       'image_ids': jnp.arange(4),
   }
   return model, variables, batch
@@ -100,7 +101,7 @@ def test_unscanned_and_rematerialised_models_compute_the_same_loss_and_grads(tin
   model, variables, batch = tiny_setup
   params = nn.unbox(variables['params'])
   (loss, _), grads = _loss_and_grad(model, params, batch)
-  cfg = model_config('tiny')
+  cfg = micro_model_config()
   cfg.scan_layers, cfg.remat = False, remat
   (loss2, _), grads2 = _loss_and_grad(build(cfg), _unstack(params, 'layers'), batch)
   np.testing.assert_allclose(float(loss), float(loss2), rtol=1e-5)
@@ -110,7 +111,7 @@ def test_unscanned_and_rematerialised_models_compute_the_same_loss_and_grads(tin
 
 def test_bfloat16_compute_keeps_float32_parameters(tiny_setup):
   _, variables, batch = tiny_setup
-  cfg = model_config('tiny')
+  cfg = micro_model_config()
   cfg.dtype = 'bfloat16'
   model = build(cfg)
   params = nn.unbox(variables['params'])
@@ -118,7 +119,7 @@ def test_bfloat16_compute_keeps_float32_parameters(tiny_setup):
                                                                         *dummy_inputs(model.spec))))
   tokens, emb = model.apply({'params': params}, batch['images'], method=XModal.encode_image)
   assert tokens.dtype == jnp.bfloat16 and emb.dtype == jnp.float32
-  _, emb32 = build(model_config('tiny')).apply({'params': params}, batch['images'], method=XModal.encode_image)
+  _, emb32 = build(micro_model_config()).apply({'params': params}, batch['images'], method=XModal.encode_image)
   np.testing.assert_allclose(np.asarray(emb), np.asarray(emb32), atol=0.05)
 
 
@@ -135,9 +136,9 @@ def test_position_embedding_resize_keeps_cls_and_identity_grid():
 
 def test_model_runs_at_another_resolution(tiny_setup):
   model, variables, _ = tiny_setup
-  images = jnp.zeros((2, 96, 96, 3))
+  images = jnp.zeros((2, 48, 48, 3))
   tokens, emb = model.apply(variables, images, method=XModal.encode_image)
-  assert tokens.shape == (2, 1 + (96 // 8) ** 2, model.spec.vision.width)
+  assert tokens.shape == (2, 1 + (48 // 8) ** 2, model.spec.vision.width)
   assert emb.shape == (2, model.spec.embed_dim)
 
 

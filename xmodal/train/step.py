@@ -52,7 +52,7 @@ def make_train_step(model: XModal, tx: optax.GradientTransformation, lr_schedule
       (loss, metrics), grads = accumulated(state.params, batch, step_rng)
     else:
       (loss, metrics), grads = loss_and_grad(state.params, batch, step_rng)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
