@@ -122,6 +122,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks shapes and choices that would otherwise fail deep inside a compile."""
   if 'model' in config:
     validate_model(config.model, prefix='model')
+  if 'data' in config and 'model' in config:
+    for field, model_field in (('image_size', 'image_size'), ('max_text_len', 'max_text_len')):
+      _require(config.data[field] == config.model[model_field], f'data.{field}',
+               f'{config.data[field]} differs from model.{model_field}={config.model[model_field]}')
+  if 'train' in config:
+    _require(config.train.nan_policy in ('stop', 'skip'), 'train.nan_policy',
+             f'{config.train.nan_policy!r} is not one of (\'stop\', \'skip\')')
+    _require(config.train.grad_accum >= 1, 'train.grad_accum', f'must be >= 1, got {config.train.grad_accum}')
+    if 'data' in config:
+      _require(config.data.batch_size % config.train.grad_accum == 0, 'train.grad_accum',
+               f'{config.train.grad_accum} does not divide data.batch_size={config.data.batch_size}')
+  if 'eval' in config:
+    _require(config.eval.score in ('itm', 'itm+itc'), 'eval.score',
+             f'{config.eval.score!r} is not one of (\'itm\', \'itm+itc\')')
   if 'loss' in config:
     loss = config.loss
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight'):
