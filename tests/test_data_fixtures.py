@@ -1,0 +1,90 @@
+"""Tiny on-disk datasets and a stand-in tokenizer shared by the data tests (no test here)."""
+
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from xmodal.data.config import data_config
+
+
+class WordTokenizer:
+  """Stand-in for xmodal.data.tokenizer: ids are word hashes; [CLS]=1, padding 0."""
+  vocab_size = 1000
+  pad_id = 0
+
+  def encode(self, texts, max_len):
+    ids = np.zeros((len(texts), max_len), np.int32)
+    for i, text in enumerate(texts):
+      tokens = [1] + [2 + sum(map(ord, w)) % 990 for w in text.split()][:max_len - 1]
+      ids[i, :len(tokens)] = tokens
+    return ids, (ids > 0).astype(np.int32)
+
+
+def image_bytes(seed: int, size=(40, 30), fmt='PNG') -> bytes:
+  pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, fmt)
+  return buffer.getvalue()
+
+
+def caption(i: int, k: int = 0) -> str:
+  return f'image {i} caption {k}'
+
+
+def write_wds(path, ids, bad=(), empty=(), json_captions=0):
+  """A WebDataset shard: {id:06d}.png + .txt (or .json with `json_captions` captions)."""
+  with tarfile.open(path, 'w') as tar:
+    for i in ids:
+      image = b'not an image' if i in bad else image_bytes(i)
+      if json_captions:
+        text = ('json', json.dumps({'captions': [caption(i, k) for k in range(json_captions)]}).encode())
+      else:
+        text = ('txt', b'' if i in empty else caption(i).encode())
+      for ext, payload in (('png', image), text):
+        info = tarfile.TarInfo(f'{i:06d}.{ext}')
+        info.size = len(payload)
+        tar.addfile(info, io.BytesIO(payload))
+
+
+def write_tfrecord(path, ids, bad=(), empty=(), captions=2):
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for i in ids:
+      texts = [] if i in empty else [caption(i, k).encode() for k in range(captions)]
+      feature = {
+          'image/encoded': tf.train.Feature(bytes_list=tf.train.BytesList(
+              value=[b'garbage' if i in bad else image_bytes(i)])),
+          'caption': tf.train.Feature(bytes_list=tf.train.BytesList(value=texts)),
+          'image/id': tf.train.Feature(int64_list=tf.train.Int64List(value=[i])),
+      }
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
+def write_folder(root, n, captions_per_image=3, fmt='csv', bad=(), empty=()):
+  """n images img{i}.png and a captions file with `captions_per_image` rows each (rows interleaved)."""
+  os.makedirs(root, exist_ok=True)
+  for i in range(n):
+    with open(os.path.join(root, f'img{i}.png'), 'wb') as f:
+      f.write(b'\x89PNG broken' if i in bad else image_bytes(i))
+  rows = [(f'img{i}.png', '' if i in empty else caption(i, k)) for k in range(captions_per_image) for i in range(n)]
+  path = os.path.join(root, f'captions.{fmt}')
+  with open(path, 'w', newline='') as f:
+    if fmt == 'csv':
+      f.write('image,caption\n')
+      for image, text in rows:
+        f.write(f'{image},"{text}"\n')
+    else:
+      for image, text in rows:
+        f.write(json.dumps({'image': image, 'caption': text}) + '\n')
+  return path
+
+
+def small_config(**overrides):
+  fields = dict(image_size=16, batch_size=4, eval_batch_size=4, shuffle_buffer=4, cycle_length=2,
+                num_parallel_calls=2, max_text_len=8, tfrecord_id_key='image/id')
+  fields.update(overrides)
+  return data_config(**fields)

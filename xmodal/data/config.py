@@ -1,0 +1,128 @@
+"""The data section of an experiment config: every input knob, explicit and documented.
+
+This module must stay importable without TensorFlow: experiment configs (`configs/*.py`) import it, and an
+accelerator host that only benchmarks synthetic batches never installs TensorFlow.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+SOURCES = ('tfds', 'wds', 'tfrecord', 'folder')
+TFDS_ACCESS = ('auto', 'random', 'stream')
+
+# ImageNet statistics, what ViT/BERT-style towers pretrained elsewhere expect; scaled to [0, 255] pixels.
+IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  """Returns the data config with every field set; `overrides` replace top-level fields (unknown ones raise).
+
+  Fields:
+    source: where examples come from, one of SOURCES:
+      'tfds'     a tensorflow-datasets builder (`tfds_name`), random access when it is stored as array_record;
+      'wds'      WebDataset `.tar` shards (`{key}.jpg|png` + `{key}.txt|json`, what img2dataset writes);
+      'tfrecord' TFRecord shards of tf.train.Example (`tfrecord_image_key` + `tfrecord_caption_key`);
+      'folder'   a folder of images and a captions file (CSV `image,caption` or JSON lines), rows grouped per image.
+    tfds_name: builder name, optionally with version/config ('xmodal_shapes', 'coco_captions/2017').
+    tfds_data_dir: tfds data_dir; '' = the tfds default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+    tfds_access: 'auto' (random access for array_record datasets, streaming otherwise), 'random' or 'stream'.
+    train_split / eval_split: split names (tfds split syntax, e.g. 'train[:90%]'); ignored by shard/folder sources,
+      which have `train_*`/`eval_*` paths instead.
+    image_key: feature path of the encoded image; nested features are joined with '/' ('image').
+    captions_key: feature path of the captions, a string or a sequence of strings ('captions', COCO: 'captions/text').
+    id_key: feature path of an integer image id ('image_id', COCO: 'image/id'); '' = the example's position.
+    train_shards / eval_shards: glob of shard files for 'wds'/'tfrecord' ('/data/cc3m/{00000..00099}.tar' is not a
+      glob: write '/data/cc3m/*.tar').
+    wds_image_exts / wds_text_exts: WebDataset member extensions, in order of preference.
+    wds_json_caption_keys: keys of a `.json` member that may hold the caption(s), in order of preference.
+    tfrecord_image_key / tfrecord_caption_key / tfrecord_id_key: tf.train.Example feature names ('' id = position).
+    folder / train_captions / eval_captions: image folder and the captions files (paths in a file are relative to
+      `folder`); a file ending in .csv is CSV with a header containing `image,caption`, anything else JSON lines with
+      `image` and `caption` (a string) or `captions` (a list).
+    image_size: side of the square model input, pixels.
+    crop_scale: (min, max) area fraction of the random resized crop used for training.
+    crop_ratio: (min, max) aspect ratio of that crop.
+    hflip: random horizontal flip for training. Off by default: captions say 'left of'/'right of'.
+    mean / std: per-channel normalisation on [0, 255] pixels; output = (pixel - mean) / std, float32.
+    tokenizer: spec for `xmodal.data.tokenizer.load_tokenizer` ('shapes' = the shipped vocabulary, or a path).
+    max_text_len: token length L of `text_ids`; longer captions are truncated.
+    max_captions: C, captions kept per image by the evaluation pipeline (COCO and shapes have 5).
+    batch_size: global training batch; each of P processes yields batch_size // P.
+    eval_batch_size: global evaluation batch (images; each carries up to C captions).
+    shuffle_buffer: window of the stateless shuffle applied to streaming sources (wds/tfrecord/tfds stream);
+      index-addressable sources are permuted exactly and ignore it.
+    cycle_length: shards read concurrently by streaming sources (interleave).
+    seed: data seed; the order and every augmentation are a pure function of it.
+    num_parallel_calls: threads for decoding and augmentation; -1 = tf.data AUTOTUNE.
+    prefetch: batches prepared ahead of the consumer.
+  """
+  config = ml_collections.ConfigDict(dict(
+      source='tfds',
+      tfds_name='xmodal_shapes',
+      tfds_data_dir='',
+      tfds_access='auto',
+      train_split='train',
+      eval_split='validation',
+      image_key='image',
+      captions_key='captions',
+      id_key='image_id',
+      train_shards='',
+      eval_shards='',
+      wds_image_exts=('jpg', 'jpeg', 'png', 'webp'),
+      wds_text_exts=('txt', 'json'),
+      wds_json_caption_keys=('caption', 'captions', 'text'),
+      tfrecord_image_key='image/encoded',
+      tfrecord_caption_key='caption',
+      tfrecord_id_key='',
+      folder='',
+      train_captions='',
+      eval_captions='',
+      image_size=64,
+      crop_scale=(0.5, 1.0),
+      crop_ratio=(3 / 4, 4 / 3),
+      hflip=False,
+      mean=IMAGENET_MEAN,
+      std=IMAGENET_STD,
+      tokenizer='shapes',
+      max_text_len=32,
+      max_captions=5,
+      batch_size=256,
+      eval_batch_size=256,
+      shuffle_buffer=4096,
+      cycle_length=8,
+      seed=0,
+      num_parallel_calls=-1,
+      prefetch=2,
+  ))
+  for key, value in overrides.items():
+    if key not in config:
+      raise KeyError(f'unknown data config field {key!r}; valid: {sorted(config.keys())}')
+    config[key] = value
+  config.lock()
+  return config
+
+
+def coco_captions_config(**overrides) -> ml_collections.ConfigDict:
+  """The worked example of a tfds image-text dataset: COCO captions with its nested features."""
+  fields = dict(source='tfds', tfds_name='coco_captions', captions_key='captions/text', id_key='image/id',
+                train_split='train', eval_split='val', image_size=224)
+  fields.update(overrides)
+  return data_config(**fields)
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the field for choices and ranges that would fail deep inside tf.data."""
+  if config.source not in SOURCES:
+    raise ValueError(f'data.source: {config.source!r} is not one of {SOURCES}')
+  if config.tfds_access not in TFDS_ACCESS:
+    raise ValueError(f'data.tfds_access: {config.tfds_access!r} is not one of {TFDS_ACCESS}')
+  low, high = config.crop_scale
+  if not 0 < low <= high <= 1:
+    raise ValueError(f'data.crop_scale: {tuple(config.crop_scale)} is not 0 < min <= max <= 1')
+  if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
+    raise ValueError('data.mean/data.std: need 3 channels and std > 0')
+  for name in ('image_size', 'max_text_len', 'max_captions', 'batch_size', 'eval_batch_size', 'cycle_length'):
+    if config[name] <= 0:
+      raise ValueError(f'data.{name}: must be positive, got {config[name]}')

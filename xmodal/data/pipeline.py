@@ -1,0 +1,432 @@
+"""Training and evaluation input pipelines: source → process slice → order → decode/augment → batch → tokens.
+
+Training batches (per process, B = batch_size // process_count):
+  'images' (B, H, W, 3) float32 normalised, 'text_ids' (B, L) int32, 'text_mask' (B, L) int32, 'image_ids' (B,) int64;
+  one usable caption per example, chosen with a stateless key of (seed, epoch, example) — a new one each epoch.
+Evaluation batches (B = eval_batch_size // process_count, C = max_captions), every example of the split once:
+  'images' (B, H, W, 3) float32, 'image_ids' (B,) int64, 'valid' (B,) bool (False on the padding of the last batch),
+  'text_ids' (B, C, L) int32, 'text_mask' (B, C, L) int32, 'text_valid' (B, C) bool. Caption (b, c) belongs to
+  image b, which is what retrieval metrics need.
+
+Determinism and resume. The iterator state is a small JSON-able dict (`TrainIterator.state()`):
+  {'version', 'source', 'seed', 'process_index', 'process_count', 'epoch', 'position', 'consumed', 'yielded',
+   'skipped': {'bad_image', 'empty_caption', 'truncated'}}
+where `position` is the next record of `epoch` in this process's order and `consumed`/`yielded` count records read
+and examples batched. `train_iterator(config, state=saved)` yields exactly the batches an uninterrupted iterator
+yields after the save:
+- index-addressable sources (tfds array_record, folder): the example at position q of epoch e is
+  local index `index_shuffle(q, key(seed, e))` — a pure function, so restoring starts `Dataset.range` at the saved
+  position: O(1), nothing is re-read.
+- streaming sources (WebDataset, TFRecord, tfds non-array_record): shard order per epoch is a stateless permutation
+  of (seed, epoch); shards are interleaved deterministically, then shuffled in windows of `shuffle_buffer` records
+  by a stateless permutation of (seed, epoch, window). Restoring re-reads the current epoch's records up to the
+  saved position and drops them before any decoding: the cost is reading (not decoding) at most one epoch of this
+  process's shards.
+Augmentation keys are (seed, epoch, index) for indexed sources and (seed, epoch, position) for streams, so resumed
+crops and caption choices match too. Each process has its own state (its position differs with skipped records):
+save one per process.
+
+Bad input: undecodable images (dropped by `ignore_errors` after the decode map), records without a usable caption
+and truncated records are skipped; `skipped` counts them exactly, up to the last example yielded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from xmodal.data import preprocess, sources
+from xmodal.data.config import validate_data_config
+
+STATE_VERSION = 1
+STATUS_EMPTY = 2   # No usable caption.
+STATUS_END = 3     # End-of-split marker of the evaluation pipeline: lets it count trailing skipped records.
+READ_BATCH = 64  # Positions located and records read per step by index-addressable sources.
+
+
+def _threads(config: ml_collections.ConfigDict) -> int:
+  return config.num_parallel_calls if config.num_parallel_calls > 0 else tf.data.AUTOTUNE
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  return (jax.process_index() if process_index is None else process_index,
+          jax.process_count() if process_count is None else process_count)
+
+
+def source_name(config: ml_collections.ConfigDict, split: str) -> str:
+  """What the state records about the source, to refuse restoring a state onto a different one."""
+  if config.source == 'tfds':
+    return f'tfds:{config.tfds_name}:{split}'
+  if config.source == 'folder':
+    return f'folder:{config.folder}:{config.train_captions if split == "train" else config.eval_captions}'
+  return f'{config.source}:{config.train_shards if split == "train" else config.eval_shards}'
+
+
+def build_source(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int,
+                 shuffle_shards: bool) -> sources.IndexedSource | sources.StreamSource:
+  """The source named by the config for `split` ('train' or 'eval'), sliced for this process if streaming."""
+  train = split == 'train'
+  if config.source == 'folder':
+    return sources.folder_source(config.folder, config.train_captions if train else config.eval_captions)
+  if config.source == 'tfds':
+    builder = sources.tfds_builder(config.tfds_name, config.tfds_data_dir)
+    tfds_split = config.train_split if train else config.eval_split
+    random = config.tfds_access == 'random' or (
+        config.tfds_access == 'auto' and sources.tfds_is_random_access(builder))
+    keys = (config.image_key, config.captions_key, config.id_key)
+    if random:
+      return sources.tfds_indexed_source(builder, tfds_split, *keys)
+    epoch_records = sources.tfds_stream_reader(builder, tfds_split, *keys, process_index, process_count)
+    return _SingleStream(epoch_records)
+  what = 'data.train_shards' if train else 'data.eval_shards'
+  pattern = config.train_shards if train else config.eval_shards
+  shards = sources.process_shards(sources.expand_glob(pattern, what), process_index, process_count, pattern)
+  if config.source == 'wds':
+    reader = sources.wds_reader(config.wds_image_exts, config.wds_text_exts, config.wds_json_caption_keys)
+  elif config.source == 'tfrecord':
+    reader = sources.tfrecord_reader(config.tfrecord_image_key, config.tfrecord_caption_key, config.tfrecord_id_key)
+  else:
+    raise ValueError(f'data.source: {config.source!r} is not one of {("tfds", "wds", "tfrecord", "folder")}')
+  return sources.StreamSource(shards, reader, seed=config.seed, cycle_length=config.cycle_length,
+                              num_parallel_calls=config.num_parallel_calls, shuffle_shards=shuffle_shards)
+
+
+class _SingleStream:
+  """A stream with its own reader (tfds streaming): `epoch_records` as given."""
+
+  def __init__(self, epoch_records):
+    self.epoch_records = epoch_records
+
+
+# ---------------------------------------------------------------------------------------------------- ordering
+
+
+def _local_count(size: int, process_index: int, process_count: int) -> int:
+  return len(range(process_index, size, process_count))
+
+
+def _indexed_order(source: sources.IndexedSource, seed: int, start: int, process_index: int,
+                   process_count: int) -> tf.data.Dataset:
+  """Records from global position `start` on: position g is (epoch g // n, q g % n) of this process's n examples."""
+  n = _local_count(source.size, process_index, process_count)
+  if n == 0:
+    raise ValueError(f'the split has {source.size} examples, none for process {process_index} of {process_count}')
+
+  start_epoch, start_q = divmod(start, n)
+
+  def epoch_positions(epoch: tf.Tensor) -> tf.data.Dataset:
+    # Batches of positions within one epoch, located vectorised: per-element maps dominate small-image pipelines.
+    first = tf.where(epoch == start_epoch, tf.constant(start_q, tf.int64), 0)
+    perm_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+
+    def locate(q: tf.Tensor) -> dict:
+      local = tf.random.experimental.index_shuffle(q, perm_seed, tf.constant(n - 1, tf.int64))
+      index = process_index + local * process_count
+      epochs = tf.fill(tf.shape(q), epoch)
+      return {'epoch': epochs, 'q': q, 'rel': epoch * n + q - start,
+              'key': preprocess.example_key(seed, epochs, index), 'index': index}
+
+    return tf.data.Dataset.range(first, n).batch(READ_BATCH).map(locate)
+
+  positions = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_positions)
+  return source.read(positions)
+
+
+def _window_shuffle(records: tf.data.Dataset, window: int, seed: int, epoch: tf.Tensor) -> tf.data.Dataset:
+  """Permutes each window of `window` records by a stateless permutation of (seed, epoch, window index)."""
+  if window <= 1:
+    return records
+
+  def pack(record: dict) -> dict:
+    # Captions of varying count travel through the batch as one joined string.
+    return {**record, 'texts': tf.strings.reduce_join(record['texts'], separator='\x1f')}
+
+  def permute(i: tf.Tensor, block: dict) -> dict:
+    key = preprocess.example_key(seed, epoch, -1 - i)
+    order = tf.random.experimental.stateless_shuffle(tf.range(tf.shape(block['status'])[0]), seed=key)
+    return {k: tf.gather(v, order) for k, v in block.items()}
+
+  def unpack(record: dict) -> dict:
+    joined = record['texts']
+    texts = tf.cond(tf.strings.length(joined) > 0, lambda: tf.strings.split(joined, '\x1f'),
+                    lambda: tf.zeros([0], tf.string))
+    return {**record, 'texts': texts}
+
+  return records.map(pack).batch(window).enumerate().map(permute).unbatch().map(unpack)
+
+
+def _stream_order(source, seed: int, window: int, start_epoch: int, start_q: int) -> tf.data.Dataset:
+  """Records from (start_epoch, start_q) on, epoch after epoch, each epoch in a stateless order."""
+  def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+    records = _window_shuffle(source.epoch_records(epoch), window, seed, epoch)
+    records = records.enumerate().map(lambda q, r: {**r, 'epoch': epoch, 'q': q,
+                                                    'key': preprocess.example_key(seed, epoch, q)})
+    # Resume: drop what was consumed before the save, before any decoding.
+    return records.skip(tf.where(epoch == start_epoch, tf.constant(start_q, tf.int64), 0))
+
+  ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_records)
+  return ds.enumerate().map(lambda rel, r: {**r, 'rel': rel})
+
+
+# ---------------------------------------------------------------------------------------------------- examples
+
+
+def _status(record: dict) -> tf.Tensor:
+  usable = tf.reduce_any(preprocess.usable_captions(record['texts']))
+  return tf.where(record['status'] != sources.STATUS_OK, record['status'],
+                  tf.where(usable, sources.STATUS_OK, STATUS_EMPTY))
+
+
+def _train_example(config: ml_collections.ConfigDict, record: dict) -> dict:
+  """A record → {'image' (H, W, 3) float32, 'text' (), 'image_id', 'status', bookkeeping}; raises on bad bytes."""
+  size = config.image_size
+  status = _status(record)
+  image = tf.cond(
+      status == sources.STATUS_OK,
+      lambda: preprocess.train_image(record['encoded'], record['key'], size=size, scale=config.crop_scale,
+                                     ratio=config.crop_ratio, mean=None, std=None, hflip=config.hflip),
+      lambda: tf.zeros([size, size, 3], tf.float32))  # Skipped below; never decoded.
+  return {'image': image, 'text': preprocess.choose_caption(record['texts'], record['key']),
+          'image_id': record['image_id'], 'status': status, 'epoch': record['epoch'], 'q': record['q'],
+          'rel': record['rel']}
+
+
+def _count_skips(initial: tuple[int, int]):
+  """A scan step accumulating (truncated, empty caption) counts over every record that decoded."""
+  def step(counts: tf.Tensor, example: dict):
+    counts = counts + tf.stack([tf.cast(example['status'] == sources.STATUS_TRUNCATED, tf.int64),
+                                tf.cast(example['status'] == STATUS_EMPTY, tf.int64)])
+    return counts, {**example, 'counts': counts}
+  return tf.constant(initial, tf.int64), step
+
+
+def _tokenize_fn(tokenizer, max_len: int):
+  def encode(texts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    flat = [t.decode('utf-8', errors='replace') for t in texts.reshape([-1])]
+    ids, mask = tokenizer.encode(flat, max_len)
+    shape = texts.shape + (max_len,)
+    return np.asarray(ids, np.int32).reshape(shape), np.asarray(mask, np.int32).reshape(shape)
+
+  def tokenize(texts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    ids, mask = tf.numpy_function(encode, [texts], [tf.int32, tf.int32], stateful=False)
+    shape = texts.shape.concatenate([max_len])
+    ids.set_shape(shape)
+    mask.set_shape(shape)
+    return ids, mask
+  return tokenize
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+  from xmodal.data.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
+  return load(config.tokenizer)
+
+
+def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.autotune.enabled = True
+  return ds.with_options(options)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def initial_state(config: ml_collections.ConfigDict, process_index: int, process_count: int) -> dict:
+  """The state of a fresh training iterator."""
+  return {'version': STATE_VERSION, 'source': source_name(config, 'train'), 'seed': int(config.seed),
+          'process_index': process_index, 'process_count': process_count, 'epoch': 0, 'position': 0,
+          'consumed': 0, 'yielded': 0, 'skipped': {'bad_image': 0, 'empty_caption': 0, 'truncated': 0}}
+
+
+def _check_state(state: dict, fresh: dict) -> None:
+  for key in ('version', 'source', 'seed', 'process_index', 'process_count'):
+    if state.get(key) != fresh[key]:
+      raise ValueError(f'data iterator state has {key}={state.get(key)!r} but this pipeline has {fresh[key]!r}; '
+                       'a state restores only onto the same source, seed and process layout')
+
+
+class TrainIterator(Iterator[dict]):
+  """Infinite training batches (numpy) with a JSON-able `state()`; see the module docstring."""
+
+  def __init__(self, dataset: tf.data.Dataset, state: dict, batch_size: int):
+    self._state = {**state, 'skipped': dict(state['skipped'])}
+    self._start = dict(self._state, skipped=dict(self._state['skipped']))
+    self._batch_size = batch_size
+    self._iterator = dataset.as_numpy_iterator()
+
+  def __next__(self) -> dict:
+    batch = next(self._iterator)
+    start, state = self._start, self._state
+    state['epoch'] = int(batch['epoch'][-1])
+    state['position'] = int(batch['q'][-1]) + 1
+    state['consumed'] = start['consumed'] + int(batch['rel'][-1]) + 1
+    state['yielded'] += self._batch_size
+    truncated, empty = (int(c) for c in batch['counts'][-1])
+    skipped = state['consumed'] - state['yielded']
+    state['skipped'] = {'truncated': truncated, 'empty_caption': empty, 'bad_image': skipped - truncated - empty}
+    return {'images': batch['images'], 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask'],
+            'image_ids': batch['image_ids']}
+
+  def state(self) -> dict:
+    """The JSON-able state after the last batch returned; pass it to `train_iterator(..., state=)` to resume."""
+    return {**self._state, 'skipped': dict(self._state['skipped'])}
+
+  def stats(self) -> dict:
+    """Records read, examples yielded and skipped by reason, for logging."""
+    return {'consumed': self._state['consumed'], 'yielded': self._state['yielded'], **self._state['skipped']}
+
+
+def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, process_index: int,
+                  process_count: int) -> tf.data.Dataset:
+  """The training tf.data pipeline from `state` on; elements are batches with bookkeeping fields."""
+  if config.batch_size % process_count:
+    raise ValueError(f'data.batch_size={config.batch_size} is not divisible by {process_count} processes')
+  batch = config.batch_size // process_count
+  source = build_source(config, 'train', process_index, process_count, shuffle_shards=True)
+  if isinstance(source, sources.IndexedSource):
+    n = _local_count(source.size, process_index, process_count)
+    ds = _indexed_order(source, config.seed, state['epoch'] * n + state['position'], process_index, process_count)
+  else:
+    ds = _stream_order(source, config.seed, config.shuffle_buffer, state['epoch'], state['position'])
+  ds = ds.map(lambda r: _train_example(config, r), num_parallel_calls=_threads(config), deterministic=True)
+  ds = ds.ignore_errors()  # Undecodable images; counted as records read but not yielded.
+  ds = ds.scan(*_count_skips((state['skipped']['truncated'], state['skipped']['empty_caption'])))
+  ds = ds.filter(lambda e: e['status'] == sources.STATUS_OK)
+  ds = ds.batch(batch, drop_remainder=True)
+  tokenize = _tokenize_fn(tokenizer, config.max_text_len)
+
+  def finish(b: dict) -> dict:
+    ids, mask = tokenize(b['text'])
+    images = preprocess.normalize(b['image'], config.mean, config.std)  # one op per batch, not per example
+    return {'images': images, 'text_ids': ids, 'text_mask': mask, 'image_ids': b['image_id'],
+            'epoch': b['epoch'], 'q': b['q'], 'rel': b['rel'], 'counts': b['counts']}
+
+  ds = ds.map(finish, num_parallel_calls=2, deterministic=True)
+  return _options(ds.prefetch(config.prefetch))
+
+
+def train_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, state: dict | None = None,
+                   process_index: int | None = None, process_count: int | None = None) -> TrainIterator:
+  """Training batches for this process, from the start or from a saved `state`."""
+  validate_data_config(config)
+  process_index, process_count = _process(process_index, process_count)
+  fresh = initial_state(config, process_index, process_count)
+  if state is None:
+    state = fresh
+  else:
+    _check_state(state, fresh)
+  tokenizer = tokenizer or load_tokenizer(config)
+  dataset = train_dataset(config, tokenizer, state, process_index, process_count)
+  return TrainIterator(dataset, state, config.batch_size // process_count)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+
+def _eval_example(config: ml_collections.ConfigDict, record: dict) -> dict:
+  size = config.image_size
+  status = tf.where(record['status'] == STATUS_END, STATUS_END, _status(record))
+  image = tf.cond(status == sources.STATUS_OK,
+                  lambda: preprocess.eval_image(record['encoded'], size=size, mean=config.mean, std=config.std),
+                  lambda: tf.zeros([size, size, 3], tf.float32))
+  texts = preprocess.pad_captions(record['texts'], config.max_captions)
+  return {'images': image, 'texts': texts, 'text_valid': preprocess.usable_captions(texts),
+          'image_ids': record['image_id'], 'status': status, 'rel': record['rel']}
+
+
+class EvalIterator(Iterator[dict]):
+  """Every example of a split once, in batches of fixed size; the last padded with valid=False."""
+
+  def __init__(self, dataset: tf.data.Dataset, batch_size: int, num_batches: int | None):
+    self._iterator = dataset.as_numpy_iterator()
+    self._batch_size = batch_size
+    self._num_batches = num_batches
+    self._returned = 0
+    self._yielded = 0
+    self._consumed = 0
+    self._counts = np.zeros([2], np.int64)
+    self._done = False
+    self._template = None
+
+  def __next__(self) -> dict:
+    if not self._done:
+      try:
+        batch = next(self._iterator)
+      except StopIteration:
+        self._done = True
+      else:
+        return self._emit(batch)
+    if self._num_batches is not None and self._returned < self._num_batches and self._template is not None:
+      # Processes with fewer examples pad with empty batches so that all take part in every collective.
+      self._returned += 1
+      return {k: np.zeros_like(v) for k, v in self._template.items()}
+    raise StopIteration
+
+  def _emit(self, batch: dict) -> dict:
+    status = batch.pop('status')
+    rel = batch.pop('rel')
+    counts = batch.pop('counts')
+    self._consumed = int(rel[-1]) + 1
+    self._counts = counts[-1]
+    keep = status == sources.STATUS_OK
+    self._yielded += int(keep.sum())
+    batch = {k: v[keep] for k, v in batch.items()}
+    pad = self._batch_size - int(keep.sum())
+    out = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)]) for k, v in batch.items()}
+    out['valid'] = np.arange(self._batch_size) < self._batch_size - pad
+    out['text_valid'] &= out['valid'][:, None]
+    self._template = out
+    self._returned += 1
+    if not keep.any() and status[-1] == STATUS_END:
+      # Only the end marker left: nothing to evaluate in this batch.
+      self._done = True
+      return self.__next__()
+    return out
+
+  def stats(self) -> dict:
+    """Records read, examples yielded and skipped by reason; exact once the iterator is exhausted."""
+    records = self._consumed - (1 if self._done else 0)  # The end marker is not a record.
+    truncated, empty = (int(c) for c in self._counts)
+    return {'consumed': records, 'yielded': self._yielded, 'truncated': truncated, 'empty_caption': empty,
+            'bad_image': records - self._yielded - truncated - empty}
+
+
+def eval_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, process_index: int | None = None,
+                  process_count: int | None = None) -> EvalIterator:
+  """Evaluation batches of `config.eval_split` (tfds) or the eval shards/captions, this process's part, in order."""
+  validate_data_config(config)
+  process_index, process_count = _process(process_index, process_count)
+  if config.eval_batch_size % process_count:
+    raise ValueError(f'data.eval_batch_size={config.eval_batch_size} is not divisible by {process_count} processes')
+  batch = config.eval_batch_size // process_count
+  source = build_source(config, 'eval', process_index, process_count, shuffle_shards=False)
+  num_batches = None
+  if isinstance(source, sources.IndexedSource):
+    n = _local_count(source.size, process_index, process_count)
+    ds = source.read(tf.data.Dataset.range(n).batch(READ_BATCH).map(
+        lambda q: {'index': process_index + q * process_count}))
+    # Each process pads to the batches the largest process needs: all join every collective.
+    num_batches = -(-_local_count(source.size, 0, process_count) // batch)
+  else:
+    ds = source.epoch_records(tf.constant(0, tf.int64))
+  end = {'encoded': tf.constant(''), 'texts': tf.zeros([0], tf.string), 'image_id': tf.constant(-1, tf.int64),
+         'status': tf.constant(STATUS_END)}
+  ds = ds.map(lambda r: {k: r[k] for k in end}).concatenate(tf.data.Dataset.from_tensors(end))
+  ds = ds.enumerate().map(lambda rel, r: {**r, 'rel': rel})
+  ds = ds.map(lambda r: _eval_example(config, r), num_parallel_calls=_threads(config), deterministic=True)
+  ds = ds.ignore_errors()
+  ds = ds.scan(*_count_skips((0, 0)))
+  ds = ds.filter(lambda e: tf.logical_or(e['status'] == sources.STATUS_OK, e['status'] == STATUS_END))
+  ds = ds.batch(batch)
+  tokenize = _tokenize_fn(tokenizer or load_tokenizer(config), config.max_text_len)
+
+  def finish(b: dict) -> dict:
+    ids, mask = tokenize(b.pop('texts'))
+    return {**b, 'text_ids': ids, 'text_mask': mask * tf.cast(b['text_valid'][..., None], tf.int32)}
+
+  ds = ds.map(finish)
+  return EvalIterator(_options(ds.prefetch(config.prefetch)), batch, num_batches)
