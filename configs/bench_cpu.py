@@ -1,0 +1,22 @@
+"""The CPU benchmark model: the train step this 2-core machine is judged by (issue: performance).
+
+  xmodal bench --config configs/bench_cpu.py --steps 20
+
+64 px images, patch 8; ViT 4 layers x 256 (4 heads, MLP 4x); text 2 + fusion 2 layers x 256 (4 heads); embedding
+128; vocabulary 4,096; text length 32; batch 64; float32 (~8M parameters). `mfu` in the last line is the step's model
+FLOP/s over a large jitted float32 matmul timed in the same run.
+"""
+
+from xmodal import config as config_lib
+from xmodal.defaults import base_config
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, {'batch': 64})
+  config = base_config('tiny')
+  m = config.model
+  m.image_size, m.max_text_len, m.embed_dim, m.fusion_depth = 64, 32, 128, 2
+  m.vision.update(width=256, depth=4, heads=4, mlp_dim=1024, patch_size=8)
+  m.text.update(width=256, depth=2, heads=4, mlp_dim=1024, vocab_size=4096, max_positions=64)
+  config.data.image_size, config.data.max_text_len, config.data.batch_size = 64, 32, args.batch
+  return config
