@@ -144,3 +144,14 @@ def test_host_to_global_assembles_the_batch_on_the_mesh():
   np.testing.assert_array_equal(np.asarray(arrays['images']), batch['images'])
   assert arrays['images'].sharding.spec[0] in ('data', ('data',))
   assert len(arrays['image_ids'].addressable_shards) == 8
+
+
+def test_processes_together_read_exactly_the_single_process_batches(tmp_path):
+  """Global order: the batches of 2 processes, concatenated in process order, are the 1-process batches."""
+  path = write_folder(tmp_path / 'images', 10, captions_per_image=3)
+  config = small_config(source='folder', folder=str(tmp_path / 'images'), train_captions=path)
+  single = train(config)
+  halves = [train(config, process_index=p, process_count=2) for p in range(2)]
+  for _ in range(6):  # past an epoch boundary (10 examples, batches of 4)
+    whole, parts = next(single), [next(h) for h in halves]
+    assert_same(whole, {k: np.concatenate([p[k] for p in parts]) for k in whole})

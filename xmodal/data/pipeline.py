@@ -11,12 +11,13 @@ Evaluation batches (B = eval_batch_size // process_count, C = max_captions), eve
 Determinism and resume. The iterator state is a small JSON-able dict (`TrainIterator.state()`):
   {'version', 'source', 'seed', 'process_index', 'process_count', 'epoch', 'position', 'consumed', 'yielded',
    'skipped': {'bad_image', 'empty_caption', 'truncated'}}
-where `position` is the next record of `epoch` in this process's order and `consumed`/`yielded` count records read
-and examples batched. `train_iterator(config, state=saved)` yields exactly the batches an uninterrupted iterator
-yields after the save:
-- index-addressable sources (tfds array_record, folder): the example at position q of epoch e is
-  local index `index_shuffle(q, key(seed, e))` — a pure function, so restoring starts `Dataset.range` at the saved
-  position: O(1), nothing is re-read.
+where `position` is where this process's order continues and `consumed`/`yielded` count records read and examples
+batched. `train_iterator(config, state=saved)` yields exactly the batches an uninterrupted iterator yields after the
+save:
+- index-addressable sources (tfds array_record, folder): one global order, `index_shuffle` of (seed, epoch) over the
+  split; process p reads its rows of every global batch (`_indexed_order`), so the assembled global batch does not
+  depend on the process count. `position` is the process's place in that order: restoring starts `Dataset.range`
+  there, O(1), nothing is re-read.
 - streaming sources (WebDataset, TFRecord, tfds non-array_record): shard order per epoch is a stateless permutation
   of (seed, epoch); shards are interleaved deterministically, then shuffled in windows of `shuffle_buffer` records
   by a stateless permutation of (seed, epoch, window). Restoring re-reads the current epoch's records up to the
@@ -42,7 +43,7 @@ import tensorflow as tf
 from xmodal.data import preprocess, sources
 from xmodal.data.config import validate_data_config
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 STATUS_EMPTY = 2   # No usable caption.
 STATUS_END = 3     # End-of-split marker of the evaluation pipeline: lets it count trailing skipped records.
 READ_BATCH = 64  # Positions located and records read per step by index-addressable sources.
@@ -109,30 +110,33 @@ def _local_count(size: int, process_index: int, process_count: int) -> int:
   return len(range(process_index, size, process_count))
 
 
-def _indexed_order(source: sources.IndexedSource, seed: int, start: int, process_index: int,
+def _indexed_order(source: sources.IndexedSource, seed: int, start: int, batch: int, process_index: int,
                    process_count: int) -> tf.data.Dataset:
-  """Records from global position `start` on: position g is (epoch g // n, q g % n) of this process's n examples."""
-  n = _local_count(source.size, process_index, process_count)
-  if n == 0:
-    raise ValueError(f'the split has {source.size} examples, none for process {process_index} of {process_count}')
+  """This process's records from its local stream position `start` on.
 
-  start_epoch, start_q = divmod(start, n)
+  One global order, the same for every process count: global position g is example
+  `index_shuffle(g % N, (seed, g // N))` of the N in the split (epoch g // N). Global batch b holds positions
+  [b * B, (b + 1) * B), and process p reads rows [p * B/P, (p + 1) * B/P) of each: its local position k is global
+  position (k // (B/P)) * B + p * (B/P) + k % (B/P). Assembled across processes, the global batch is exactly the one
+  a single process would read, so a run's batches do not depend on how many processes feed it.
+  """
+  size = source.size
+  if size == 0:
+    raise ValueError('the split has no examples')
+  local = batch // process_count
 
-  def epoch_positions(epoch: tf.Tensor) -> tf.data.Dataset:
-    # Batches of positions within one epoch, located vectorised: per-element maps dominate small-image pipelines.
-    first = tf.where(epoch == start_epoch, tf.constant(start_q, tf.int64), 0)
-    perm_seed = tf.stack([tf.constant(seed, tf.int64), epoch])
+  def locate(k: tf.Tensor) -> dict:
+    # k: (READ_BATCH,) local positions, located vectorised: per-element maps dominate small-image pipelines.
+    g = (k // local) * batch + process_index * local + k % local
+    epoch, q = g // size, g % size
+    # index_shuffle takes one seed per call, and a read batch may straddle epochs: one call per position.
+    index = tf.map_fn(lambda eq: tf.random.experimental.index_shuffle(
+        eq[1], tf.stack([tf.constant(seed, tf.int64), eq[0]]),
+        tf.constant(size - 1, tf.int64)), (epoch, q), fn_output_signature=tf.int64)
+    return {'epoch': epoch, 'q': k, 'rel': k - start, 'key': preprocess.example_key(seed, epoch, index),
+            'index': index}
 
-    def locate(q: tf.Tensor) -> dict:
-      local = tf.random.experimental.index_shuffle(q, perm_seed, tf.constant(n - 1, tf.int64))
-      index = process_index + local * process_count
-      epochs = tf.fill(tf.shape(q), epoch)
-      return {'epoch': epochs, 'q': q, 'rel': epoch * n + q - start,
-              'key': preprocess.example_key(seed, epochs, index), 'index': index}
-
-    return tf.data.Dataset.range(first, n).batch(READ_BATCH).map(locate)
-
-  positions = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_positions)
+  positions = tf.data.Dataset.range(start, np.iinfo(np.int64).max).batch(READ_BATCH).map(locate)
   return source.read(positions)
 
 
@@ -288,8 +292,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
   batch = config.batch_size // process_count
   source = build_source(config, 'train', process_index, process_count, shuffle_shards=True)
   if isinstance(source, sources.IndexedSource):
-    n = _local_count(source.size, process_index, process_count)
-    ds = _indexed_order(source, config.seed, state['epoch'] * n + state['position'], process_index, process_count)
+    # 'position' is the local stream position (see _indexed_order); 'epoch' is informational.
+    ds = _indexed_order(source, config.seed, state['position'], config.batch_size, process_index, process_count)
   else:
     ds = _stream_order(source, config.seed, config.shuffle_buffer, state['epoch'], state['position'])
   ds = ds.map(lambda r: _train_example(config, r), num_parallel_calls=_threads(config), deterministic=True)
@@ -430,3 +434,24 @@ def eval_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, process_
 
   ds = ds.map(finish)
   return EvalIterator(_options(ds.prefetch(config.prefetch)), batch, num_batches)
+
+
+def binding_iterator(config: ml_collections.ConfigDict, split: str, *, tokenizer=None, process_index: int | None = None,
+                     process_count: int | None = None) -> EvalIterator:
+  """Evaluation batches of a split of (true caption, hard negative) pairs: C = 2, caption 0 true, caption 1 false.
+
+  For xmodal_shapes' `test_hard` split, whose features hold the true caption in 'captions' and the hard negative in
+  'negative_caption'.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval_split = split
+  config.captions_key = 'captions,negative_caption'
+  config.max_captions = 2
+  return eval_iterator(config, tokenizer=tokenizer, process_index=process_index, process_count=process_count)
+
+
+def prepare(config: ml_collections.ConfigDict) -> None:
+  """Builds the embedded xmodal_shapes dataset when a config reads it and it is not prepared yet (no download)."""
+  if config.source == 'tfds' and config.tfds_name == 'xmodal_shapes':
+    from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
+    shapes.prepare_if_missing(config.tfds_data_dir)

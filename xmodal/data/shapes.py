@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import io
 import multiprocessing
 import os
@@ -161,3 +162,12 @@ class XmodalShapes(tfds.core.GeneratorBasedBuilder):
     # keeps tfds' serialisation and writing. imap keeps index order.
     with multiprocessing.get_context('fork').Pool(workers) as pool:
       yield from enumerate(pool.imap(make, range(num_examples), chunksize=100))
+
+
+def prepare_if_missing(data_dir: str | None = None) -> XmodalShapes:
+  """The default xmodal_shapes in `data_dir` (tfds' default when empty), rendered first if it is not there yet."""
+  builder = XmodalShapes(data_dir=data_dir or None)
+  if not builder.is_prepared():
+    logging.info('xmodal_shapes is not prepared in %s: rendering it (no download)', builder.data_dir)
+    builder.download_and_prepare()
+  return builder

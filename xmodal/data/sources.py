@@ -401,8 +401,11 @@ def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, 
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   _require_prepared(builder)
   source = builder.as_data_source(split, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value=''),
-          captions_key: tf.io.RaggedFeature(tf.string)}
+  # Several caption features may be named, comma-separated, and are concatenated in that order (xmodal_shapes
+  # test_hard: 'captions,negative_caption' gives each image its true caption, then its hard negative).
+  caption_keys = captions_key.split(',')
+  spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value='')}
+  spec.update({key: tf.io.RaggedFeature(tf.string) for key in caption_keys})
   if id_key:
     spec[id_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
 
@@ -413,7 +416,8 @@ def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, 
     serialized = tf.numpy_function(read_raw, [meta['index']], tf.string, stateful=False)
     serialized.set_shape(meta['index'].shape)
     example = tf.io.parse_example(serialized, spec)
-    return {**meta, 'encoded': example[image_key], 'texts': example[captions_key],
+    texts = tf.concat([example[key] for key in caption_keys], axis=1)
+    return {**meta, 'encoded': example[image_key], 'texts': texts,
             'image_id': example[id_key] if id_key else meta['index'],
             'status': tf.zeros_like(meta['index'], tf.int32) + STATUS_OK}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
 import ml_collections
 
 from xmodal import evaluate as ev
@@ -18,11 +19,19 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
   if split is not None:
     data = ml_collections.ConfigDict(data.to_dict())
     data.eval_split = split
+  if jax.process_count() > 1:
+    # embed_dataset reads its results on one host: with several processes, each evaluates the whole split on its
+    # own devices from a full copy of the parameters (same numbers on every process, no cross-host collectives).
+    from jax.experimental import multihost_utils
+    params, mesh = multihost_utils.process_allgather(params, tiled=True), None
+    local = dict(process_index=0, process_count=1)
+  else:
+    local = {}
   variables = {'params': params}
-  embedded = ev.embed_dataset(model, variables, pipeline.eval_iterator(data), mesh)
+  embedded = ev.embed_dataset(model, variables, pipeline.eval_iterator(data, **local), mesh)
   binding = None
   if config.eval.binding_split:
-    pairs = pipeline.binding_iterator(config.data, config.eval.binding_split)
+    pairs = pipeline.binding_iterator(config.data, config.eval.binding_split, **local)
     binding = ev.binding_set_from_pairs(ev.embed_dataset(model, variables, pairs, mesh))
   results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=config.eval.k,
                                   chunk_size=config.eval.chunk_size, score=config.eval.score, binding=binding)

@@ -71,11 +71,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
 
   # ------------------------------------------------------------------------ state: restored, or born sharded
+  from xmodal.data import pipeline  # TensorFlow stays out of the module import of the training code
+  if primary:
+    pipeline.prepare(config.data)
   checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
                               keep=config.train.keep_checkpoints)
   data_state = None
   if checkpointer.latest_step() is not None:
-    state, data_state = checkpointer.restore(state_lib.abstract_state(shardings, model, tx))
+    state, saved = checkpointer.restore(state_lib.abstract_state(shardings, model, tx))
+    data_state = saved['processes'][jax.process_index()]
     log.info('resumed from step %d', int(state.step))
   else:
     state = state_lib.create_state(model, tx, jax.random.key(config.train.seed), shardings,
@@ -83,7 +87,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   start_step = int(state.step)
 
   # ----------------------------------------------------------------------------------------------------- input
-  from xmodal.data import pipeline  # TensorFlow stays out of the module import of the training code
   batches = pipeline.train_iterator(config.data, state=data_state)
   batch_sharding = parallel.batch_sharding(mesh)
 
@@ -137,7 +140,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if step % config.train.checkpoint_every == 0:
         report(*pending, time.perf_counter() - last_time)  # never checkpoint a state that is not finite
         pending, last_time = None, time.perf_counter()
-        checkpointer.save(step, state, batches.state())
+        checkpointer.save(step, state, gather_data_states(batches.state()))
       if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
         results = evaluation.evaluate(config, model, state.params, mesh)
         writer.write(step, evaluation.flatten(results), prefix='eval/')
@@ -148,7 +151,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     if pending is not None:
       report(pending[0], pending[1], time.perf_counter() - last_time)
     final_step = int(state.step)
-    checkpointer.save(final_step, state, batches.state(), force=True)
+    checkpointer.save(final_step, state, gather_data_states(batches.state()), force=True)
     checkpointer.wait()
     results = {}
     if not stopped_early:
@@ -162,6 +165,17 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if progress is not None:
     progress.close()
   return results
+
+
+def gather_data_states(local: dict) -> dict:
+  """Every process's input-iterator state, for the checkpoint (orbax's JSON item is written by process 0 only)."""
+  if jax.process_count() == 1:
+    return {'processes': [local]}
+  from jax.experimental import multihost_utils
+  blob = json.dumps(local).encode()
+  size = int(np.max(multihost_utils.process_allgather(np.asarray([len(blob)]))))
+  rows = multihost_utils.process_allgather(np.frombuffer(blob.ljust(size, b' '), np.uint8))
+  return {'processes': [json.loads(bytes(row).decode()) for row in np.asarray(rows).reshape(jax.process_count(), -1)]}
 
 
 def _pretrained_params(config: ml_collections.ConfigDict, model):
