@@ -1,0 +1,128 @@
+"""`xmodal train` end to end on a small shapes dataset: exact resume, preemption, NaN policy, multi-process."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from micro import micro_model_config
+from xmodal.defaults import base_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='session')
+def shapes_dir(tmp_path_factory):
+  """A prepared xmodal_shapes of 64 train / 16 validation / 16 test / 16 test_hard images."""
+  from xmodal.data import shapes
+  data_dir = tmp_path_factory.mktemp('tfds')
+  config = shapes.shapes_config(seed=0, train_size=64, validation_size=16, test_size=16, test_hard_size=16)
+  builder = shapes.XmodalShapes(config=config, data_dir=str(data_dir))
+  builder.download_and_prepare()
+  return builder.data_dir
+
+
+def loop_config(shapes_dir, steps=4):
+  config = base_config('tiny')
+  config.model = micro_model_config()
+  config.model.text.vocab_size = 256  # the shipped shapes vocabulary has 168 entries
+  config.data.update(tfds_name=shapes_dir, image_size=32, max_text_len=12, batch_size=8, eval_batch_size=8,
+                     eval_split='test')
+  config.optim.warmup_steps = 2
+  config.train.update(steps=steps, checkpoint_every=2, keep_checkpoints=5, log_every=1, progress=False)
+  config.eval.update(k=4, chunk_size=16, binding_split='test_hard')
+  return config
+
+
+def _metrics(workdir):
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(l) for l in lines if '"loss"' in l]
+
+
+def _params(workdir, config):
+  import jax
+  from xmodal import parallel
+  from xmodal.train.eval_cli import restore_state
+  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  _, state, data_state = restore_state(config, pathlib.Path(workdir), None, mesh)
+  return jax.tree.map(np.asarray, state.params), data_state
+
+
+def test_resume_after_a_stop_matches_an_uninterrupted_run(shapes_dir, tmp_path, monkeypatch):
+  from xmodal.train import loop
+  config = loop_config(shapes_dir, steps=4)
+  results = loop.train(config, tmp_path / 'straight')
+  assert 'itc' in results and 'binding' in results
+  # A preemption request after step 3 (an odd step: no periodic checkpoint there), then a rerun of the same command.
+  monkeypatch.setattr(loop.PreemptionGuard, 'should_stop', lambda self, step: step == 3)
+  assert loop.train(config, tmp_path / 'resumed') == {}
+  monkeypatch.undo()
+  loop.train(config, tmp_path / 'resumed')  # same workdir: resumes from step 3
+  straight, resumed = _metrics(tmp_path / 'straight'), _metrics(tmp_path / 'resumed')
+  assert [m['step'] for m in resumed] == [1, 2, 3, 4]
+  for a, b in zip(straight, resumed):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+  params_a, data_a = _params(tmp_path / 'straight', config)
+  params_b, data_b = _params(tmp_path / 'resumed', config)
+  import jax
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a, params_b)
+  assert data_a == data_b
+
+
+def test_nonfinite_loss_stops_the_run_naming_the_step(shapes_dir, tmp_path):
+  from xmodal.train import loop
+  config = loop_config(shapes_dir, steps=4)
+  config.model.temperature_init = 0.001
+  config.optim.update(lr=1e30, warmup_steps=0, clip_norm=0.0)
+  with pytest.raises(loop.NonFiniteLossError, match=r'step \d'):
+    loop.train(config, tmp_path / 'nan')
+
+
+def _train_command(workdir, shapes_dir, steps, extra=()):
+  overrides = [f'--config.data.tfds_name={shapes_dir}', '--config.data.image_size=32', '--config.data.batch_size=8',
+               '--config.data.eval_batch_size=8', '--config.data.eval_split=test', '--config.train.log_every=1',
+               f'--config.train.steps={steps}', '--config.train.checkpoint_every=1000', '--config.train.progress=false',
+               '--config.eval.k=4', *extra]
+  return ['--config', str(ROOT / 'tests' / 'micro_config.py'), '--workdir', str(workdir), *overrides]
+
+
+def test_sigterm_mid_run_leaves_a_restorable_checkpoint(shapes_dir, tmp_path):
+  workdir = tmp_path / 'preempted'
+  process = subprocess.Popen([sys.executable, '-m', 'xmodal.cli', 'train',
+                              *_train_command(workdir, shapes_dir, steps=100000)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+  try:
+    deadline = time.time() + 240
+    metrics = workdir / 'metrics.jsonl'
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 2):
+      time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+  finally:
+    process.kill()
+  assert process.returncode == 0, output
+  steps = [m['step'] for m in _metrics(workdir)]
+  from xmodal.train.checkpoint import Checkpointer
+  with Checkpointer(workdir / 'checkpoints', save_every=1, keep=1) as ckpt:
+    assert ckpt.latest_step() >= max(steps) >= 2
+
+
+def test_two_processes_give_the_losses_of_one(shapes_dir, tmp_path):
+  single = tmp_path / 'single'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', *_train_command(single, shapes_dir, 3)],
+                 check=True, cwd=ROOT, env=env, timeout=600, capture_output=True)
+  double = tmp_path / 'double'
+  env1 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run(['bash', str(ROOT / 'launch' / 'local.sh'), '-n', '2', '-l', str(tmp_path / 'logs'), '--',
+                           *_train_command(double, shapes_dir, 3)], cwd=ROOT, env=env1, timeout=600,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stdout + result.stderr
+  for a, b in zip(_metrics(single), _metrics(double), strict=True):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
