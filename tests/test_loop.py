@@ -119,7 +119,9 @@ def test_two_processes_give_the_losses_of_one(shapes_dir, tmp_path):
   subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', *_train_command(single, shapes_dir, 3)],
                  check=True, cwd=ROOT, env=env, timeout=600, capture_output=True)
   double = tmp_path / 'double'
-  env1 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  # local.sh starts `xmodal` from PATH: the one installed beside this interpreter.
+  env1 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+              PATH=f'{pathlib.Path(sys.executable).parent}:{os.environ["PATH"]}')
   result = subprocess.run(['bash', str(ROOT / 'launch' / 'local.sh'), '-n', '2', '-l', str(tmp_path / 'logs'), '--',
                            *_train_command(double, shapes_dir, 3)], cwd=ROOT, env=env1, timeout=600,
                           capture_output=True, text=True)

@@ -5,6 +5,8 @@
   xmodal bench --config configs/bench_cpu.py [--steps 20]
   xmodal data  build|bench|train-tokenizer ...
   xmodal config --config configs/shapes.py [--config.a.b=v]   (prints the resolved config)
+  xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16]
+  xmodal search --bundle BUNDLE --images FOLDER --query TEXT [--k 10] [--rerank 64] [--out DIR] | bench ...
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
   show = sub.add_parser('config', help='print the resolved config')
   show.add_argument('--config', required=True)
   sub.add_parser('data', help='xmodal data build|bench|train-tokenizer (see `xmodal data --help`)', add_help=False)
+  sub.add_parser('export', help='a checkpoint as an inference bundle (see `xmodal export --help`)', add_help=False)
+  sub.add_parser('search', help='search images with a bundle, or bench it (see `xmodal search --help`)',
+                 add_help=False)
   return parser
 
 
@@ -64,6 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   if argv and argv[0] == 'data':
     from xmodal.data import cli as data_cli
     return data_cli.main(argv[1:]) or 0
+  if argv and argv[0] == 'export':
+    from xmodal import export
+    return export.main(argv[1:])
+  if argv and argv[0] == 'search':  # imports no model or training code: runs from the bundle alone
+    from xmodal import search_cli
+    return search_cli.main(argv[1:])
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   try:
     rest, overrides = _split_overrides(argv)

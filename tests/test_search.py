@@ -1,0 +1,168 @@
+"""Search with an exported bundle: a trained micro model finds a test caption's image, indexes round-trip and grow
+without recomputing, FAISS agrees with exact search, and `xmodal search` prints and draws its results."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GALLERY = 40  # test images searched: top-10 of 40 is a quarter of the gallery, so chance alone rarely passes
+TRAIN_STEPS = 200
+
+
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+  """(tfds data dir, config) of a 32 px shapes build: 512 train images, GALLERY test images."""
+  from xmodal.data import shapes as shapes_lib
+  config = shapes_lib.shapes_config(seed=0, image_size=32, train_size=512, validation_size=16, test_size=GALLERY,
+                                    test_hard_size=16)
+  builder = shapes_lib.XmodalShapes(config=config, data_dir=str(tmp_path_factory.mktemp('tfds')))
+  builder.download_and_prepare()
+  return builder.data_dir, config
+
+
+@pytest.fixture(scope='module')
+def gallery(shapes, tmp_path_factory):
+  """(folder of the test split as PNGs, their captions): made by the same pure function the builder uses."""
+  from xmodal.data import shapes as shapes_lib
+  folder = tmp_path_factory.mktemp('gallery')
+  captions = []
+  for i in range(GALLERY):
+    example = shapes_lib.make_example(shapes[1], 'test', i)
+    (folder / f'test{i:03d}.png').write_bytes(example['image'])
+    captions.append(list(example['captions']))
+  return folder, captions
+
+
+@pytest.fixture(scope='module')
+def bundle(shapes, tmp_path_factory):
+  """A micro model trained TRAIN_STEPS steps at batch 32 (one device, in a subprocess) and exported by the CLI.
+
+  One device: on a 2-core machine the 8 fake devices of the test process would split each step eight ways.
+  """
+  from xmodal import cli
+  workdir = tmp_path_factory.mktemp('run')
+  overrides = [f'--config.data.tfds_name={shapes[0]}', '--config.data.image_size=32', '--config.data.batch_size=32',
+               '--config.data.eval_batch_size=16', '--config.data.eval_split=validation', f'--config.train.steps='
+               f'{TRAIN_STEPS}', '--config.train.checkpoint_every=100000', '--config.train.progress=false',
+               '--config.train.log_every=20', '--config.eval.k=4', '--config.optim.lr=3e-3',
+               '--config.optim.warmup_steps=10']
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', '--config', str(ROOT / 'tests' /
+                                                                                      'micro_config.py'),
+                           '--workdir', str(workdir), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = tmp_path_factory.mktemp('bundle') / 'trained'
+  assert cli.main(['export', '--workdir', str(workdir), '--out', str(out)]) == 0
+  return out
+
+
+@pytest.fixture(scope='module')
+def retriever(bundle):
+  from xmodal.inference import Retriever
+  return Retriever.load(bundle, batch_size=16)
+
+
+def test_xmodal_search_finds_a_test_caption_image_in_the_top_10_and_writes_a_contact_sheet(bundle, gallery, tmp_path,
+                                                                                           capsys):
+  from PIL import Image
+  from xmodal import cli
+  folder, captions = gallery
+  target = 3
+  query = captions[target][0]
+  out = tmp_path / 'sheet'
+  # rerank = k: membership of the top 10 is decided by ITC (what 200 steps teach), ITM orders it.
+  assert cli.main(['search', '--bundle', str(bundle), '--images', str(folder), '--query', query, '--k', '10',
+                   '--rerank', '10', '--out', str(out), '--no-progress']) == 0
+  printed = capsys.readouterr().out
+  ranked = [line.split()[-1] for line in printed.splitlines() if line.split()[:1] and line.split()[0].isdigit()
+            and line.endswith('.png')]
+  assert len(ranked) == 10, printed
+  assert str(folder / f'test{target:03d}.png') in ranked, f'{query!r} → {printed}'
+  page = (out / 'results.html').read_text()
+  assert page.count('<img ') == 10 and 'ITM' in page
+  with Image.open(out / 'results.png') as sheet:
+    assert sheet.size == (5 * 128, 2 * (128 + 28))
+
+
+def test_text_queries_rank_their_images_better_than_chance(retriever, gallery):
+  folder, captions = gallery
+  index = retriever.index(folder, progress=False)
+  hits = retriever.search([c[0] for c in captions], index, k=10, rerank=16)
+  found = [str(folder / f'test{i:03d}.png') in [h.name for h in row] for i, row in enumerate(hits)]
+  # Chance is 10 / GALLERY = 25 %.
+  assert np.mean(found) >= 0.5, np.mean(found)
+
+
+def test_index_round_trips_through_disk(retriever, gallery, tmp_path):
+  from xmodal.inference import Index
+  folder, _ = gallery
+  index = retriever.index(folder, progress=False)
+  index.save(tmp_path / 'idx')
+  loaded = Index.load(tmp_path / 'idx', retriever)
+  assert loaded.names == index.names
+  np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
+  np.testing.assert_array_equal(loaded.tokens, index.tokens)
+  query = 'a red circle'
+  assert loaded.search(query, k=5, rerank=5) == index.search(query, k=5, rerank=5)
+  # Without kept tokens the candidates' tokens are recomputed from their paths: the same ranking.
+  light = retriever.index(folder, progress=False, keep_tokens=False)
+  light.save(tmp_path / 'light')
+  light = Index.load(tmp_path / 'light', retriever)
+  assert light.tokens is None
+  assert [(h.index, round(h.itm, 4)) for h in light.search(query, k=5, rerank=5)] == [
+      (h.index, round(h.itm, 4)) for h in index.search(query, k=5, rerank=5)]
+
+
+def test_add_embeds_only_the_new_images(retriever, gallery, monkeypatch):
+  folder, _ = gallery
+  paths = sorted(str(p) for p in folder.glob('*.png'))
+  encoded = []
+  original = retriever.encode_pixels
+  monkeypatch.setattr(retriever, 'encode_pixels', lambda pixels: (encoded.append(len(pixels)), original(pixels))[1])
+  index = retriever.index(paths[:12], progress=False)
+  before = index.embeddings.copy()
+  index.add(paths[12:17])
+  assert sum(encoded) == 17 and len(index) == 17
+  np.testing.assert_array_equal(index.embeddings[:12], before)
+  full = retriever.index(paths[:17], progress=False)
+  np.testing.assert_allclose(index.embeddings, full.embeddings, rtol=1e-5, atol=1e-6)
+
+
+def test_image_query_ranks_captions(retriever, gallery):
+  folder, captions = gallery
+  texts = [c[0] for c in captions[:20]]
+  hits = retriever.search_captions([str(folder / f'test{i:03d}.png') for i in range(20)], texts, k=10, rerank=10)
+  assert all(len(row) == 10 and row[0].itm is not None for row in hits)
+  assert np.mean([i in [h.index for h in row] for i, row in enumerate(hits)]) >= 0.5
+
+
+def test_faiss_flat_equals_exact_search_and_approximate_recall(retriever, gallery, capsys):
+  faiss = pytest.importorskip('faiss', reason='faiss-cpu is not installed (optional extra "faiss")')
+  del faiss
+  from xmodal.inference import ranking
+  from xmodal.inference.faiss_index import FaissIndex
+  folder, captions = gallery
+  index = retriever.index(folder, progress=False)
+  queries = [c[0] for c in captions]
+  flat = FaissIndex.build(index.embeddings, 'flat')
+  assert retriever.search(queries, index, k=10, rerank=0, ann=flat) == retriever.search(queries, index, k=10,
+                                                                                         rerank=0)
+  # Approximate kinds on a gallery big enough for them to differ from exact search (unit vectors, dim 16).
+  rng = np.random.default_rng(0)
+  gallery_emb = rng.normal(size=(4000, 16)).astype(np.float32)
+  gallery_emb /= np.linalg.norm(gallery_emb, axis=1, keepdims=True)
+  query_emb = gallery_emb[:100] + 0.3 * rng.normal(size=(100, 16)).astype(np.float32)
+  exact = ranking.top_k(query_emb @ gallery_emb.T, 10)
+  recalls = {}
+  for kind in ('hnsw', 'ivf'):
+    _, ids = FaissIndex.build(gallery_emb, kind, nlist=32, nprobe=4).search(query_emb, 10)
+    recalls[kind] = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, exact)])
+  with capsys.disabled():
+    print(f'\nFAISS recall@10 vs exact (4000 x 16): {recalls}')
+  assert recalls['hnsw'] >= 0.8 and recalls['ivf'] >= 0.5

@@ -1,0 +1,20 @@
+"""Inference from an exported bundle: no model code, no training code, no TensorFlow.
+
+  from xmodal.inference import Retriever
+  retriever = Retriever.load('bundle/')            # verifies the manifest's checksums and format version
+  index = retriever.index('photos/')                # or Index.load('photos.index', retriever)
+  for hit in retriever.search('a red circle left of a blue square', index, k=10, rerank=64):
+    print(hit.name, hit.itc, hit.itm)
+
+Modules: `bundle` (layout, safetensors, manifest, verification), `preprocess` (PIL version of the evaluation
+preprocessing), `retriever` (the exported functions, batching, search), `index` (gallery embeddings on disk),
+`ranking` (pure top-k and ITM re-ranking), `faiss_index` (optional FAISS candidates), `contact_sheet` (HTML + PNG of
+results), `bench` (throughput).
+"""
+
+from xmodal.inference.bundle import BundleError
+from xmodal.inference.index import Index
+from xmodal.inference.ranking import Hit
+from xmodal.inference.retriever import Retriever
+
+__all__ = ['BundleError', 'Hit', 'Index', 'Retriever']

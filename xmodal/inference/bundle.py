@@ -1,0 +1,164 @@
+"""The inference bundle on disk: layout, safetensors I/O, manifest, checksums. Writer and reader share this file.
+
+  BUNDLE/
+    manifest.json          format version, xmodal/jax versions, dtype, function signatures, sha256 of every file
+    model_config.json      the `model` config section the bundle was exported from
+    preprocess.json        image_size, mean, std, resize and crop method (see `preprocess.py`)
+    params.safetensors     parameters only, flat names 'vision/.../kernel' (no optimizer state)
+    tokenizer/             the tokenizer files, copied; tokenizer.json names the one to load and max_text_len
+    encode_image.stablehlo jax.export, symbolic batch 'b'; parameters are the first argument (not baked in)
+    encode_text.stablehlo
+    match.stablehlo
+
+Nothing here unpickles or executes Python from a bundle: JSON, raw little-endian arrays in safetensors framing,
+tokenizer files read by the `tokenizers`/`sentencepiece` libraries, and serialized StableHLO that jax deserializes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pathlib
+import struct
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+FORMAT = 'xmodal-inference-bundle'
+FORMAT_VERSION = 1  # bump on any change a version-1 reader cannot read; readers refuse other majors
+MANIFEST = 'manifest.json'
+MODEL_CONFIG = 'model_config.json'
+PREPROCESS = 'preprocess.json'
+PARAMS = 'params.safetensors'
+TOKENIZER_DIR = 'tokenizer'
+TOKENIZER_SPEC = 'tokenizer/tokenizer_spec.json'
+FUNCTIONS = ('encode_image', 'encode_text', 'match')
+
+# safetensors dtype names <-> numpy; bfloat16 comes from ml_dtypes (what jax uses), which safetensors.numpy lacks.
+_DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16),
+           'I32': np.dtype(np.int32), 'I64': np.dtype(np.int64), 'U8': np.dtype(np.uint8)}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class BundleError(ValueError):
+  """A bundle file is missing, corrupted, fails its checksum or comes from an incompatible format version."""
+
+
+def function_file(name: str) -> str:
+  return f'{name}.stablehlo'
+
+
+def sha256_file(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, 'rb') as f:
+    for block in iter(lambda: f.read(1 << 20), b''):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------- safetensors
+def save_safetensors(arrays: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
+  """Writes named arrays in the safetensors format (8-byte header length, JSON header, raw little-endian data)."""
+  header, offset, blobs = {}, 0, []
+  for name in sorted(arrays):
+    array = np.asarray(arrays[name])  # not ascontiguousarray: it turns scalars into (1,)
+    if array.dtype not in _NAMES:
+      raise ValueError(f'{name}: dtype {array.dtype} has no safetensors name here; valid: {sorted(_NAMES.values())}')
+    blob = array.astype(array.dtype.newbyteorder('<'), copy=False).tobytes()
+    header[name] = {'dtype': _NAMES[array.dtype], 'shape': list(array.shape), 'data_offsets': [offset,
+                                                                                              offset + len(blob)]}
+    offset += len(blob)
+    blobs.append(blob)
+  encoded = json.dumps(header, separators=(',', ':')).encode()
+  encoded += b' ' * (-len(encoded) % 8)  # the spec pads the header to 8 bytes so that data stays aligned
+  with open(path, 'wb') as f:
+    f.write(struct.pack('<Q', len(encoded)))
+    f.write(encoded)
+    for blob in blobs:
+      f.write(blob)
+
+
+def load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads a safetensors file into {name: array}; raises BundleError naming the file on any malformed part."""
+  data = path.read_bytes()
+  try:
+    (length,) = struct.unpack('<Q', data[:8])
+    header = json.loads(data[8:8 + length])
+    header.pop('__metadata__', None)
+    body = memoryview(data)[8 + length:]
+    arrays = {}
+    for name, entry in header.items():
+      dtype = _DTYPES[entry['dtype']]
+      begin, end = entry['data_offsets']
+      shape = tuple(entry['shape'])
+      if end > len(body) or end - begin != int(np.prod(shape)) * dtype.itemsize:
+        raise ValueError(f'tensor {name!r} runs past the data or has the wrong size')
+      arrays[name] = np.frombuffer(body[begin:end], dtype.newbyteorder('<')).astype(dtype).reshape(shape)
+  except (struct.error, ValueError, KeyError, TypeError) as e:
+    raise BundleError(f'{path}: not a readable safetensors file ({e})') from e
+  return arrays
+
+
+# ---------------------------------------------------------------------------------------------------- manifest
+def write_manifest(out_dir: pathlib.Path, fields: dict[str, Any]) -> dict[str, Any]:
+  """Writes manifest.json: `fields` plus the format, and the sha256 and size of every other file in out_dir."""
+  files = {}
+  for path in sorted(p for p in out_dir.rglob('*') if p.is_file() and p.name != MANIFEST):
+    files[path.relative_to(out_dir).as_posix()] = {'sha256': sha256_file(path), 'bytes': path.stat().st_size}
+  manifest = {'format': FORMAT, 'format_version': FORMAT_VERSION, **fields, 'files': files}
+  (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + '\n')
+  return manifest
+
+
+def read_json(bundle: pathlib.Path, name: str) -> Any:
+  path = bundle / name
+  if not path.is_file():
+    raise BundleError(f'{path}: missing from the bundle')
+  try:
+    return json.loads(path.read_text())
+  except (ValueError, UnicodeDecodeError) as e:
+    raise BundleError(f'{path}: not valid JSON ({e})') from e
+
+
+def verify(bundle: str | pathlib.Path, checksums: bool = True) -> dict[str, Any]:
+  """Reads manifest.json and checks the format version and every listed file (presence, size, sha256).
+
+  Args:
+    bundle: the bundle directory.
+    checksums: False skips hashing (sizes are still checked), for a bundle already verified.
+
+  Returns:
+    The manifest.
+
+  Raises:
+    BundleError naming the first file that is missing, the wrong size or fails its checksum, or the manifest when
+    its format or version is not one this reader knows.
+  """
+  bundle = pathlib.Path(bundle)
+  if not bundle.is_dir():
+    raise BundleError(f'{bundle}: not a bundle directory')
+  manifest = read_json(bundle, MANIFEST)
+  where = bundle / MANIFEST
+  if not isinstance(manifest, dict) or manifest.get('format') != FORMAT:
+    raise BundleError(f'{where}: not an {FORMAT} manifest')
+  version = manifest.get('format_version')
+  if version != FORMAT_VERSION:
+    raise BundleError(f'{where}: bundle format version {version} is not supported by this reader (version '
+                      f'{FORMAT_VERSION}); re-export it with this xmodal, or load it with the xmodal that wrote it')
+  files = manifest.get('files', {})
+  required = [MODEL_CONFIG, PREPROCESS, PARAMS, TOKENIZER_SPEC, *map(function_file, FUNCTIONS)]
+  for name in required:
+    if name not in files:
+      raise BundleError(f'{bundle / name}: not listed in {MANIFEST}')
+  for name, entry in files.items():
+    path = bundle / name
+    if not path.is_file():
+      raise BundleError(f'{path}: missing from the bundle')
+    if path.stat().st_size != entry['bytes']:
+      raise BundleError(f'{path}: {path.stat().st_size} bytes, the manifest says {entry["bytes"]} (truncated or '
+                        'replaced)')
+    if checksums and sha256_file(path) != entry['sha256']:
+      raise BundleError(f'{path}: sha256 mismatch (the file was modified or corrupted)')
+  return manifest

@@ -1,0 +1,70 @@
+"""Pure ranking: exact ITC top-k and ITM re-ranking of the first candidates (the ALBEF search protocol).
+
+For each query the candidates are the gallery items with the highest ITC similarity; the first `rerank` of them are
+scored by the fusion encoder (ITM logit of "match") and placed first in that order, the rest follow by ITC. numpy
+only, so that it runs wherever a bundle does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+# (query indices (P,), gallery indices (P,)) -> ITM scores (P,) of those pairs.
+PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+  """One result: gallery position, its name (path) and scores; `itm` is None when it was not re-ranked."""
+  index: int
+  name: str
+  itc: float
+  itm: float | None
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+  """(Q, G) scores → (Q, min(k, G)) gallery indices, best first; ties go to the lower index (deterministic)."""
+  scores = np.asarray(scores)
+  k = min(k, scores.shape[1])
+  if k == 0:
+    return np.zeros((scores.shape[0], 0), np.int64)
+  part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(
+      np.arange(scores.shape[1]), (scores.shape[0], 1))
+  picked = np.take_along_axis(scores, part, axis=1)
+  # lexsort's last key is the primary one: score descending, then index ascending.
+  order = np.lexsort((part, -picked), axis=1)
+  return np.take_along_axis(part, order, axis=1)
+
+
+def rank(itc: np.ndarray, candidates: np.ndarray, k: int, rerank: int,
+         scorer: PairScorer | None) -> list[list[tuple[int, float, float | None]]]:
+  """Final ranking of each query's candidates.
+
+  Args:
+    itc: (Q, G) ITC similarities (only the candidates' entries are read).
+    candidates: (Q, C) gallery indices in ITC order, C >= min(k, G).
+    k: results per query.
+    rerank: how many of the first candidates the fusion encoder re-ranks (0 = ITC only).
+    scorer: scores (query, gallery) pairs; needed when rerank > 0.
+
+  Returns:
+    Per query, up to k (gallery index, itc, itm or None) tuples, best first.
+  """
+  num_queries, num_candidates = candidates.shape
+  rerank = min(rerank, num_candidates)
+  itm = np.full((num_queries, rerank), np.nan, np.float32)
+  valid = candidates[:, :rerank] >= 0  # an approximate index marks missing results with -1
+  if rerank > 0 and valid.any():
+    queries = np.repeat(np.arange(num_queries), rerank).reshape(num_queries, rerank)
+    itm[valid] = scorer(queries[valid], candidates[:, :rerank][valid])
+  results = []
+  for q in range(num_queries):
+    head = [(int(g), float(itc[q, g]), float(m)) for g, m in zip(candidates[q, :rerank], itm[q]) if g >= 0]
+    # Stable sort: equal ITM scores keep their ITC order.
+    head.sort(key=lambda h: -h[2])
+    tail = [(int(g), float(itc[q, g]), None) for g in candidates[q, rerank:] if g >= 0]
+    results.append((head + tail)[:k])
+  return results

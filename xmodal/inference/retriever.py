@@ -1,0 +1,232 @@
+"""`Retriever`: a bundle's serialized StableHLO, its weights, tokenizer and preprocessing, and search on top.
+
+  r = Retriever.load('bundle/')
+  index = r.index('photos/', batch_size=64)                 # ITC embeddings (+ image tokens for re-ranking)
+  hits = r.search('a red circle left of a blue square', index, k=10, rerank=64)
+  captions = r.search_captions('photos/cat.png', ['a cat', 'a dog'], k=1)
+
+Imports jax, numpy, PIL and the TF-free tokenizer only: no model code (the programs come from the bundle), no
+training code, no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from xmodal.data.tokenizer import Tokenizer, load_tokenizer
+from xmodal.inference import bundle as bundle_lib
+from xmodal.inference import preprocess as preprocess_lib
+from xmodal.inference import ranking
+from xmodal.inference.index import Gallery, Index, list_images
+from xmodal.inference.ranking import Hit
+
+DEFAULT_BATCH = 32
+
+
+def _bucket(n: int, batch_size: int) -> int:
+  """Padded batch for n rows: the next power of two, at most batch_size, so that few shapes ever compile."""
+  return min(batch_size, 1 << max(n - 1, 0).bit_length())
+
+
+class Retriever:
+  """Runs an exported bundle: towers, ITM, indexing and search. Build with `Retriever.load`."""
+
+  def __init__(self, path: pathlib.Path, manifest: dict[str, Any], functions: dict[str, Any],
+               params: dict[str, jax.Array], tokenizer: Tokenizer, max_text_len: int,
+               preprocess_spec: dict[str, Any], batch_size: int = DEFAULT_BATCH):
+    self.path = path
+    self.manifest = manifest
+    self.tokenizer = tokenizer
+    self.max_text_len = max_text_len
+    self.preprocess_spec = preprocess_spec
+    self.batch_size = batch_size
+    self._functions = functions
+    self._params = params
+    # Ties an index to the weights it was computed with.
+    self.weights_sha256 = manifest['files'][bundle_lib.PARAMS]['sha256']
+
+  @classmethod
+  def load(cls, bundle_dir: str | pathlib.Path, verify: bool = True, batch_size: int = DEFAULT_BATCH) -> Retriever:
+    """Verifies and loads a bundle.
+
+    Args:
+      bundle_dir: the directory `xmodal export` wrote.
+      verify: check every file's sha256 against the manifest (sizes and format version are always checked).
+      batch_size: the largest batch one call runs; bigger inputs are split, smaller ones padded to a power of two.
+
+    Raises:
+      BundleError naming the file that is missing, corrupted, fails its checksum, has an incompatible format
+      version, or was exported for other platforms than this backend.
+    """
+    path = pathlib.Path(bundle_dir)
+    manifest = bundle_lib.verify(path, checksums=verify)
+    preprocess_spec = bundle_lib.read_json(path, bundle_lib.PREPROCESS)
+    tokenizer_spec = bundle_lib.read_json(path, bundle_lib.TOKENIZER_SPEC)
+    tokenizer_file = path / bundle_lib.TOKENIZER_DIR / tokenizer_spec['file']
+    try:
+      tokenizer = load_tokenizer(tokenizer_file)
+    except (OSError, ValueError, RuntimeError) as e:
+      raise bundle_lib.BundleError(f'{tokenizer_file}: cannot load the tokenizer ({e})') from e
+    backend = jax.default_backend()
+    functions = {}
+    for name in bundle_lib.FUNCTIONS:
+      file = path / bundle_lib.function_file(name)
+      try:
+        exported = jax.export.deserialize(bytearray(file.read_bytes()))
+      except Exception as e:  # deserialization raises assorted flatbuffer/MLIR errors
+        raise bundle_lib.BundleError(f'{file}: cannot deserialize the StableHLO ({type(e).__name__}: {e})') from e
+      if backend not in exported.platforms:
+        raise bundle_lib.BundleError(f'{file}: exported for {list(exported.platforms)}, not {backend!r}; re-export '
+                                     f'with --platforms {",".join([*exported.platforms, backend])}')
+      functions[name] = jax.jit(exported.call)
+    params = {k: jax.device_put(v) for k, v in bundle_lib.load_safetensors(path / bundle_lib.PARAMS).items()}
+    return cls(path, manifest, functions, params, tokenizer, int(tokenizer_spec['max_text_len']), preprocess_spec,
+               batch_size)
+
+  # ------------------------------------------------------------------------------------------------ the towers
+  def _run(self, name: str, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Runs an exported function over inputs of any leading size N in padded chunks; outputs (N, ...) numpy."""
+    count = inputs[0].shape[0]
+    if count == 0:
+      raise ValueError(f'{name}: no inputs')
+    outputs = []
+    for start in range(0, count, self.batch_size):
+      chunk = [x[start:start + self.batch_size] for x in inputs]
+      rows = chunk[0].shape[0]
+      pad = _bucket(rows, self.batch_size) - rows
+      if pad:
+        chunk = [np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) for x in chunk]
+      result = self._functions[name](self._params, *chunk)
+      outputs.append((rows, result if isinstance(result, (tuple, list)) else (result,)))
+    # Read back only after every chunk is dispatched, so the host does not wait on each one in turn.
+    return tuple(np.concatenate([np.asarray(result[i])[:rows] for rows, result in outputs])
+                 for i in range(len(outputs[0][1])))
+
+  def preprocess(self, images: Sequence[preprocess_lib.ImageLike]) -> np.ndarray:
+    """Paths or uint8 (H, W, 3) arrays → float32 (B, S, S, 3), as the training pipeline's evaluation prepares them."""
+    return preprocess_lib.preprocess_batch(images, self.preprocess_spec)
+
+  def encode_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed float32 (B, S, S, 3) → (emb (B, E) unit norm, tokens (B, 1+N, Dv)), float32."""
+    tokens, emb = self._run('encode_image', np.asarray(pixels, np.float32))
+    return emb, tokens
+
+  def encode_images(self, images: Sequence[preprocess_lib.ImageLike]) -> tuple[np.ndarray, np.ndarray]:
+    """Paths or uint8 arrays → (emb (B, E), tokens (B, 1+N, Dv)), float32; preprocessed a batch at a time."""
+    embs, tokens = [], []
+    for start in range(0, len(images), self.batch_size):
+      emb, tok = self.encode_pixels(self.preprocess(images[start:start + self.batch_size]))
+      embs.append(emb)
+      tokens.append(tok)
+    if not embs:
+      raise ValueError('encode_images: no images')
+    return np.concatenate(embs), np.concatenate(tokens)
+
+  def tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Texts → (ids, mask), int32 (T, L)."""
+    return self.tokenizer.encode(list(texts), self.max_text_len)
+
+  def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Texts → (emb (T, E) unit norm, tokens (T, L, Dt) float32, mask (T, L) int32)."""
+    if isinstance(texts, str):
+      raise TypeError('encode_texts takes a list of texts, not one string')
+    ids, mask = self.tokenize(texts)
+    tokens, emb = self._run('encode_text', ids, mask)
+    return emb, tokens, mask
+
+  def match_tokens(self, text_tokens: np.ndarray, text_mask: np.ndarray, image_tokens: np.ndarray) -> np.ndarray:
+    """ITM logit of "match" for P pairs: text tokens (P, L, Dt), mask (P, L), image tokens (P, 1+N, Dv) → (P,)."""
+    logits, = self._run('match', np.asarray(text_tokens, np.float32), np.asarray(text_mask, np.int32),
+                        np.asarray(image_tokens, np.float32))
+    return logits[:, 1]
+
+  def match(self, texts: Sequence[str], images: Sequence[preprocess_lib.ImageLike]) -> np.ndarray:
+    """ITM scores (logit of "match") of pairs (texts[i], images[i]); a single text or image is paired with all."""
+    if isinstance(texts, str):
+      texts = [texts]
+    _, text_tokens, mask = self.encode_texts(texts)
+    _, image_tokens = self.encode_images(images)
+    count = max(len(text_tokens), len(image_tokens))
+    if {len(text_tokens), len(image_tokens)} - {1, count}:
+      raise ValueError(f'match: {len(text_tokens)} texts and {len(image_tokens)} images do not pair up')
+    pick = lambda x: np.broadcast_to(x, (count, *x.shape[1:])) if len(x) == 1 else x
+    return self.match_tokens(pick(text_tokens), pick(mask), pick(image_tokens))
+
+  # ------------------------------------------------------------------------------------------ index and search
+  def index(self, gallery: Gallery, batch_size: int | None = None, progress: bool = True,
+            keep_tokens: bool = True) -> Index:
+    """Embeds a gallery (a folder, or a list of paths / uint8 arrays) into an `Index`; see `Index.add`."""
+    index = Index.empty(self, keep_tokens=keep_tokens)
+    return index.add(gallery, batch_size=batch_size, progress=progress)
+
+  def embed_gallery(self, images: Sequence[preprocess_lib.ImageLike], batch_size: int | None = None,
+                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(emb (G, E), tokens (G, 1+N, Dv)) of a gallery, batch by batch with an optional tqdm bar."""
+    batch_size = batch_size or self.batch_size
+    starts = range(0, len(images), batch_size)
+    if progress:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      starts = tqdm(starts, desc='index', unit='batch', dynamic_ncols=True)
+    embs, tokens = [], []
+    for start in starts:
+      emb, tok = self.encode_images(images[start:start + batch_size])
+      embs.append(emb)
+      tokens.append(tok)
+    return np.concatenate(embs), np.concatenate(tokens)
+
+  def search(self, query: str | Sequence[str], index: Index, k: int = 10, rerank: int = 64,
+             ann: Any = None) -> list[Hit] | list[list[Hit]]:
+    """Text → gallery images: top-k by ITC (exact, or from `ann`), the first `rerank` re-ranked by ITM.
+
+    Args:
+      query: one text (→ a list of hits) or several (→ a list of lists).
+      index: the gallery (`Retriever.index` or `Index.load`).
+      k: results per query.
+      rerank: candidates re-scored by the fusion encoder (0 = ITC only). Candidates are the top max(k, rerank).
+      ann: optional candidate generator with `search(query_emb (Q, E), n) -> (scores, ids)`, e.g.
+        `xmodal.inference.faiss_index.FaissIndex`; default exact in-process search.
+    """
+    single = isinstance(query, str)
+    queries = [query] if single else list(query)
+    index.check_compatible(self)
+    text_emb, text_tokens, text_mask = self.encode_texts(queries)
+    count = max(k, rerank)
+    if ann is None:
+      itc = text_emb @ index.embeddings.T
+      candidates = ranking.top_k(itc, count)
+    else:
+      _, candidates = ann.search(text_emb, min(count, len(index)))
+      itc = text_emb @ index.embeddings.T  # the reported scores stay exact cosine similarities
+
+    def scorer(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+      return self.match_tokens(text_tokens[q], text_mask[q], index.image_tokens(g))
+
+    ranked = ranking.rank(itc, candidates, k, rerank, scorer)
+    hits = [[Hit(g, index.names[g], s, m) for g, s, m in row] for row in ranked]
+    return hits[0] if single else hits
+
+  def search_captions(self, image: preprocess_lib.ImageLike | Sequence[preprocess_lib.ImageLike],
+                      captions: Sequence[str], k: int = 10, rerank: int = 0) -> list[Hit] | list[list[Hit]]:
+    """Image → captions: the k best of `captions` by ITC, the first `rerank` re-ranked by ITM.
+
+    One image (a path or an array) gives a list of hits; a list of images a list of lists. Hit.name is the caption.
+    """
+    single = isinstance(image, (str, pathlib.Path, np.ndarray))
+    images = [image] if single else list(image)
+    image_emb, image_tokens = self.encode_images(images)
+    text_emb, text_tokens, text_mask = self.encode_texts(captions)
+    itc = image_emb @ text_emb.T
+    candidates = ranking.top_k(itc, max(k, rerank))
+
+    def scorer(q: np.ndarray, g: np.ndarray) -> np.ndarray:
+      return self.match_tokens(text_tokens[g], text_mask[g], image_tokens[q])
+
+    ranked = ranking.rank(itc, candidates, k, rerank, scorer)
+    hits = [[Hit(g, captions[g], s, m) for g, s, m in row] for row in ranked]
+    return hits[0] if single else hits
+
