@@ -13,7 +13,7 @@ def _parser() -> argparse.ArgumentParser:
   commands = parser.add_subparsers(dest='command', required=True)
 
   build = commands.add_parser('build', help='render and prepare the xmodal_shapes tfds dataset (no download)')
-  build.add_argument('--data_dir', default=None, help='tfds data_dir (default: the tfds default)')
+  build.add_argument('--data-dir', '--data_dir', dest='data_dir', default=None, help='tfds data_dir (default: the tfds default)')
   build.add_argument('--seed', type=int, default=0)
   build.add_argument('--image_size', type=int, default=64)
   build.add_argument('--train_size', type=int, default=20_000)
@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
   tokenizer = commands.add_parser('train-tokenizer', help='train a WordPiece/SentencePiece vocabulary on captions')
   tokenizer.add_argument('--input', required=True, help='text file, one caption per line')
-  tokenizer.add_argument('--vocab_size', type=int, required=True)
-  tokenizer.add_argument('--out_dir', required=True)
+  tokenizer.add_argument('--vocab-size', '--vocab_size', dest='vocab_size', type=int, required=True)
+  tokenizer.add_argument('--out', '--out_dir', dest='out_dir', required=True)
   tokenizer.add_argument('--kind', default='wordpiece', choices=('wordpiece', 'sentencepiece'))
   return parser
 
