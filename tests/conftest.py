@@ -15,3 +15,17 @@ import jax  # noqa: E402
 _CACHE = os.environ.setdefault('XMODAL_TEST_COMPILE_CACHE', tempfile.mkdtemp(prefix='xmodal-jax-cache-'))
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope='session')
+def shapes_dir(tmp_path_factory):
+  """A prepared xmodal_shapes of 64 train / 16 validation / 16 test / 16 test_hard images (its version folder)."""
+  from xmodal.data import shapes
+  data_dir = tmp_path_factory.mktemp('tfds')
+  config = shapes.shapes_config(seed=0, train_size=64, validation_size=16, test_size=16, test_hard_size=16)
+  builder = shapes.XmodalShapes(config=config, data_dir=str(data_dir))
+  builder.download_and_prepare()
+  return builder.data_dir

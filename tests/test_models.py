@@ -149,3 +149,19 @@ def test_temperature_is_kept_in_range(tiny_setup):
   for raw, expected in ((1e-6, 0.001), (3.0, 0.5)):
     changed = dict(params, temperature=jnp.asarray(raw))
     assert float(model.apply({'params': changed}, method=XModal.temperature)) == pytest.approx(expected)
+
+
+def test_models_losses_and_train_step_import_without_tensorflow():
+  import subprocess
+  import sys
+  code = '''
+import sys
+class Block:
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
+      raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+import xmodal.models, xmodal.losses, xmodal.objective, xmodal.train.step, xmodal.train.loop, xmodal.bench
+assert 'tensorflow' not in sys.modules
+'''
+  subprocess.run([sys.executable, '-c', code], check=True, timeout=120)

@@ -49,7 +49,8 @@ def create_state(model: XModal, tx: optax.GradientTransformation, rng: jax.Array
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   if params is None:
     return jax.jit(lambda rng: init(rng, None), out_shardings=shardings)(rng)
-  return jax.jit(init, out_shardings=shardings)(rng, params)
+  params = jax.device_put(params, shardings.params)
+  return jax.jit(lambda params: init(None, params), out_shardings=shardings)(params)
 
 
 def abstract_state(shardings: TrainState, model: XModal, tx: optax.GradientTransformation) -> TrainState:
