@@ -63,6 +63,12 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(shapes_dir, tmp_path, 
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a, params_b)
   assert data_a == data_b
 
+  # `xmodal eval` restores the latest checkpoint from the workdir's saved config and prints the same table.
+  from xmodal import cli
+  assert cli.main(['eval', '--workdir', str(tmp_path / 'straight'), '--split', 'test']) == 0
+  evaluated = json.loads((tmp_path / 'straight' / 'eval_test_4.json').read_text())
+  assert evaluated['itc'] == pytest.approx(results['itc'])
+
 
 def test_nonfinite_loss_stops_the_run_naming_the_step(shapes_dir, tmp_path):
   from xmodal.train import loop

@@ -76,7 +76,8 @@ def _run(config, mesh_shape, steps=2, batch=None):
   tx, schedule = optim.build_optimizer(config.optim, abstract, 10)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
-  step = jax.jit(make_train_step(model, tx, schedule, LossWeights(1.0, 1.0, 0.5),
+  weights = LossWeights(1.0, 1.0, 0.5, chunked=config.loss.chunked)
+  step = jax.jit(make_train_step(model, tx, schedule, weights,
                                  grad_accum=config.train.grad_accum,
                                  skip_nonfinite=config.train.nan_policy == 'skip'),
                  in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
@@ -96,10 +97,12 @@ def single_device_run():
   return _run(micro_config(), (1, 1, 1))
 
 
-@pytest.mark.parametrize('mesh_shape', [(4, 2, 1), (2, 2, 2)])
-def test_sharded_training_matches_one_device(single_device_run, mesh_shape):
+@pytest.mark.parametrize('mesh_shape, chunked', [((4, 2, 1), False), ((2, 2, 2), False), ((4, 2, 1), True)])
+def test_sharded_training_matches_one_device(single_device_run, mesh_shape, chunked):
   losses, params, _ = single_device_run
-  sharded_losses, sharded_params, _ = _run(micro_config(), mesh_shape)
+  config = micro_config()
+  config.loss.chunked = chunked  # the ring form of ITC/sigmoid must train exactly like the plain form
+  sharded_losses, sharded_params, _ = _run(config, mesh_shape)
   np.testing.assert_allclose(sharded_losses, losses, rtol=2e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), sharded_params, params)
 

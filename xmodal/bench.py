@@ -24,18 +24,24 @@ from xmodal.train import optim, state as state_lib
 from xmodal.train.step import make_train_step
 
 
-def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
-  """FLOP/s of a large jitted square matmul on the default device: the machine's practical peak."""
+def matmul_timer(size: int = 2048, dtype=jnp.float32):
+  """A compiled large square matmul; calling the result times one run and returns its FLOP/s."""
   a = jax.random.normal(jax.random.key(0), (size, size), dtype)
   b = jax.random.normal(jax.random.key(1), (size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)
   matmul(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
+
+  def time_one() -> float:
     start = time.perf_counter()
     matmul(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * size ** 3 / statistics.median(times)
+    return 2 * size ** 3 / (time.perf_counter() - start)
+  return time_one
+
+
+def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) -> float:
+  """FLOP/s of a large jitted square matmul on the default device: the machine's practical peak."""
+  time_one = matmul_timer(size, dtype)
+  return statistics.median([time_one() for _ in range(repeats)])
 
 
 def synthetic_batch(spec, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -48,6 +54,13 @@ def synthetic_batch(spec, batch: int, rng: np.random.Generator) -> dict[str, np.
       'text_mask': (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
       'image_ids': np.arange(batch, dtype=np.int64),
   }
+
+
+def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
+  """XLA options for the train step's compile, from `train.compiler_options` ((name, value) pairs, values typed:
+  (('xla_cpu_use_onednn', True),)) when the config has that knob; None otherwise."""
+  pairs = config.train.get('compiler_options', ()) or ()
+  return {str(name): value for name, value in pairs} or None
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
@@ -64,25 +77,33 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
   device_kind = jax.devices()[0].device_kind
   peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
-  peak_source = 'table' if peak else 'measured matmul'
-  if peak is None:
-    peak = measure_matmul_peak()
+  # On a CPU the peak is a matmul timed after every step, so that both see the same load (shared machines).
+  peak_source = 'table' if peak else 'measured matmul, interleaved with the steps'
+  time_matmul = matmul_timer() if peak is None else None
+  peaks = []
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = parallel.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0)), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
-    compiled = jit_step.lower(state, batch, rng).compile()
+    options = compiler_options(config)
+    compiled = jit_step.lower(state, batch, rng).compile(compiler_options=options)
     compile_seconds = time.perf_counter() - start
     state, metrics = compiled(state, batch, rng)
     jax.block_until_ready(metrics)
+    if time_matmul is not None:
+      time_matmul()  # warm, in the same context as the timed calls (a new context may mean a new compile)
     times = []
     for _ in range(steps):
       start = time.perf_counter()
       state, metrics = compiled(state, batch, rng)
       jax.block_until_ready(metrics)
       times.append(time.perf_counter() - start)
+      if time_matmul is not None:
+        peaks.append(time_matmul())
+  if time_matmul is not None:
+    peak = statistics.median(peaks)
   step_time = statistics.median(times)
   step_flops = flops.train_flops(model.spec, batch_size)
   per_device = step_flops / step_time / jax.device_count()
@@ -101,6 +122,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
       'step_s_min': min(times), 'examples_per_s': batch_size / step_time,
       'tflops_per_device': per_device / 1e12, 'peak_tflops_per_device': peak / 1e12, 'peak_source': peak_source,
       'mfu': per_device / peak, 'peak_memory_bytes': memory, 'loss': float(metrics['loss']), 'steps': steps,
+      'compiler_options': options or {},
   }
 
 

@@ -33,6 +33,9 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'itm_weight': 1.0,
       # SigLIP's sigmoid form of ITC, added with this weight (0 = off).
       'sigmoid_weight': 0.0,
+      # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses_chunked.py): same values, memory per device
+      # linear in the local batch. (ITM's hard-negative sampling still forms the (B, B) similarity.)
+      'chunked': False,
   })
   config.mesh = ml_collections.ConfigDict({
       # Sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the devices that are left.

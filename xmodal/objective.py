@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xmodal import losses
+from xmodal import losses, losses_chunked
 from xmodal.models.model import XModal
 
 
@@ -22,10 +22,12 @@ class LossWeights:
   itc: float = 1.0
   itm: float = 1.0
   sigmoid: float = 0.0
+  chunked: bool = False  # ring form of the contrastive losses (xmodal/losses_chunked.py)
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict) -> LossWeights:
-    return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight))
+    return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight),
+               chunked=bool(loss.chunked))
 
 
 def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array,
@@ -38,13 +40,15 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array,
   metrics = {'temperature': temperature}
   total = jnp.zeros((), jnp.float32)
 
-  itc, itc_metrics = losses.contrastive_loss(image_emb, text_emb, temperature, ids)
+  contrastive = losses_chunked.contrastive_loss if weights.chunked else losses.contrastive_loss
+  itc, itc_metrics = contrastive(image_emb, text_emb, temperature, ids)
   metrics.update(itc_metrics)
   total += weights.itc * itc
 
   if weights.sigmoid > 0:
     scale, bias = module.sigmoid_params()
-    sig, sig_metrics = losses.sigmoid_loss(image_emb, text_emb, scale, bias, ids)
+    sigmoid = losses_chunked.sigmoid_loss if weights.chunked else losses.sigmoid_loss
+    sig, sig_metrics = sigmoid(image_emb, text_emb, scale, bias, ids)
     metrics.update(sig_metrics)
     total += weights.sigmoid * sig
 

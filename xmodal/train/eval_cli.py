@@ -36,7 +36,11 @@ def _restore_tuples(node: ml_collections.ConfigDict) -> None:
     if isinstance(value, ml_collections.ConfigDict):
       _restore_tuples(value)
     elif isinstance(value, list):
-      node[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+      node[key] = _as_tuples(value)
+
+
+def _as_tuples(value):
+  return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int | None, mesh):
