@@ -69,6 +69,8 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'compilation_cache_dir': '',  # persistent XLA compilation cache ('' = off)
       'peak_flops_per_device': 0.0,  # for MFU; 0 = from the device table (xmodal/flops.py)
       'progress': True,  # tqdm progress bar on process 0
+      # XLA options for `xmodal bench`'s compile of the step, (name, value) pairs, e.g. (('xla_cpu_use_onednn', True),)
+      'compiler_options': (),
   })
   config.eval = ml_collections.ConfigDict({
       'k': 128,  # ITC candidates re-ranked by ITM per query (ALBEF: 128 Flickr30K, 256 COCO)
