@@ -168,3 +168,16 @@ def test_preemption_guard_second_sigint_still_interrupts():
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_relative_directory_works(tmp_path, monkeypatch):
+  """`xmodal train --workdir runs/x` passes a relative path; orbax's writer needs an absolute one."""
+  import jax.numpy as jnp
+  monkeypatch.chdir(tmp_path)
+  state = {'w': jnp.arange(4.0)}
+  with Checkpointer('relative/checkpoints', save_every=1, keep=1) as ckpt:
+    ckpt.save(1, state, {'position': 3}, force=True)
+    ckpt.wait()
+    restored, data = ckpt.restore(jax.eval_shape(lambda: state))
+  np.testing.assert_array_equal(restored['w'], np.arange(4.0))
+  assert data == {'position': 3}

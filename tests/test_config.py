@@ -29,7 +29,7 @@ def test_data_and_model_shapes_must_agree():
 
 
 def test_unknown_config_argument_lists_the_valid_ones():
-  with pytest.raises(config_lib.ConfigError, match="valid: \\['size'\\]"):
+  with pytest.raises(config_lib.ConfigError, match="'sise'.*valid: \\['size', 'steps'\\]"):
     config_lib.load(SHAPES + ':sise=tiny')
 
 

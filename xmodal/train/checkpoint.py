@@ -67,7 +67,10 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
     # Registering the handlers up front lets `item_metadata` read a step that this process did not write.
     handlers = {_STATE: ocp.StandardCheckpointHandler(), _DATA: ocp.JsonCheckpointHandler()}
-    self._manager = ocp.CheckpointManager(os.fspath(directory), options=options, item_handlers=handlers)
+    directory = os.fspath(directory)
+    if '://' not in directory:
+      directory = os.path.abspath(directory)  # orbax's array writer refuses relative paths (`--workdir runs/x`)
+    self._manager = ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
   @property
   def directory(self) -> str:
