@@ -143,8 +143,6 @@ def test_image_query_ranks_captions(retriever, gallery):
 
 
 def test_faiss_flat_equals_exact_search_and_approximate_recall(retriever, gallery, capsys):
-  faiss = pytest.importorskip('faiss', reason='faiss-cpu is not installed (optional extra "faiss")')
-  del faiss
   from xmodal.inference import ranking
   from xmodal.inference.faiss_index import FaissIndex
   folder, captions = gallery

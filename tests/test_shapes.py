@@ -10,7 +10,7 @@ import re
 import numpy as np
 import pytest
 
-tfds = pytest.importorskip('tensorflow_datasets')
+import tensorflow_datasets as tfds  # noqa: E402
 
 from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
 from xmodal.data import shapes_render

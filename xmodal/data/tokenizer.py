@@ -9,6 +9,7 @@ inference server can tokenize queries without it. `tok.files` lists what was loa
 
 from __future__ import annotations
 
+import abc
 import os
 import pathlib
 from typing import Sequence
@@ -23,7 +24,7 @@ SHAPES_VOCAB = pathlib.Path(__file__).parent / 'assets' / 'shapes_vocab.txt'
 KINDS = ('wordpiece', 'sentencepiece')
 
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
   """Turns texts into fixed-length id and mask arrays; subclasses only split a text into vocabulary ids."""
 
   def __init__(self, files: list[str], vocab_size: int, pad_id: int, cls_id: int, sep_id: int, unk_id: int):
@@ -31,9 +32,9 @@ class Tokenizer:
     self.vocab_size = vocab_size
     self.pad_id, self.cls_id, self.sep_id, self.unk_id = pad_id, cls_id, sep_id, unk_id
 
+  @abc.abstractmethod
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     """Vocabulary ids of each text, without special tokens."""
-    raise NotImplementedError
 
   def encode(self, texts: Sequence[str], max_len: int) -> tuple[np.ndarray, np.ndarray]:
     """`[CLS] tokens [SEP]`, truncated to max_len (keeping [SEP] last) and right-padded with pad_id.
