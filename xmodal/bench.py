@@ -18,9 +18,8 @@ import ml_collections
 import numpy as np
 
 from xmodal import flops, parallel
-from xmodal.models import build
 from xmodal.objective import LossWeights
-from xmodal.train import optim, state as state_lib
+from xmodal.train import state as state_lib
 from xmodal.train.step import make_train_step
 
 
@@ -66,11 +65,9 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
 def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   mesh = parallel.make_mesh(config.mesh.shape)
   rules = [tuple(r) for r in config.mesh.rules]
-  model = build(config.model)
+  built = state_lib.setup(config, mesh, max(steps, 2))
+  model, tx, lr_schedule, shardings = built.model, built.tx, built.lr_schedule, built.shardings
   batch_size = config.data.batch_size
-  abstract = nn.unbox(state_lib.abstract_params(model))
-  tx, lr_schedule = optim.build_optimizer(config.optim, abstract, max(steps, 2))
-  shardings = state_lib.state_shardings(model, tx, mesh, rules)
   step_fn = make_train_step(model, tx, lr_schedule, LossWeights.from_config(config.loss),
                             grad_accum=config.train.grad_accum)
   jit_step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
@@ -117,7 +114,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
       memory = int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
   return {
       'device': device_kind, 'devices': jax.device_count(), 'batch': batch_size,
-      'params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(abstract))),
+      'params': built.num_params,
       'flops_per_step': step_flops, 'compile_s': round(compile_seconds, 2), 'step_s': step_time,
       'step_s_min': min(times), 'examples_per_s': batch_size / step_time,
       'tflops_per_device': per_device / 1e12, 'peak_tflops_per_device': peak / 1e12, 'peak_source': peak_source,

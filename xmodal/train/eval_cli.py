@@ -11,8 +11,7 @@ import jax
 import ml_collections
 
 from xmodal import config as config_lib, distributed, parallel
-from xmodal.models import build
-from xmodal.train import evaluation, optim, state as state_lib
+from xmodal.train import evaluation, state as state_lib
 from xmodal.train.checkpoint import Checkpointer
 
 
@@ -45,11 +44,10 @@ def _as_tuples(value):
 
 def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int | None, mesh):
   """(model, train state, data iterator state) of a checkpoint, restored onto `mesh`."""
-  model = build(config.model)
-  tx, _ = optim.build_optimizer(config.optim, nn.unbox(state_lib.abstract_params(model)), config.train.steps)
-  shardings = state_lib.state_shardings(model, tx, mesh, [tuple(r) for r in config.mesh.rules])
+  built = state_lib.setup(config, mesh, config.train.steps)
+  model = built.model
   with Checkpointer(workdir / 'checkpoints', save_every=1, keep=1_000_000) as checkpointer:
-    state, data_state = checkpointer.restore(state_lib.abstract_state(shardings, model, tx), step=step)
+    state, data_state = checkpointer.restore(state_lib.abstract_state(built.shardings, model, built.tx), step=step)
   return model, state, data_state
 
 

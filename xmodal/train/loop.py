@@ -19,9 +19,8 @@ import ml_collections
 import numpy as np
 
 from xmodal import distributed, flops, parallel
-from xmodal.models import build
 from xmodal.objective import LossWeights
-from xmodal.train import evaluation, optim, state as state_lib
+from xmodal.train import evaluation, state as state_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
 from xmodal.train.metrics import MetricWriter
 from xmodal.train.step import make_train_step
@@ -64,11 +63,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   log.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
 
   # -------------------------------------------------------------------------------------- model and optimizer
-  model = build(config.model)
-  abstract = nn.unbox(state_lib.abstract_params(model))
-  tx, lr_schedule = optim.build_optimizer(config.optim, abstract, total_steps)
-  shardings = state_lib.state_shardings(model, tx, mesh, rules)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract))
+  built = state_lib.setup(config, mesh, total_steps)
+  model, tx, lr_schedule, shardings = built.model, built.tx, built.lr_schedule, built.shardings
 
   # ------------------------------------------------------------------------ state: restored, or born sharded
   from xmodal.data import pipeline  # TensorFlow stays out of the module import of the training code
@@ -102,7 +98,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
-  log.info('%.2fM parameters, %.3f TFLOP per step', num_params / 1e6, step_flops / 1e12)
+  log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
 
   def report(step: int, metrics: dict, seconds: float) -> None:
     """Fetches a step's metrics (already computed: the next step is in flight) and writes them."""

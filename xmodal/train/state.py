@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
 from xmodal import parallel
-from xmodal.models import XModal, dummy_inputs
+from xmodal.models import XModal, build, dummy_inputs
+from xmodal.train import optim
 
 
 @flax.struct.dataclass
@@ -27,9 +31,12 @@ def abstract_params(model: XModal):
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
 
 
-def state_shardings(model: XModal, tx: optax.GradientTransformation, mesh: Mesh, rules) -> TrainState:
-  """NamedShardings of every leaf of the TrainState: parameters and their optimizer moments alike."""
-  boxed = abstract_params(model)
+def state_shardings(model: XModal, tx: optax.GradientTransformation, mesh: Mesh, rules, boxed=None) -> TrainState:
+  """NamedShardings of every leaf of the TrainState: parameters and their optimizer moments alike.
+
+  `boxed`: the model's `abstract_params`, when the caller has them already (tracing init is not free).
+  """
+  boxed = abstract_params(model) if boxed is None else boxed
   param_shardings = parallel.logical_shardings(boxed, mesh, rules)
   opt_shapes = jax.eval_shape(tx.init, nn.unbox(boxed))
   opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
@@ -55,7 +62,28 @@ def create_state(model: XModal, tx: optax.GradientTransformation, rng: jax.Array
 
 def abstract_state(shardings: TrainState, model: XModal, tx: optax.GradientTransformation) -> TrainState:
   """ShapeDtypeStructs carrying the target shardings: what a checkpoint restores onto."""
-  shapes = jax.eval_shape(lambda: TrainState(step=jnp.zeros((), jnp.int32),
-                                             params=nn.unbox(abstract_params(model)),
-                                             opt_state=tx.init(nn.unbox(abstract_params(model)))))
+  params = nn.unbox(abstract_params(model))
+  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                      opt_state=jax.eval_shape(tx.init, params))
   return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """What training, benchmarking and evaluation build alike from a config: model, optimizer, state shardings."""
+  model: XModal
+  tx: optax.GradientTransformation
+  lr_schedule: optax.Schedule
+  shardings: TrainState
+  num_params: int
+
+
+def setup(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Setup:
+  """Builds the model and optimizer of `config` and the shardings of their state on `mesh` (init traced once)."""
+  model = build(config.model)
+  boxed = abstract_params(model)
+  params = nn.unbox(boxed)
+  tx, lr_schedule = optim.build_optimizer(config.optim, params, total_steps)
+  shardings = state_shardings(model, tx, mesh, [tuple(r) for r in config.mesh.rules], boxed=boxed)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  return Setup(model, tx, lr_schedule, shardings, num_params)
