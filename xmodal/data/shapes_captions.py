@@ -19,7 +19,7 @@ import itertools
 
 import numpy as np
 
-from xmodal.data.shapes_render import COLORS, INVERSE, RELATIONS, SHAPES, SIZES, Obj, Scene, relation_holds
+from xmodal.data.shapes_render import COLORS, INVERSE, Obj, Scene, relation_holds
 
 # Synonyms; the first is the canonical name used in the metadata.
 COLOR_WORDS: dict[str, tuple[str, ...]] = {c: (c,) for c in COLORS} | {'gray': ('gray', 'grey')}

@@ -22,7 +22,7 @@ from xmodal.data.tokenizer import Tokenizer, load_tokenizer
 from xmodal.inference import bundle as bundle_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.inference import ranking
-from xmodal.inference.index import Gallery, Index, list_images
+from xmodal.inference.index import Gallery, Index
 from xmodal.inference.ranking import Hit
 
 DEFAULT_BATCH = 32
