@@ -19,12 +19,12 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-import struct
 from collections.abc import Mapping
 from typing import Any
 
-import ml_dtypes
 import numpy as np
+
+from xmodal import safetensors_io
 
 FORMAT = 'xmodal-inference-bundle'
 FORMAT_VERSION = 1  # bump on any change a version-1 reader cannot read; readers refuse other majors
@@ -35,12 +35,6 @@ PARAMS = 'params.safetensors'
 TOKENIZER_DIR = 'tokenizer'
 TOKENIZER_SPEC = 'tokenizer/tokenizer_spec.json'
 FUNCTIONS = ('encode_image', 'encode_text', 'match')
-
-# safetensors dtype names <-> numpy; bfloat16 comes from ml_dtypes (what jax uses), which safetensors.numpy lacks.
-_DTYPES = {'F32': np.dtype(np.float32), 'F16': np.dtype(np.float16), 'BF16': np.dtype(ml_dtypes.bfloat16),
-           'I32': np.dtype(np.int32), 'I64': np.dtype(np.int64), 'U8': np.dtype(np.uint8)}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
 
 class BundleError(ValueError):
   """A bundle file is missing, corrupted, fails its checksum or comes from an incompatible format version."""
@@ -60,45 +54,16 @@ def sha256_file(path: pathlib.Path) -> str:
 
 # ------------------------------------------------------------------------------------------------- safetensors
 def save_safetensors(arrays: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
-  """Writes named arrays in the safetensors format (8-byte header length, JSON header, raw little-endian data)."""
-  header, offset, blobs = {}, 0, []
-  for name in sorted(arrays):
-    array = np.asarray(arrays[name])  # not ascontiguousarray: it turns scalars into (1,)
-    if array.dtype not in _NAMES:
-      raise ValueError(f'{name}: dtype {array.dtype} has no safetensors name here; valid: {sorted(_NAMES.values())}')
-    blob = array.astype(array.dtype.newbyteorder('<'), copy=False).tobytes()
-    header[name] = {'dtype': _NAMES[array.dtype], 'shape': list(array.shape), 'data_offsets': [offset,
-                                                                                              offset + len(blob)]}
-    offset += len(blob)
-    blobs.append(blob)
-  encoded = json.dumps(header, separators=(',', ':')).encode()
-  encoded += b' ' * (-len(encoded) % 8)  # the spec pads the header to 8 bytes so that data stays aligned
-  with open(path, 'wb') as f:
-    f.write(struct.pack('<Q', len(encoded)))
-    f.write(encoded)
-    for blob in blobs:
-      f.write(blob)
+  """Writes the parameters file (see xmodal/safetensors_io.py)."""
+  safetensors_io.save_safetensors(arrays, path)
 
 
 def load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads a safetensors file into {name: array}; raises BundleError naming the file on any malformed part."""
-  data = path.read_bytes()
+  """Reads the parameters file; raises BundleError naming the file on any malformed part."""
   try:
-    (length,) = struct.unpack('<Q', data[:8])
-    header = json.loads(data[8:8 + length])
-    header.pop('__metadata__', None)
-    body = memoryview(data)[8 + length:]
-    arrays = {}
-    for name, entry in header.items():
-      dtype = _DTYPES[entry['dtype']]
-      begin, end = entry['data_offsets']
-      shape = tuple(entry['shape'])
-      if end > len(body) or end - begin != int(np.prod(shape)) * dtype.itemsize:
-        raise ValueError(f'tensor {name!r} runs past the data or has the wrong size')
-      arrays[name] = np.frombuffer(body[begin:end], dtype.newbyteorder('<')).astype(dtype).reshape(shape)
-  except (struct.error, ValueError, KeyError, TypeError) as e:
-    raise BundleError(f'{path}: not a readable safetensors file ({e})') from e
-  return arrays
+    return safetensors_io.load_safetensors(path)
+  except ValueError as e:
+    raise BundleError(str(e)) from e
 
 
 # ---------------------------------------------------------------------------------------------------- manifest

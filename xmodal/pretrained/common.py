@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
-import struct
 from collections.abc import Iterable
 
 import numpy as np
 import safetensors.numpy
 
+from xmodal import safetensors_io
 from xmodal.models.model import ModelSpec
 
 # Weight files in the order they are preferred: safetensors cannot run code on load; a pickle can.
@@ -76,24 +76,7 @@ def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(str(file))
   except TypeError:
     # numpy has no bfloat16, so the numpy API refuses bfloat16 files; read the (simple) format directly instead.
-    return _read_safetensors_raw(file)
-
-
-def _read_safetensors_raw(file: pathlib.Path) -> dict[str, np.ndarray]:
-  """The safetensors format: 8-byte little-endian header size, JSON header, then raw little-endian buffers."""
-  import ml_dtypes  # A jax dependency; only needed for bfloat16.
-  dtypes = {'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16, 'I64': np.int64,
-            'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}
-  data = file.read_bytes()
-  (size,) = struct.unpack('<Q', data[:8])
-  header = json.loads(data[8:8 + size])
-  header.pop('__metadata__', None)
-  body = memoryview(data)[8 + size:]
-  out = {}
-  for name, info in header.items():
-    start, end = info['data_offsets']
-    out[name] = np.frombuffer(body[start:end], dtype=dtypes[info['dtype']]).reshape(info['shape']).copy()
-  return out
+    return safetensors_io.load_safetensors(file)
 
 
 def _read_torch_pickle(file: pathlib.Path) -> dict[str, np.ndarray]:
