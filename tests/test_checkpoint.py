@@ -162,12 +162,14 @@ def test_preemption_guard_turns_sigterm_into_a_flag_and_restores_the_handler():
 
 
 def test_preemption_guard_second_sigint_still_interrupts():
+  # The handler before the guard: Python's default, or SIG_IGN in a pytest-xdist worker.
+  previous = signal.getsignal(signal.SIGINT)
   with PreemptionGuard(signals=(signal.SIGINT,)) as guard:
     os.kill(os.getpid(), signal.SIGINT)
     assert guard.requested
     with pytest.raises(KeyboardInterrupt):
       os.kill(os.getpid(), signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is previous
 
 
 def test_a_relative_directory_works(tmp_path, monkeypatch):
