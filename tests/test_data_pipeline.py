@@ -72,6 +72,31 @@ def test_random_crops_depend_only_on_the_key():
   assert len(shapes) > 1
 
 
+def test_chosen_captions_are_usable_uniform_and_depend_only_on_their_own_key():
+  rows = [['a', '', ' b ', 'c'], ['  ', ''], ['only'], []]
+  texts = tf.ragged.constant(rows)
+  draws = 3000
+  counts = [{} for _ in rows]
+  for i in range(draws // 100):
+    # 100 keys per call: rows repeated, each copy with its own key.
+    keys = tf.constant([[5, 4 * (i * 100 + j)] for j in range(100) for _ in rows], tf.int64)
+    chosen = preprocess.choose_captions(tf.concat([texts] * 100, 0), keys).numpy()
+    for j, caption in enumerate(chosen):
+      counts[j % len(rows)][caption] = counts[j % len(rows)].get(caption, 0) + 1
+  # Plain reference: a row's choice is one of its non-blank captions, each equally likely; '' if it has none.
+  assert set(counts[0]) == {b'a', b' b ', b'c'}
+  for n in counts[0].values():
+    assert abs(n - draws / 3) < 5 * np.sqrt(draws * (1 / 3) * (2 / 3))
+  assert counts[1] == {b'': draws} and counts[2] == {b'only': draws} and counts[3] == {b'': draws}
+  # A row's choice does not depend on which rows share the call, nor on its place among them.
+  for seed in range(20):
+    key = tf.constant([[seed, 8]], tf.int64)
+    alone = preprocess.choose_captions(texts[:1], key).numpy()[0]
+    others = tf.constant([[1, 2], [3, 4], [6, 7]], tf.int64)
+    together = preprocess.choose_captions(tf.concat([texts[1:], texts[:1]], 0), tf.concat([others, key], 0))
+    assert together.numpy()[3] == alone
+
+
 # ---------------------------------------------------------------------------------------------------- determinism
 
 

@@ -1,6 +1,7 @@
 """Each real source read end to end on tiny files written here; bad input skipped and counted exactly."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -183,3 +184,35 @@ def test_missing_paths_are_errors_naming_them(tmp_path):
   with pytest.raises(FileNotFoundError, match='img1.png'):
     pipeline.eval_iterator(small_config(source='folder', folder=str(tmp_path / 'images'), eval_captions=path),
                            tokenizer=TOKENIZER, process_index=0, process_count=1)
+
+
+def test_a_reader_failing_on_every_record_is_an_error_not_an_endless_skip(tmp_path, monkeypatch):
+  # Only undecodable images are skipped: an error of the reader itself must reach the caller.
+  def fail(meta):
+    with tf.control_dependencies([tf.debugging.assert_less(meta['index'], tf.constant(-1, tf.int64),
+                                                           message='reader broke')]):
+      return {**{k: tf.identity(v) for k, v in meta.items()}, 'encoded': tf.constant(image_bytes(0)),
+              'texts': tf.constant(['a caption']), 'image_id': meta['index'],
+              'status': tf.constant(sources.STATUS_OK)}
+
+  def failing_read(indices):
+    return indices.unbatch().map(fail)
+
+  monkeypatch.setattr(pipeline, 'build_source',
+                      lambda *args, **kwargs: sources.IndexedSource(size=10, read=failing_read))
+  config = small_config(source='folder', folder=str(tmp_path), train_captions='unused.csv')
+  iterator = pipeline.train_iterator(config, tokenizer=TOKENIZER, process_index=0, process_count=1)
+  outcome = []
+  worker = threading.Thread(target=lambda: outcome.append(_raised(lambda: next(iterator))), daemon=True)
+  worker.start()
+  worker.join(timeout=120)
+  assert outcome, 'the pipeline kept skipping a reader error instead of raising it'
+  assert isinstance(outcome[0], tf.errors.InvalidArgumentError) and 'reader broke' in str(outcome[0])
+
+
+def _raised(fn):
+  try:
+    fn()
+  except Exception as e:  # noqa: BLE001  (any error ends the wait; the test inspects it)
+    return e
+  return None

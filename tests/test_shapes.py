@@ -149,8 +149,10 @@ def test_captions_describe_their_image(builder):
 def test_pixels_show_the_objects_and_nothing_else(builder):
   for record in _records(builder, 'train'):
     image, objects = record['image'], _objects(record)
-    for o in objects:  # every shape covers its centre pixel in its flat colour
-      assert tuple(image[int(o['y']), int(o['x'])]) == shapes_render.PALETTE[o['color']]
+    for o in objects:  # every shape covers its centre pixel in its flat colour (up to JPEG's loss)
+      centre = image[int(o['y']), int(o['x'])].astype(int)
+      nearest = min(shapes_render.PALETTE, key=lambda c: np.abs(centre - shapes_render.PALETTE[c]).sum())
+      assert nearest == o['color'] and np.abs(centre - shapes_render.PALETTE[o['color']]).max() <= 24, (centre, o)
     # Any bright pixel belongs to some object's disc: the background stays dark, nothing undescribed is drawn.
     ys, xs = np.nonzero(image.max(-1) > 100)
     near = np.zeros(len(xs), bool)

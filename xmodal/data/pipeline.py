@@ -27,8 +27,9 @@ Augmentation keys are (seed, epoch, index) for indexed sources and (seed, epoch,
 crops and caption choices match too. Each process has its own state (its position differs with skipped records):
 save one per process.
 
-Bad input: undecodable images (dropped by `ignore_errors` after the decode map), records without a usable caption
-and truncated records are skipped; `skipped` counts them exactly, up to the last example yielded.
+Bad input: records without a usable caption and truncated records are dropped per chunk of READ_BATCH records, before
+decoding; undecodable images are dropped by an `ignore_errors` that covers decoding alone (`_decoded`), so a failing
+reader still raises. `skipped` counts each reason exactly, up to the last example yielded.
 """
 
 from __future__ import annotations
@@ -179,33 +180,60 @@ def _stream_order(source, seed: int, window: int, start_epoch: int, start_q: int
 # ---------------------------------------------------------------------------------------------------- examples
 
 
-def _status(record: dict) -> tf.Tensor:
-  usable = tf.reduce_any(preprocess.usable_captions(record['texts']))
-  return tf.where(record['status'] != sources.STATUS_OK, record['status'],
-                  tf.where(usable, sources.STATUS_OK, STATUS_EMPTY))
+def _checked_chunks(records: tf.data.Dataset, initial_counts: tuple[int, int], captions) -> tf.data.Dataset:
+  """Records → chunks of READ_BATCH with statuses and captions, skip counts, and only the usable records left.
+
+  Per chunk, vectorised: each record's status, `captions(texts (k, None) ragged, chunk)` (a dict of caption fields),
+  and running counts of truncated records and records without a usable caption, which are dropped here, before
+  anything is decoded. A tf.data element costs tens of microseconds of scheduling whatever it does, so these steps as
+  per-example maps cost more than decoding a small image. STATUS_END markers pass through.
+  """
+  def check(chunk: dict) -> dict:
+    texts = chunk.pop('texts')
+    if not isinstance(texts, tf.RaggedTensor):  # ragged_batch keeps a dimension of static size dense
+      texts = tf.RaggedTensor.from_tensor(texts)
+    usable = tf.reduce_any(tf.ragged.map_flat_values(preprocess.usable_captions, texts), axis=1)
+    status = tf.where(chunk['status'] != sources.STATUS_OK, chunk['status'],
+                      tf.where(usable, sources.STATUS_OK, STATUS_EMPTY))
+    return {**chunk, 'status': status, **captions(texts, chunk)}
+
+  def count(totals: tf.Tensor, chunk: dict):
+    # Running (truncated, empty) counts up to and including each record, carried from chunk to chunk.
+    per_record = tf.stack([chunk['status'] == sources.STATUS_TRUNCATED, chunk['status'] == STATUS_EMPTY], axis=1)
+    counts = totals + tf.cumsum(tf.cast(per_record, tf.int64), axis=0)
+    return counts[-1], {**chunk, 'counts': counts}
+
+  def usable_only(chunk: dict) -> dict:
+    keep = (chunk['status'] == sources.STATUS_OK) | (chunk['status'] == STATUS_END)
+    return {k: tf.boolean_mask(v, keep) for k, v in chunk.items()}
+
+  chunks = records.ragged_batch(READ_BATCH).map(check)
+  return chunks.scan(tf.constant(initial_counts, tf.int64), count).map(usable_only)
 
 
-def _train_example(config: ml_collections.ConfigDict, record: dict) -> dict:
-  """A record → {'image' (H, W, 3) float32, 'text' (), 'image_id', 'status', bookkeeping}; raises on bad bytes."""
-  size = config.image_size
-  status = _status(record)
-  image = tf.cond(
-      status == sources.STATUS_OK,
-      lambda: preprocess.train_image(record['encoded'], record['key'], size=size, scale=config.crop_scale,
-                                     ratio=config.crop_ratio, mean=None, std=None, hflip=config.hflip),
-      lambda: tf.zeros([size, size, 3], tf.float32))  # Skipped below; never decoded.
-  return {'image': image, 'text': preprocess.choose_caption(record['texts'], record['key']),
-          'image_id': record['image_id'], 'status': status, 'epoch': record['epoch'], 'q': record['q'],
-          'rel': record['rel']}
+def _decoded(chunks: tf.data.Dataset, decode, threads: int) -> tf.data.Dataset:
+  """The chunks' examples one by one through `decode`; those whose image fails to decode are dropped.
+
+  Dropped examples count as records read but not yielded. `ignore_errors` sits on each chunk's own dataset so that
+  it hides decoding errors only: over the whole pipeline it would also swallow the reader's errors, and a source
+  failing on every record would loop forever.
+  """
+  return chunks.interleave(lambda chunk: tf.data.Dataset.from_tensor_slices(chunk).map(decode).ignore_errors(),
+                           cycle_length=threads, block_length=READ_BATCH, num_parallel_calls=threads,
+                           deterministic=True)
 
 
-def _count_skips(initial: tuple[int, int]):
-  """A scan step accumulating (truncated, empty caption) counts over every record that decoded."""
-  def step(counts: tf.Tensor, example: dict):
-    counts = counts + tf.stack([tf.cast(example['status'] == sources.STATUS_TRUNCATED, tf.int64),
-                                tf.cast(example['status'] == STATUS_EMPTY, tf.int64)])
-    return counts, {**example, 'counts': counts}
-  return tf.constant(initial, tf.int64), step
+def _train_example(config: ml_collections.ConfigDict, example: dict) -> dict:
+  """A usable example → its normalised (H, W, 3) float32 random crop; raises on bad image bytes.
+
+  The only per-example work: images differ in size and a bad one must cost only itself. Normalising here, on a
+  small image, is cheaper than on a whole batch (which does not stay in cache).
+  """
+  image = preprocess.train_image(example.pop('encoded'), example.pop('key'), size=config.image_size,
+                                 scale=config.crop_scale, ratio=config.crop_ratio, mean=config.mean, std=config.std,
+                                 hflip=config.hflip)
+  example.pop('status')
+  return {**example, 'image': image}
 
 
 def _tokenize_fn(tokenizer, max_len: int):
@@ -296,17 +324,15 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
     ds = _indexed_order(source, config.seed, state['position'], config.batch_size, process_index, process_count)
   else:
     ds = _stream_order(source, config.seed, config.shuffle_buffer, state['epoch'], state['position'])
-  ds = ds.map(lambda r: _train_example(config, r), num_parallel_calls=_threads(config), deterministic=True)
-  ds = ds.ignore_errors()  # Undecodable images; counted as records read but not yielded.
-  ds = ds.scan(*_count_skips((state['skipped']['truncated'], state['skipped']['empty_caption'])))
-  ds = ds.filter(lambda e: e['status'] == sources.STATUS_OK)
+  choose = lambda texts, chunk: {'text': preprocess.choose_captions(texts, chunk['key'])}
+  ds = _checked_chunks(ds, (state['skipped']['truncated'], state['skipped']['empty_caption']), choose)
+  ds = _decoded(ds, lambda e: _train_example(config, e), _threads(config))
   ds = ds.batch(batch, drop_remainder=True)
   tokenize = _tokenize_fn(tokenizer, config.max_text_len)
 
   def finish(b: dict) -> dict:
     ids, mask = tokenize(b['text'])
-    images = preprocess.normalize(b['image'], config.mean, config.std)  # one op per batch, not per example
-    return {'images': images, 'text_ids': ids, 'text_mask': mask, 'image_ids': b['image_id'],
+    return {'images': b['image'], 'text_ids': ids, 'text_mask': mask, 'image_ids': b['image_id'],
             'epoch': b['epoch'], 'q': b['q'], 'rel': b['rel'], 'counts': b['counts']}
 
   ds = ds.map(finish, num_parallel_calls=2, deterministic=True)
@@ -331,15 +357,23 @@ def train_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, state: 
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
-def _eval_example(config: ml_collections.ConfigDict, record: dict) -> dict:
+def _eval_example(config: ml_collections.ConfigDict, example: dict) -> dict:
+  """A usable example (or the end marker) → its normalised centre crop; raises on bad image bytes."""
   size = config.image_size
-  status = tf.where(record['status'] == STATUS_END, STATUS_END, _status(record))
-  image = tf.cond(status == sources.STATUS_OK,
-                  lambda: preprocess.eval_image(record['encoded'], size=size, mean=config.mean, std=config.std),
+  image = tf.cond(example['status'] == sources.STATUS_OK,
+                  lambda: preprocess.eval_image(example['encoded'], size=size, mean=config.mean, std=config.std),
                   lambda: tf.zeros([size, size, 3], tf.float32))
-  texts = preprocess.pad_captions(record['texts'], config.max_captions)
-  return {'images': image, 'texts': texts, 'text_valid': preprocess.usable_captions(texts),
-          'image_ids': record['image_id'], 'status': status, 'rel': record['rel']}
+  return {'images': image, 'texts': example['texts'], 'text_valid': example['text_valid'],
+          'image_ids': example['image_id'], 'status': example['status'], 'rel': example['rel'],
+          'counts': example['counts']}
+
+
+def _padded_captions(count: int):
+  def pad(texts: tf.RaggedTensor, chunk: dict) -> dict:
+    del chunk
+    padded = texts[:, :count].to_tensor(default_value='', shape=[None, count])
+    return {'texts': padded, 'text_valid': preprocess.usable_captions(padded)}
+  return pad
 
 
 class EvalIterator(Iterator[dict]):
@@ -421,10 +455,8 @@ def eval_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, process_
          'status': tf.constant(STATUS_END)}
   ds = ds.map(lambda r: {k: r[k] for k in end}).concatenate(tf.data.Dataset.from_tensors(end))
   ds = ds.enumerate().map(lambda rel, r: {**r, 'rel': rel})
-  ds = ds.map(lambda r: _eval_example(config, r), num_parallel_calls=_threads(config), deterministic=True)
-  ds = ds.ignore_errors()
-  ds = ds.scan(*_count_skips((0, 0)))
-  ds = ds.filter(lambda e: tf.logical_or(e['status'] == sources.STATUS_OK, e['status'] == STATUS_END))
+  ds = _checked_chunks(ds, (0, 0), _padded_captions(config.max_captions))
+  ds = _decoded(ds, lambda e: _eval_example(config, e), _threads(config))
   ds = ds.batch(batch)
   tokenize = _tokenize_fn(tokenizer or load_tokenizer(config), config.max_text_len)
 

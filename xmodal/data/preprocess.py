@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -124,17 +125,25 @@ def usable_captions(texts: tf.Tensor) -> tf.Tensor:
   return tf.strings.length(tf.strings.strip(texts)) > 0
 
 
-def choose_caption(texts: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
-  """One usable caption of (C,) chosen uniformly with `key`; '' when there is none."""
-  usable = tf.boolean_mask(texts, usable_captions(texts))
-  count = tf.shape(usable)[0]
-  pick = tf.random.stateless_uniform([], subkey(key, 2), minval=0, maxval=tf.maximum(count, 1), dtype=tf.int32)
-  return tf.cond(count > 0, lambda: usable[pick], lambda: tf.constant(''))
+def choose_captions(texts: tf.RaggedTensor, keys: tf.Tensor) -> tf.Tensor:
+  """One usable caption per row of (N, None) `texts`, chosen by the row's (N, 2) key; '' where a row has none.
 
-
-def pad_captions(texts: tf.Tensor, count: int) -> tf.Tensor:
-  """Truncates or pads (C',) captions with '' to exactly (count,)."""
-  texts = texts[:count]
-  texts = tf.concat([texts, tf.fill([count - tf.shape(texts)[0]], '')], axis=0)
-  texts.set_shape([count])
-  return texts
+  Vectorised over rows. The choice is a 64-bit fingerprint of the key modulo the row's usable captions: a pure
+  function of (key, captions), uniform up to 2^-60, and independent of which other rows share the call.
+  """
+  usable = tf.ragged.map_flat_values(usable_captions, texts)
+  count = tf.reduce_sum(tf.cast(usable, tf.int64), axis=1)
+  fingerprint = tf.strings.to_hash_bucket_fast(
+      tf.strings.join([tf.strings.as_string(keys[:, 0]), tf.strings.as_string(keys[:, 1])], separator=':'),
+      num_buckets=np.iinfo(np.int64).max)
+  pick = fingerprint % tf.maximum(count, 1)
+  # Rank of each usable caption within its row; the chosen one is the row's pick-th.
+  flat_usable = usable.flat_values
+  rows = usable.value_rowids()
+  flat_rank = tf.cumsum(tf.cast(flat_usable, tf.int64), exclusive=True) - tf.gather(
+      tf.concat([[0], tf.cumsum(count)], 0), rows)
+  chosen = flat_usable & (flat_rank == tf.gather(pick, rows))
+  position = tf.math.unsorted_segment_max(tf.where(chosen, tf.range(tf.size(rows, tf.int64), dtype=tf.int64), -1),
+                                          rows, tf.shape(count, tf.int64)[0])
+  flat = tf.concat([texts.flat_values, ['']], 0)
+  return tf.gather(flat, tf.where(position >= 0, position, tf.size(texts.flat_values, tf.int64)))

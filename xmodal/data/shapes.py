@@ -55,10 +55,12 @@ def shapes_config(seed: int = 0, image_size: int = 64, train_size: int = 20_000,
                       validation_size=validation_size, test_size=test_size, test_hard_size=test_hard_size)
 
 
-def _png(image: np.ndarray) -> bytes:
-  # Encoded here rather than by tfds: PIL is several times faster than a TF op per image.
+def _jpeg(image: np.ndarray) -> bytes:
+  # Encoded here rather than by tfds: PIL is several times faster than a TF op per image. JPEG rather than PNG: it
+  # decodes about twice as fast, and decoding is the input pipeline's largest cost; quality 95 without chroma
+  # subsampling keeps the colours of small shapes (which captions name) intact.
   buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format='PNG', compress_level=1)
+  Image.fromarray(image).save(buffer, format='JPEG', quality=95, subsampling=0)
   return buffer.getvalue()
 
 
@@ -97,15 +99,15 @@ def make_example(config: ShapesConfig, split: str, index: int) -> dict[str, Any]
       pair = shapes_captions.hard_pair(scene, rng)
     texts, negative = [pair[0]], pair[1]
   image = shapes_render.render_scene(scene, rng, config.image_size)
-  return {'image': _png(image), 'image_id': index, 'captions': texts, 'negative_caption': negative,
+  return {'image': _jpeg(image), 'image_id': index, 'captions': texts, 'negative_caption': negative,
           **_metadata(scene)}
 
 
 class XmodalShapes(tfds.core.GeneratorBasedBuilder):
   """Procedurally rendered image-caption pairs: coloured shapes, their sizes and one spatial relation."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.', '1.1.0': 'Images stored as JPEG (quality 95, 4:4:4): faster to decode.'}
   BUILDER_CONFIGS = [ShapesConfig(name='default')]
   # A worker pool only pays for its start-up on big splits.
   MIN_EXAMPLES_PER_WORKER = 1000
@@ -128,7 +130,7 @@ class XmodalShapes(tfds.core.GeneratorBasedBuilder):
         builder=self,
         description=__doc__.split('\n\n')[0],
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(size, size, 3), dtype=np.uint8, encoding_format='png'),
+            'image': tfds.features.Image(shape=(size, size, 3), dtype=np.uint8, encoding_format='jpeg'),
             'image_id': np.int64,
             'captions': tfds.features.Sequence(tfds.features.Text()),
             'negative_caption': tfds.features.Text(),
@@ -158,7 +160,7 @@ class XmodalShapes(tfds.core.GeneratorBasedBuilder):
       for index in range(num_examples):
         yield index, make(index)
       return
-    # Workers render and PNG-encode (numpy/PIL only, never TF: forking after TF's import is then safe); this process
+    # Workers render and JPEG-encode (numpy/PIL only, never TF: forking after TF's import is then safe); this process
     # keeps tfds' serialisation and writing. imap keeps index order.
     with multiprocessing.get_context('fork').Pool(workers) as pool:
       yield from enumerate(pool.imap(make, range(num_examples), chunksize=100))

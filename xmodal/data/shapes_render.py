@@ -156,7 +156,7 @@ def shape_mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarr
 
 def render_scene(scene: Scene, rng: np.random.Generator, image_size: int = 64) -> np.ndarray:
   """Rasterises a scene: uint8 (S, S, 3), flat-coloured objects on a dark, lightly textured background."""
-  # A smooth texture (tint, gradient, faint ripple) rather than per-pixel noise: it keeps PNGs small and fast.
+  # A smooth texture (tint, gradient, faint ripple) rather than per-pixel noise: it keeps encoded images small and fast to decode.
   t = np.arange(image_size) / image_size
   u, v = np.cos(rng.uniform(0, 2 * np.pi, size=2)), np.sin(rng.uniform(0, 2 * np.pi, size=2))
   base = rng.uniform(15, 55) + rng.uniform(-8, 8, size=3)
