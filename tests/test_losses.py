@@ -124,6 +124,25 @@ def test_hard_negative_frequencies_follow_softmax_weights():
   assert np.all(np.abs(freq - weights) < 5 * sigma), (freq, weights)
 
 
+@pytest.mark.parametrize('hardness', [0.0, 0.3])
+def test_softened_negatives_mix_softmax_and_uniform_weights(hardness):
+  """hardness h: each non-positive's frequency sits within 5 sigma of h * softmax + (1 - h) / (non-positives)."""
+  sim = np.array([[9.0, 0.0, 0.0], [6.0, 0.0, 0.0], [0.0, 0.0, 0.0], [-3.0, 0.0, 0.0], [5.0, 0.0, 0.0]], np.float32)
+  ids = np.array([0, 1, 2, 3, 0])  # text 0's positives: images 0 and 4
+  draws = 20000
+  keys = jax.random.split(jax.random.key(6), draws)
+  sample = jax.jit(jax.vmap(
+      lambda k: losses.sample_hard_negatives(k, jnp.asarray(sim[:, :1].repeat(5, 1)), jnp.asarray(ids),
+                                             hardness).image_for_text[0]))
+  counts = np.bincount(np.asarray(sample(keys)), minlength=5)
+  assert counts[0] == 0 and counts[4] == 0
+  softmax = np.exp(sim[1:4, 0]) / np.exp(sim[1:4, 0]).sum()
+  weights = hardness * softmax + (1 - hardness) / 3
+  freq = counts[1:4] / draws
+  sigma = np.sqrt(weights * (1 - weights) / draws)
+  assert np.all(np.abs(freq - weights) < 5 * sigma), (freq, weights)
+
+
 def _all_losses(image, text, ids, logits_pos, logits_neg):
   itc, _ = losses.contrastive_loss(image, text, 0.07, ids)
   sig, _ = losses.sigmoid_loss(image, text, 10.0, -5.0, ids)
@@ -145,3 +164,12 @@ def test_losses_on_a_4x2_sharded_batch_equal_single_device():
   sharded = jax.jit(_all_losses)(*sharded_args)
   for a, b in zip(single, sharded):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_negative_hardness_rises_linearly_to_albef():
+  from xmodal.objective import LossWeights  # pylint: disable=g-import-not-at-top
+  schedule = LossWeights(itm_hard_warmup=100)
+  np.testing.assert_allclose([float(schedule.negative_hardness(jnp.asarray(s))) for s in (0, 25, 100, 400)],
+                             [0.0, 0.25, 1.0, 1.0])
+  assert float(LossWeights().negative_hardness(jnp.asarray(0))) == 1.0
+  assert float(schedule.negative_hardness(None)) == 1.0

@@ -33,6 +33,9 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'itm_weight': 1.0,
       # SigLIP's sigmoid form of ITC, added with this weight (0 = off).
       'sigmoid_weight': 0.0,
+      # ITM negatives: uniform at step 0, ALBEF's hard (∝ softmax of ITC similarity) from this step on; 0 = hard
+      # throughout (ALBEF, which starts from pretrained towers).
+      'itm_hard_warmup_steps': 0,
       # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses_chunked.py): same values, memory per device
       # linear in the local batch. (ITM's hard-negative sampling still forms the (B, B) similarity.)
       'chunked': False,

@@ -74,14 +74,19 @@ class HardNegatives(NamedTuple):
   text_for_image_valid: jax.Array  # (B,) bool
 
 
-def sample_hard_negatives(rng: jax.Array, sim: jax.Array, ids: jax.Array | None = None) -> HardNegatives:
+def sample_hard_negatives(rng: jax.Array, sim: jax.Array, ids: jax.Array | None = None,
+                          hardness: jax.Array | float = 1.0) -> HardNegatives:
   """Draws ALBEF's hard negatives: probability ∝ softmax(similarity) over the non-positives, never a positive.
+
+  With `hardness` h < 1 the probability is h · softmax + (1 - h) · uniform over the non-positives: a fraction 1 - h
+  of the negatives are easy ones, whatever the scale of the similarities.
 
   Args:
     rng: a PRNG key.
     sim: (B, B) image-text similarity logits (image rows, text columns), e.g. cosine / temperature.
       Gradients do not flow through the sampling.
     ids: (B,) image ids or None (then only the diagonal is positive).
+    hardness: scalar in [0, 1]; 1 = ALBEF.
 
   Returns:
     HardNegatives. A row whose every candidate is a positive has no negative; its index is then arbitrary and its
@@ -89,10 +94,15 @@ def sample_hard_negatives(rng: jax.Array, sim: jax.Array, ids: jax.Array | None 
   """
   sim = jax.lax.stop_gradient(sim.astype(jnp.float32))
   positive = positives(ids, sim.shape[0])
-  masked = jnp.where(positive, -jnp.inf, sim)
+  hard_text = jax.nn.softmax(jnp.where(positive, -jnp.inf, sim), axis=-1)  # rows: images; over texts
+  hard_image = jax.nn.softmax(jnp.where(positive, -jnp.inf, sim), axis=0)  # columns: texts; over images
+  negative = (~positive).astype(jnp.float32)
+  easy_text = negative / jnp.maximum(jnp.sum(negative, axis=-1, keepdims=True), 1.0)
+  easy_image = negative / jnp.maximum(jnp.sum(negative, axis=0, keepdims=True), 1.0)
+  mix = lambda hard, easy: jnp.log(hardness * hard + (1.0 - hardness) * easy)  # log 0 = -inf: never a positive
   rng_images, rng_texts = jax.random.split(rng)
-  image_for_text = jax.random.categorical(rng_images, masked.T, axis=-1)
-  text_for_image = jax.random.categorical(rng_texts, masked, axis=-1)
+  image_for_text = jax.random.categorical(rng_images, mix(hard_image, easy_image).T, axis=-1)
+  text_for_image = jax.random.categorical(rng_texts, mix(hard_text, easy_text), axis=-1)
   has_negative = ~jnp.all(positive, axis=-1)
   return HardNegatives(image_for_text, text_for_image, has_negative, has_negative)
 

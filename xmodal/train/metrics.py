@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 import time
 from collections.abc import Mapping
 
@@ -31,7 +32,8 @@ class MetricWriter:
     self._jsonl.write(json.dumps({'step': int(step), 'time': time.time(), **clean}) + '\n')
     self._jsonl.flush()
     for key, value in clean.items():
-      self._tb.add_scalar(key, value, int(step))
+      # TensorBoard tags allow [A-Za-z0-9_./-]: 'eval/itc+itm/t2i_r1' is written as 'eval/itc_itm/t2i_r1'.
+      self._tb.add_scalar(re.sub(r'[^A-Za-z0-9_./-]', '_', key), value, int(step))
 
   def close(self) -> None:
     if self.enabled:

@@ -30,17 +30,18 @@ def make_train_step(model: XModal, tx: optax.GradientTransformation, lr_schedule
   With `skip_nonfinite`, a step whose loss or gradient norm is not finite leaves the parameters and optimizer state
   unchanged (the step counter still advances); metrics['finite'] tells the loop.
   """
-  def loss_and_grad(params, batch, rng):
-    return jax.value_and_grad(lambda p: compute_loss(model, p, batch, rng, weights), has_aux=True)(params)
+  def loss_and_grad(params, batch, rng, step):
+    return jax.value_and_grad(lambda p: compute_loss(model, p, batch, rng, weights, step), has_aux=True)(params)
 
-  def accumulated(params, batch, rng):
+  def accumulated(params, batch, rng, step):
     micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
     def body(carry, inputs):
       index, one = inputs
-      (loss, metrics), grads = loss_and_grad(params, one, jax.random.fold_in(rng, index))
+      (loss, metrics), grads = loss_and_grad(params, one, jax.random.fold_in(rng, index), step)
       return jax.tree.map(jnp.add, carry, (loss, metrics, grads)), None
-    (loss, metrics), grads = loss_and_grad(params, jax.tree.map(lambda x: x[0], micro), jax.random.fold_in(rng, 0))
+    (loss, metrics), grads = loss_and_grad(params, jax.tree.map(lambda x: x[0], micro), jax.random.fold_in(rng, 0),
+                                           step)
     rest = jax.tree.map(lambda x: x[1:], micro)
     (loss, metrics, grads), _ = jax.lax.scan(body, (loss, metrics, grads), (jnp.arange(1, grad_accum), rest))
     return (loss / grad_accum, jax.tree.map(lambda m: m / grad_accum, metrics)), jax.tree.map(
@@ -49,9 +50,9 @@ def make_train_step(model: XModal, tx: optax.GradientTransformation, lr_schedule
   def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
     step_rng = jax.random.fold_in(rng, state.step)
     if grad_accum > 1:
-      (loss, metrics), grads = accumulated(state.params, batch, step_rng)
+      (loss, metrics), grads = accumulated(state.params, batch, step_rng, state.step)
     else:
-      (loss, metrics), grads = loss_and_grad(state.params, batch, step_rng)
+      (loss, metrics), grads = loss_and_grad(state.params, batch, step_rng, state.step)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
