@@ -41,13 +41,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, unknown = _parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
   if args.command == 'build':
     from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
-    config = shapes.shapes_config(seed=args.seed, image_size=args.image_size, train_size=args.train_size,
-                                  validation_size=args.validation_size, test_size=args.test_size,
-                                  test_hard_size=args.test_hard_size)
-    builder = shapes.XmodalShapes(config=config, data_dir=args.data_dir)
+    values = dict(seed=args.seed, image_size=args.image_size, train_size=args.train_size,
+                  validation_size=args.validation_size, test_size=args.test_size, test_hard_size=args.test_hard_size)
+    if all(getattr(shapes.XmodalShapes.BUILDER_CONFIGS[0], k) == v for k, v in values.items()):
+      # The default values are the builder's 'default' config: the one `xmodal train` and `data bench` read.
+      builder, name = shapes.XmodalShapes(data_dir=args.data_dir), 'xmodal_shapes'
+    else:
+      config = shapes.shapes_config(**values)
+      builder, name = shapes.XmodalShapes(config=config, data_dir=args.data_dir), f'xmodal_shapes/{config.name}'
     builder.download_and_prepare()
-    print(f'xmodal_shapes prepared in {builder.data_dir} '
-          f'(use data.tfds_name={builder.data_dir} for this config)')
+    where = f' --config.data.tfds_data_dir={args.data_dir}' if args.data_dir else ''
+    print(f'xmodal_shapes prepared in {builder.data_dir} (read it with --config.data.tfds_name={name}{where})')
     return 0
   if args.command == 'bench':
     from xmodal import config as config_lib  # pylint: disable=g-import-not-at-top
