@@ -6,19 +6,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from embeddings import embedding_batch
 from xmodal import losses
 
 
-def _unit(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _batch(seed, size=8, dim=16, ids=True):
-  rng = np.random.default_rng(seed)
-  image = _unit(rng.normal(size=(size, dim))).astype(np.float32)
-  text = _unit(image + 0.7 * rng.normal(size=(size, dim))).astype(np.float32)
-  image_ids = rng.integers(0, size // 2, size=size) if ids else None
-  return image, text, image_ids
+  return embedding_batch(seed, size, dim, ids)
 
 
 def numpy_contrastive(image, text, temperature, ids):

@@ -6,20 +6,14 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from embeddings import embedding_batch
 from xmodal import losses, losses_chunked, parallel
 
 
-def _unit(x):
-  return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
 def _batch(seed, size=32, dim=16, ids=True):
-  rng = np.random.default_rng(seed)
-  image = _unit(rng.normal(size=(size, dim))).astype(np.float32)
-  text = _unit(image + 0.7 * rng.normal(size=(size, dim))).astype(np.float32)
   # Few distinct ids: every id is shared by several examples, which land on different devices.
-  image_ids = jnp.asarray(rng.integers(0, size // 4, size=size)) if ids else None
-  return jnp.asarray(image), jnp.asarray(text), image_ids
+  image, text, image_ids = embedding_batch(seed, size, dim, ids, id_groups=4)
+  return jnp.asarray(image), jnp.asarray(text), None if image_ids is None else jnp.asarray(image_ids)
 
 
 def _value_and_grads(fn, *args):

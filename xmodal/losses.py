@@ -94,15 +94,18 @@ def sample_hard_negatives(rng: jax.Array, sim: jax.Array, ids: jax.Array | None 
   """
   sim = jax.lax.stop_gradient(sim.astype(jnp.float32))
   positive = positives(ids, sim.shape[0])
-  hard_text = jax.nn.softmax(jnp.where(positive, -jnp.inf, sim), axis=-1)  # rows: images; over texts
-  hard_image = jax.nn.softmax(jnp.where(positive, -jnp.inf, sim), axis=0)  # columns: texts; over images
+  masked = jnp.where(positive, -jnp.inf, sim)
   negative = (~positive).astype(jnp.float32)
-  easy_text = negative / jnp.maximum(jnp.sum(negative, axis=-1, keepdims=True), 1.0)
-  easy_image = negative / jnp.maximum(jnp.sum(negative, axis=0, keepdims=True), 1.0)
-  mix = lambda hard, easy: jnp.log(hardness * hard + (1.0 - hardness) * easy)  # log 0 = -inf: never a positive
+
+  def logits(axis: int) -> jax.Array:
+    # log(h · softmax + (1 - h) · uniform) along `axis`; log 0 = -inf, so a positive is never drawn.
+    hard = jax.nn.softmax(masked, axis=axis)
+    easy = negative / jnp.maximum(jnp.sum(negative, axis=axis, keepdims=True), 1.0)
+    return jnp.log(hardness * hard + (1.0 - hardness) * easy)
+
   rng_images, rng_texts = jax.random.split(rng)
-  image_for_text = jax.random.categorical(rng_images, mix(hard_image, easy_image).T, axis=-1)
-  text_for_image = jax.random.categorical(rng_texts, mix(hard_text, easy_text), axis=-1)
+  image_for_text = jax.random.categorical(rng_images, logits(0).T, axis=-1)  # per text (column), over images
+  text_for_image = jax.random.categorical(rng_texts, logits(1), axis=-1)  # per image (row), over texts
   has_negative = ~jnp.all(positive, axis=-1)
   return HardNegatives(image_for_text, text_for_image, has_negative, has_negative)
 
