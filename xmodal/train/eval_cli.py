@@ -47,7 +47,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, step
   built = state_lib.setup(config, mesh, config.train.steps)
   model = built.model
   with Checkpointer(workdir / 'checkpoints', save_every=1, keep=1_000_000) as checkpointer:
-    state, data_state = checkpointer.restore(state_lib.abstract_state(built.shardings, model, built.tx), step=step)
+    state, data_state = checkpointer.restore(built.abstract_state(), step=step)
   return model, state, data_state
 
 

@@ -74,7 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
                               keep=config.train.keep_checkpoints)
   data_state = None
   if checkpointer.latest_step() is not None:
-    state, saved = checkpointer.restore(state_lib.abstract_state(shardings, model, tx))
+    state, saved = checkpointer.restore(built.abstract_state())
     data_state = saved['processes'][jax.process_index()]
     log.info('resumed from step %d', int(state.step))
   else:

@@ -60,14 +60,6 @@ def create_state(model: XModal, tx: optax.GradientTransformation, rng: jax.Array
   return jax.jit(lambda params: init(None, params), out_shardings=shardings)(params)
 
 
-def abstract_state(shardings: TrainState, model: XModal, tx: optax.GradientTransformation) -> TrainState:
-  """ShapeDtypeStructs carrying the target shardings: what a checkpoint restores onto."""
-  params = nn.unbox(abstract_params(model))
-  shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                      opt_state=jax.eval_shape(tx.init, params))
-  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
 @dataclasses.dataclass(frozen=True)
 class Setup:
   """What training, benchmarking and evaluation build alike from a config: model, optimizer, state shardings."""
@@ -75,7 +67,17 @@ class Setup:
   tx: optax.GradientTransformation
   lr_schedule: optax.Schedule
   shardings: TrainState
-  num_params: int
+  params: Any  # the parameters' ShapeDtypeStructs (unboxed)
+
+  @property
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.params))
+
+  def abstract_state(self) -> TrainState:
+    """ShapeDtypeStructs carrying the target shardings: what a checkpoint restores onto."""
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.params,
+                        opt_state=jax.eval_shape(self.tx.init, self.params))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings)
 
 
 def setup(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Setup:
@@ -85,5 +87,4 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Se
   params = nn.unbox(boxed)
   tx, lr_schedule = optim.build_optimizer(config.optim, params, total_steps)
   shardings = state_shardings(model, tx, mesh, [tuple(r) for r in config.mesh.rules], boxed=boxed)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
-  return Setup(model, tx, lr_schedule, shardings, num_params)
+  return Setup(model, tx, lr_schedule, shardings, params)
