@@ -51,6 +51,16 @@ def test_library_path_reads_masks_like_the_xla_path():
   np.testing.assert_allclose(np.asarray(ours), np.asarray(library), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('lq, lk, lengths', [(5, 7, None), (9, 13, [13, 4, 1]), (8, 16, [16, 9, 3])])
+def test_library_path_padding_to_even_lengths_is_exact(lq, lk, lengths):
+  """The cudnn path pads odd lengths (ViT's 257 tokens) to a multiple of 8; the numpy reference sees no padding."""
+  q, k, v = _qkv(3, lq=lq, lk=lk)
+  mask = None if lengths is None else np.arange(lk)[None] < np.array(lengths)[:, None]
+  library = attention._library_attention(q, k, v, None if mask is None else jnp.asarray(mask), implementation='xla')
+  assert library.shape == q.shape
+  np.testing.assert_allclose(np.asarray(library), numpy_attention(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_attention_impl_is_an_error():
   q, k, v = _qkv(2)
   with pytest.raises(ValueError, match='flash'):

@@ -45,9 +45,26 @@ def _xla_attention(q, k, v, mask):
   return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
 
 
+# cuDNN's training kernels take only even sequence lengths (jax 0.11 on an H100: "Unsupported sequence length Q 257,
+# KV 257" for ViT-B/16 at 256 px, 256 patches + CLS). The library path pads both lengths to a multiple of this.
+_LIBRARY_LENGTH_MULTIPLE = 8
+
+
 def _library_attention(q, k, v, mask, implementation):
-  """`jax.nn.dot_product_attention` with the key mask turned into per-example key lengths."""
+  """`jax.nn.dot_product_attention` with the key mask turned into per-example key lengths.
+
+  Queries and keys are zero-padded at the end to a multiple of `_LIBRARY_LENGTH_MULTIPLE`; padded keys are excluded
+  through the key lengths and padded query rows are dropped from the output, so the result is exact.
+  """
+  batch, lq = q.shape[:2]
+  lk = k.shape[1]
+  pad_q, pad_k = -lq % _LIBRARY_LENGTH_MULTIPLE, -lk % _LIBRARY_LENGTH_MULTIPLE
   lengths = None
   if mask is not None:
     lengths = jnp.sum(mask, axis=-1, dtype=jnp.int32)
-  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths, implementation=implementation)
+  elif pad_k:
+    lengths = jnp.full((batch,), lk, jnp.int32)
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n), (0, 0), (0, 0))) if n else x
+  out = jax.nn.dot_product_attention(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), key_value_seq_lengths=lengths,
+                                     implementation=implementation)
+  return out[:, :lq]
