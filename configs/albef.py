@@ -29,7 +29,6 @@ def get_config(arg=None):
   config = base_config(args.size)
   config.model.image_size = args.res
   config.model.dtype = 'bfloat16'
-  config.model.remat = 'dots_no_batch'
   common = dict(image_size=args.res, max_text_len=config.model.max_text_len, batch_size=256, eval_batch_size=256,
                 tokenizer=args.text_init or 'bert-base-uncased/vocab.txt', crop_scale=(0.5, 1.0))
   if args.data == 'coco':

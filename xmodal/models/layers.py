@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from xmodal.models import activations
 from xmodal.models.attention import dot_product_attention
 
 Dtype = Any
@@ -110,7 +111,8 @@ class Mlp(nn.Module):
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32, name='fc1',
                  kernel_init=with_names(default_kernel_init, 'embed', 'mlp'),
                  bias_init=with_names(nn.initializers.zeros, 'mlp'))(x)
-    h = constrain(nn.gelu(h, approximate=False), 'batch', 'length', 'mlp')  # BERT and ViT use the exact GELU.
+    # BERT and ViT use the exact GELU; this one's backward pass keeps only its input (xmodal/models/activations.py).
+    h = constrain(activations.gelu(h), 'batch', 'length', 'mlp')
     return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name='fc2',
                     kernel_init=with_names(default_kernel_init, 'mlp', 'embed'),
                     bias_init=with_names(nn.initializers.zeros, 'embed'))(h)
