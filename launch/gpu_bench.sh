@@ -27,7 +27,7 @@ python3 -c 'import jax, flax, optax, chex; print("jax", jax.__version__, "flax",
 optax.__version__, "chex", chex.__version__, jax.devices())' | tee -a "$out/gpu.txt"
 
 declare -A args=(
-  # The ALBEF recipe's own memory setting (remat of everything but batched dots) and no remat at all.
+  # The `base` preset's remat (everything but batched matmuls is recomputed) and no remat at all.
   [b256_cudnn]='--config.data.batch_size=256 --config.model.remat=none --config.model.attention=cudnn'
   [b256_cudnn_remat]='--config.data.batch_size=256 --config.model.remat=dots_no_batch --config.model.attention=cudnn'
   # The XLA attention materialises float32 logits: without remat batch 256 asks for 72 GiB on an 80 GB H100.
