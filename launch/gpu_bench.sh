@@ -26,25 +26,26 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit -
 python3 -c 'import jax, flax, optax, chex; print("jax", jax.__version__, "flax", flax.__version__, "optax",
 optax.__version__, "chex", chex.__version__, jax.devices())' | tee -a "$out/gpu.txt"
 
-declare -A args=(
-  # The `base` preset's remat (everything but batched matmuls is recomputed) and no remat at all.
-  [b256_cudnn]='--config.data.batch_size=256 --config.model.remat=none --config.model.attention=cudnn'
-  [b256_cudnn_remat]='--config.data.batch_size=256 --config.model.remat=dots_no_batch --config.model.attention=cudnn'
+# Every variant is the `base` preset's own setting (batch 256, remat of everything but batched matmuls, cuDNN
+# attention) with the overrides and environment below; a later override wins.
+common='--config.data.batch_size=256 --config.model.remat=dots_no_batch --config.model.attention=cudnn'
+declare -A overrides=(
+  [b256_cudnn_remat]=''
+  [b256_cudnn]='--config.model.remat=none'
   # The XLA attention materialises float32 logits: without remat batch 256 asks for 72 GiB on an 80 GB H100.
-  [b256_xla_remat]='--config.data.batch_size=256 --config.model.remat=dots_no_batch --config.model.attention=xla'
-  # Batch 512 without remat asks for 114 GiB; unscanned layers compile for over 90 s (H100 machine's 16 cores).
-  [b256_cudnn_remat_unscanned]='--config.data.batch_size=256 --config.model.remat=dots_no_batch --config.model.attention=cudnn --config.model.scan_layers=False'
-  [b256_cudnn_remat_cublas]='--config.data.batch_size=256 --config.model.remat=dots_no_batch --config.model.attention=cudnn'
-  [b128_cudnn]='--config.data.batch_size=128 --config.model.remat=none --config.model.attention=cudnn'
+  [b256_xla_remat]='--config.model.attention=xla'
+  # Unscanned layers compile for over 90 s (the H100 machine's 16 cores); batch 512 without remat asks for 114 GiB.
+  [b256_cudnn_remat_unscanned]='--config.model.scan_layers=False'
+  [b256_cudnn_remat_cublas]=''
+  [b128_cudnn]='--config.data.batch_size=128 --config.model.remat=none'
 )
-# Extra environment per variant.
 declare -A env=(
   [b256_cudnn_remat_cublas]='XLA_FLAGS=--xla_gpu_enable_triton_gemm=false'
 )
 for name in ${VARIANTS:-b256_cudnn_remat b256_cudnn b256_xla_remat b256_cudnn_remat_cublas b128_cudnn}; do
   # shellcheck disable=SC2086  # the arguments are meant to split
   env ${env[$name]:-} timeout "${VARIANT_TIMEOUT:-200}" python3 -m xmodal.cli bench --config configs/albef.py:res=256 \
-      --steps "${STEPS:-20}" ${args[$name]} >"$out/$name.log" 2>&1
+      --steps "${STEPS:-20}" $common ${overrides[$name]} >"$out/$name.log" 2>&1
   rc=$?
   echo "== $name rc=$rc"
   if [[ $rc == 0 ]]; then
