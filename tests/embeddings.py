@@ -7,7 +7,7 @@ def unit(x: np.ndarray) -> np.ndarray:
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def embedding_batch(seed: int, size: int, dim: int = 16, ids: bool = True, id_groups: int = 2):
+def embedding_batch(seed: int, size: int = 8, dim: int = 16, ids: bool = True, id_groups: int = 2):
   """(image (size, dim), text (size, dim)) float32 unit rows, and image ids drawn from size // id_groups values."""
   rng = np.random.default_rng(seed)
   image = unit(rng.normal(size=(size, dim))).astype(np.float32)

@@ -8,10 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from embeddings import embedding_batch
 from xmodal import losses
-
-
-def _batch(seed, size=8, dim=16, ids=True):
-  return embedding_batch(seed, size, dim, ids)
+from xmodal.objective import LossWeights
 
 
 def numpy_contrastive(image, text, temperature, ids):
@@ -31,7 +28,7 @@ def numpy_contrastive(image, text, temperature, ids):
 
 @pytest.mark.parametrize('with_ids', [False, True])
 def test_contrastive_loss_matches_numpy(with_ids):
-  image, text, ids = _batch(0, ids=with_ids)
+  image, text, ids = embedding_batch(0, ids=with_ids)
   loss, metrics = losses.contrastive_loss(image, text, 0.07, None if ids is None else jnp.asarray(ids))
   np.testing.assert_allclose(float(loss), numpy_contrastive(image, text, 0.07, ids), rtol=1e-5)
   for key in ('itc_i2t_acc', 'itc_t2i_acc'):
@@ -39,7 +36,7 @@ def test_contrastive_loss_matches_numpy(with_ids):
 
 
 def test_contrastive_accuracy_counts_duplicate_ids_as_correct():
-  image, _, _ = _batch(1, size=4)
+  image, _, _ = embedding_batch(1, size=4)
   text = image[[1, 0, 2, 3]]  # text 0 matches image 1 best, but images 0 and 1 share an id
   ids = jnp.array([7, 7, 8, 9])
   _, metrics = losses.contrastive_loss(image, text, 0.05, ids)
@@ -62,7 +59,7 @@ def numpy_sigmoid(image, text, scale, bias, ids):
 
 @pytest.mark.parametrize('with_ids', [False, True])
 def test_sigmoid_loss_matches_numpy(with_ids):
-  image, text, ids = _batch(2, ids=with_ids)
+  image, text, ids = embedding_batch(2, ids=with_ids)
   loss, _ = losses.sigmoid_loss(image, text, 10.0, -3.0, None if ids is None else jnp.asarray(ids))
   np.testing.assert_allclose(float(loss), numpy_sigmoid(image, text, 10.0, -3.0, ids), rtol=1e-5)
 
@@ -145,7 +142,7 @@ def _all_losses(image, text, ids, logits_pos, logits_neg):
 
 
 def test_losses_on_a_4x2_sharded_batch_equal_single_device():
-  image, text, ids = _batch(6, size=32)
+  image, text, ids = embedding_batch(6, size=32)
   rng = np.random.default_rng(6)
   pos, neg = rng.normal(size=(32, 2)).astype(np.float32), rng.normal(size=(64, 2)).astype(np.float32)
   args = (image, text, ids, pos, neg)
@@ -160,7 +157,6 @@ def test_losses_on_a_4x2_sharded_batch_equal_single_device():
 
 
 def test_negative_hardness_rises_linearly_to_albef():
-  from xmodal.objective import LossWeights  # pylint: disable=g-import-not-at-top
   schedule = LossWeights(itm_hard_warmup=100)
   np.testing.assert_allclose([float(schedule.negative_hardness(jnp.asarray(s))) for s in (0, 25, 100, 400)],
                              [0.0, 0.25, 1.0, 1.0])
