@@ -22,10 +22,12 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def shapes_dir(tmp_path_factory):
-  """A prepared xmodal_shapes of 64 train / 16 validation / 16 test / 16 test_hard images (its version folder)."""
+  """A prepared xmodal_shapes of 64 train / 16 validation / 16 test / 16 test_hard / 16 validation_hard images (its
+  version folder)."""
   from xmodal.data import shapes
   data_dir = tmp_path_factory.mktemp('tfds')
-  config = shapes.shapes_config(seed=0, train_size=64, validation_size=16, test_size=16, test_hard_size=16)
+  config = shapes.shapes_config(seed=0, train_size=64, validation_size=16, test_size=16, test_hard_size=16,
+                                validation_hard_size=16)
   builder = shapes.XmodalShapes(config=config, data_dir=str(data_dir))
   builder.download_and_prepare()
   return builder.data_dir

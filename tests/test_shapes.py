@@ -15,8 +15,8 @@ import tensorflow_datasets as tfds  # noqa: E402
 from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
 from xmodal.data import shapes_render
 
-SIZES = {'train_size': 40, 'validation_size': 10, 'test_size': 10, 'test_hard_size': 12}
-SPLITS = {'train': 40, 'validation': 10, 'test': 10, 'test_hard': 12}
+SIZES = {'train_size': 40, 'validation_size': 10, 'test_size': 10, 'test_hard_size': 12, 'validation_hard_size': 6}
+SPLITS = {'train': 40, 'validation': 10, 'test': 10, 'test_hard': 12, 'validation_hard': 6}
 
 COLOR = {'red': 'red', 'green': 'green', 'blue': 'blue', 'yellow': 'yellow', 'purple': 'purple', 'pink': 'pink',
          'white': 'white', 'gray': 'gray', 'grey': 'gray', 'cyan': 'cyan', 'brown': 'brown'}
@@ -102,8 +102,8 @@ def test_split_sizes_and_ids(builder):
     assert [int(r['image_id']) for r in records] == list(range(n))  # record i is image i
     for r in records:
       assert r['image'].shape == (64, 64, 3) and r['image'].dtype == np.uint8
-      assert len(r['captions']) == (1 if split == 'test_hard' else 5)
-      assert (r['negative_caption'] != b'') == (split == 'test_hard')
+      assert len(r['captions']) == (1 if split in shapes.HARD_SPLITS else 5)
+      assert (r['negative_caption'] != b'') == (split in shapes.HARD_SPLITS)
 
 
 def test_same_seed_same_dataset_other_seed_different(builder, tmp_path_factory, monkeypatch):
@@ -121,7 +121,7 @@ def test_same_seed_same_dataset_other_seed_different(builder, tmp_path_factory, 
 
 
 def test_captions_describe_their_image(builder):
-  for split in ('train', 'validation', 'test', 'test_hard'):
+  for split in SPLITS:
     for record in _records(builder, split):
       objects = _objects(record)
       assert 1 <= len(objects) <= 3
@@ -163,7 +163,7 @@ def test_pixels_show_the_objects_and_nothing_else(builder):
 
 def test_hard_negative_breaks_exactly_one_binding(builder):
   kinds = collections.Counter()
-  for record in _records(builder, 'test_hard'):
+  for record in _records(builder, 'test_hard') + _records(builder, 'validation_hard'):
     objects = _objects(record)
     positive, negative = record['captions'][0].decode(), record['negative_caption'].decode()
     pw, nw = _words(positive), _words(negative)

@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
   build.add_argument('--validation_size', type=int, default=1_000)
   build.add_argument('--test_size', type=int, default=1_000)
   build.add_argument('--test_hard_size', type=int, default=1_000)
+  build.add_argument('--validation_hard_size', type=int, default=1_000)
 
   bench = commands.add_parser('bench', help="examples/s (and per core) of a config's training input pipeline")
   bench.add_argument('--config', required=True, help='configs/NAME.py[:arg]')
@@ -42,7 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == 'build':
     from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
     values = dict(seed=args.seed, image_size=args.image_size, train_size=args.train_size,
-                  validation_size=args.validation_size, test_size=args.test_size, test_hard_size=args.test_hard_size)
+                  validation_size=args.validation_size, test_size=args.test_size, test_hard_size=args.test_hard_size,
+                  validation_hard_size=args.validation_hard_size)
     if all(getattr(shapes.XmodalShapes.BUILDER_CONFIGS[0], k) == v for k, v in values.items()):
       # The default values are the builder's 'default' config: the one `xmodal train` and `data bench` read.
       builder, name = shapes.XmodalShapes(data_dir=args.data_dir), 'xmodal_shapes'

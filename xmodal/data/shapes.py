@@ -1,12 +1,14 @@
 """`xmodal_shapes`: the embedded default dataset, rendered locally as a tfds dataset (no download).
 
-Images of 1-3 coloured shapes with 5 captions each, and a `test_hard` split of (true caption, hard negative) pairs
-that differ by one broken binding. Build and read:
+Images of 1-3 coloured shapes with 5 captions each, and `validation_hard` / `test_hard` splits of (true caption, hard
+negative) pairs that differ by one broken binding (the first to choose recipes on, the second to report). Build and
+read:
 
   builder = XmodalShapes(data_dir=DIR)            # or config=shapes_config(seed=1, train_size=40, ...)
   builder.download_and_prepare()                  # 23k images: ~75 CPU-seconds, spread over the cores
   source = builder.as_data_source(split='train')  # array_record: source[i] is record i, len(source) is the size
   ds = builder.as_dataset(split='train')          # or a tf.data pipeline
+  scenes, captions = load_split('test')           # what each image shows and says, for the oracle ceiling
 
 Record i of a split is image i (`image_id` = i; shuffling is disabled), so a reader can resume at any index.
 Every example draws from its own generator seeded by (seed, split, index): a build is deterministic, and a split's
@@ -31,7 +33,8 @@ import tensorflow_datasets as tfds
 from xmodal.data import shapes_captions, shapes_render
 
 # Split codes seed the per-example generators; they never change, so image i of a split is the same in every build.
-_SPLIT_CODES = {'train': 0, 'validation': 1, 'test': 2, 'test_hard': 3}
+_SPLIT_CODES = {'train': 0, 'validation': 1, 'test': 2, 'test_hard': 3, 'validation_hard': 4}
+HARD_SPLITS = ('validation_hard', 'test_hard')
 NUM_CAPTIONS = 5
 
 
@@ -44,15 +47,18 @@ class ShapesConfig(tfds.core.BuilderConfig):
   validation_size: int = 1_000
   test_size: int = 1_000
   test_hard_size: int = 1_000
+  validation_hard_size: int = 1_000
 
 
 def shapes_config(seed: int = 0, image_size: int = 64, train_size: int = 20_000, validation_size: int = 1_000,
-                  test_size: int = 1_000, test_hard_size: int = 1_000) -> ShapesConfig:
-  """A config named after its values (e.g. 's1_64px_40_10_10_10'), so different configs never share a folder."""
-  sizes = (train_size, validation_size, test_size, test_hard_size)
+                  test_size: int = 1_000, test_hard_size: int = 1_000, validation_hard_size: int = 1_000
+                  ) -> ShapesConfig:
+  """A config named after its values (e.g. 's1_64px_40_10_10_10_10'), so different configs never share a folder."""
+  sizes = (train_size, validation_size, test_size, test_hard_size, validation_hard_size)
   name = f's{seed}_{image_size}px_' + '_'.join(map(str, sizes))
   return ShapesConfig(name=name, seed=seed, image_size=image_size, train_size=train_size,
-                      validation_size=validation_size, test_size=test_size, test_hard_size=test_hard_size)
+                      validation_size=validation_size, test_size=test_size, test_hard_size=test_hard_size,
+                      validation_hard_size=validation_hard_size)
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -85,11 +91,11 @@ def _labels(names: tuple[str, ...]) -> tfds.features.ClassLabel:
 def make_example(config: ShapesConfig, split: str, index: int) -> dict[str, Any]:
   """Example `index` of `split`: a pure function of (config.seed, config.image_size, split, index).
 
-  `test_hard` scenes always hold 2-3 objects (a binding needs two), and a scene whose every candidate negative would
+  Hard-pair scenes (`validation_hard`, `test_hard`) always hold 2-3 objects (a binding needs two), and a scene whose every candidate negative would
   still be true of it is redrawn from the same generator.
   """
   rng = np.random.default_rng([config.seed, _SPLIT_CODES[split], index])
-  if split != 'test_hard':
+  if split not in HARD_SPLITS:
     scene = shapes_render.sample_scene(rng, config.image_size)
     texts, negative = shapes_captions.captions(scene, rng, NUM_CAPTIONS), ''
   else:
@@ -106,8 +112,9 @@ def make_example(config: ShapesConfig, split: str, index: int) -> dict[str, Any]
 class XmodalShapes(tfds.core.GeneratorBasedBuilder):
   """Procedurally rendered image-caption pairs: coloured shapes, their sizes and one spatial relation."""
 
-  VERSION = tfds.core.Version('1.1.0')
-  RELEASE_NOTES = {'1.0.0': 'First release.', '1.1.0': 'Images stored as JPEG (quality 95, 4:4:4): faster to decode.'}
+  VERSION = tfds.core.Version('1.2.0')
+  RELEASE_NOTES = {'1.0.0': 'First release.', '1.1.0': 'Images stored as JPEG (quality 95, 4:4:4): faster to decode.',
+                   '1.2.0': 'A validation_hard split: binding pairs to choose recipes on without reading test_hard.'}
   BUILDER_CONFIGS = [ShapesConfig(name='default')]
   # A worker pool only pays for its start-up on big splits.
   MIN_EXAMPLES_PER_WORKER = 1000
@@ -150,7 +157,7 @@ class XmodalShapes(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # nothing to download
     c = self.builder_config
     sizes = {'train': c.train_size, 'validation': c.validation_size, 'test': c.test_size,
-             'test_hard': c.test_hard_size}
+             'test_hard': c.test_hard_size, 'validation_hard': c.validation_hard_size}
     return {split: self._generate_examples(split, n) for split, n in sizes.items()}
 
   def _generate_examples(self, split: str, num_examples: int) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -173,3 +180,44 @@ def prepare_if_missing(data_dir: str | None = None) -> XmodalShapes:
     logging.info('xmodal_shapes is not prepared in %s: rendering it (no download)', builder.data_dir)
     builder.download_and_prepare()
   return builder
+
+
+def _scene(record: dict[str, Any]) -> shapes_render.Scene:
+  """The scene of a stored record, rebuilt from its `objects` and `relation` metadata (label ids -> names)."""
+  o = record['objects']
+  objects = tuple(shapes_render.Obj(shapes_render.COLORS[c], shapes_render.SHAPES[s], shapes_render.SIZES[z],
+                                    float(x), float(y), float(r))
+                  for c, s, z, x, y, r in zip(o['color'], o['shape'], o['size'], o['x'], o['y'], o['radius']))
+  rel = record['relation']
+  predicate = ('none',) + shapes_render.RELATIONS  # the `relation.predicate` labels of `_info`
+  relation = None
+  if predicate[rel['predicate']] != 'none':
+    relation = (int(rel['subject']), predicate[rel['predicate']], int(rel['object']))
+  return shapes_render.Scene(objects, relation)
+
+
+def load_split(split: str, data_dir: str | None = None, config: ShapesConfig | None = None
+               ) -> tuple[list[shapes_render.Scene], list[list[str]]]:
+  """The scenes and captions of every image of a prepared split, in image order (scenes[i] is image i's).
+
+  Positions are the stored float32 values. The images themselves are not decoded. FileNotFoundError if the dataset
+  is not prepared in `data_dir` (tfds' default when empty).
+  """
+  builder = XmodalShapes(data_dir=data_dir or None, config=config)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f'xmodal_shapes ({builder.builder_config.name}) is not prepared in {builder.data_dir}: '
+                            f'run its download_and_prepare() (or prepare_if_missing) first')
+  return read_split(builder, split)
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str
+               ) -> tuple[list[shapes_render.Scene], list[list[str]]]:
+  """`load_split` of any prepared xmodal_shapes builder (e.g. `tfds.builder_from_directory` of a version folder);
+  `split` may be sliced ('validation[:500]')."""
+  source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+  scenes, captions = [], []
+  for i in range(len(source)):
+    record = source[i]
+    scenes.append(_scene(record))
+    captions.append([c.decode() if isinstance(c, bytes) else str(c) for c in record['captions']])
+  return scenes, captions

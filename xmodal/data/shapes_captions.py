@@ -15,7 +15,9 @@ Pure Python + numpy: the tokenizer builds its vocabulary from `vocabulary()` wit
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import re
 
 import numpy as np
 
@@ -58,6 +60,11 @@ class Phrase:
 
   def words(self) -> list[str]:
     return [self.det] + ([self.size] if self.size else []) + [self.color, self.shape]
+
+  def canonical(self) -> tuple[str, str, str | None]:
+    """(colour, shape, size or None) as metadata names: 'grey' -> 'gray', 'box' -> 'square', 'big' -> 'large'."""
+    size = _canonical(self.size, SIZE_WORDS) if self.size else None
+    return _canonical(self.color, COLOR_WORDS), _canonical(self.shape, SHAPE_WORDS), size
 
 
 def _canonical(word: str, table: dict[str, tuple[str, ...]]) -> str:
@@ -150,6 +157,135 @@ def hard_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | 
     if not statement_holds(scene, nx, predicate, ny, strict=False):
       return positive, _fill(template, {'X': ' '.join(nx.words()), 'R': rel, 'Y': ' '.join(ny.words())}), kind
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Statement:
+  """What one reading of a caption states.
+
+  phrases: the noun phrases in the order their slots appear in the template (surface words, as generated).
+  relation: (index of the subject phrase, canonical predicate, index of the object phrase), e.g. (0, 'left', 1) for
+    "phrases[0] is left of phrases[1]"; None when the template has no relation.
+  counts: the object counts the template is used for ({1} for "only {A}", {2, 3} for "{X} {R} {Y}").
+  """
+  phrases: tuple[Phrase, ...]
+  relation: tuple[int, str, int] | None
+  counts: frozenset[int]
+
+
+_SLOT = re.compile(r'\{([A-Z])\}')
+
+
+def _alternatives(table: dict[str, tuple[str, ...]]) -> str:
+  return '|'.join(re.escape(w) for words in table.values() for w in words)
+
+
+def _phrase_pattern(slot: str) -> str:
+  det = '|'.join(map(re.escape, DETERMINERS))
+  return (f'(?P<{slot}_det>{det}) (?:(?P<{slot}_size>{_alternatives(SIZE_WORDS)}) )?'
+          f'(?P<{slot}_color>{_alternatives(COLOR_WORDS)}) (?P<{slot}_shape>{_alternatives(SHAPE_WORDS)})')
+
+
+@functools.cache
+def _readers() -> tuple[tuple[re.Pattern, tuple[str, ...], frozenset[int]], ...]:
+  """(full-caption regex, slots in template order, allowed object counts) for every distinct template."""
+  readers = []
+  for template in dict.fromkeys(itertools.chain.from_iterable(TEMPLATES.values())):
+    parts = []
+    for k, piece in enumerate(_SLOT.split(template)):  # odd pieces are slot names
+      if k % 2 == 0:
+        parts.append(re.escape(piece))
+      else:
+        parts.append(f'(?P<R>{_alternatives(RELATION_PHRASES)})' if piece == 'R' else _phrase_pattern(piece))
+    counts = frozenset(n for n, templates in TEMPLATES.items() if template in templates)
+    readers.append((re.compile(''.join(parts)), tuple(_SLOT.findall(template)), counts))
+  return tuple(readers)
+
+
+def parse_caption(text: str) -> tuple[Statement, ...]:
+  """Every reading of a caption under the templates (usually one), in template order; ValueError if none.
+
+  A template matches a caption at most one way: every phrase ends with a shape word that no template's own words
+  contain, so where each slot ends is fixed.
+  """
+  statements: dict[Statement, None] = {}
+  for regex, slots, counts in _readers():
+    m = regex.fullmatch(text)
+    if m is None:
+      continue
+    names = [s for s in slots if s != 'R']
+    phrases = tuple(Phrase(m[f'{s}_det'], m[f'{s}_size'], m[f'{s}_color'], m[f'{s}_shape']) for s in names)
+    relation = None
+    if 'R' in slots:
+      relation = (names.index('X'), _canonical(m['R'], RELATION_PHRASES), names.index('Y'))
+    statements[Statement(phrases, relation, counts)] = None
+  if not statements:
+    raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
+  return tuple(statements)
+
+
+def statement_fits(statement: Statement, scene: Scene) -> bool:
+  """Whether the scene makes every fact of the statement true.
+
+  The object count is one the template allows; the phrases name pairwise distinct objects (colour, shape and any
+  size match); the relation holds between the subject's and object's objects in its loosest reading.
+  """
+  if len(scene.objects) not in statement.counts:
+    return False
+  for chosen in itertools.permutations(scene.objects, len(statement.phrases)):
+    if not all(phrase_matches(p, o) for p, o in zip(statement.phrases, chosen)):
+      continue
+    if statement.relation is None:
+      return True
+    x, predicate, y = statement.relation
+    if relation_holds(chosen[x], predicate, chosen[y], strict=False):
+      return True
+  return False
+
+
+def caption_fits(text_or_statements: str | tuple[Statement, ...], scene: Scene) -> bool:
+  """Whether some reading of the caption (a string, or `parse_caption`'s readings) fits the scene."""
+  statements = parse_caption(text_or_statements) if isinstance(text_or_statements, str) else text_or_statements
+  return any(statement_fits(s, scene) for s in statements)
+
+
+def negative_caption(text: str, rng: np.random.Generator) -> str | None:
+  """A hard negative written from a caption alone: one binding broken, the words kept; None if it has no binding.
+
+  The two kinds `hard_pair` makes (NegCLIP-style), chosen uniformly among those the caption allows:
+  - the colour words of two phrases swapped, when the phrases differ in colour AND shape ("a red circle and a blue
+    box" -> "a blue circle and a red box");
+  - the bodies of the related phrases swapped, determiners kept, reversing the relation ("a red circle left of a
+    blue box" -> "a blue box left of a red circle").
+  Either is false of the caption's scene, whatever the scene: its colour-shape pairs are distinct and at most three,
+  so both swapped phrases cannot name objects, and the related pair stands in its relation one way only. Captions of
+  one object have no binding to break.
+  """
+  for regex, slots, _ in _readers():
+    m = regex.fullmatch(text)
+    if m is not None:
+      break
+  else:
+    raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
+  names = [slot for slot in slots if slot != 'R']
+  candidates = []  # each a list of (start, end, replacement) edits
+  for a, b in itertools.combinations(names, 2):
+    color_a, color_b = m[f'{a}_color'], m[f'{b}_color']
+    if (_canonical(color_a, COLOR_WORDS) != _canonical(color_b, COLOR_WORDS)
+        and _canonical(m[f'{a}_shape'], SHAPE_WORDS) != _canonical(m[f'{b}_shape'], SHAPE_WORDS)):
+      candidates.append([(*m.span(f'{a}_color'), color_b), (*m.span(f'{b}_color'), color_a)])
+  if 'R' in slots:
+    body = lambda slot: (m.end(f'{slot}_det') + 1, m.end(f'{slot}_shape'))
+    (x0, x1), (y0, y1) = body('X'), body('Y')
+    candidates.append([(x0, x1, text[y0:y1]), (y0, y1, text[x0:x1])])
+  if not candidates:
+    return None
+  edits = sorted(candidates[rng.integers(len(candidates))])
+  out, last = [], 0
+  for start, end, replacement in edits:
+    out += [text[last:start], replacement]
+    last = end
+  return ''.join(out + [text[last:]])
 
 
 def vocabulary() -> list[str]:
