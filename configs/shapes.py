@@ -27,6 +27,9 @@ def get_config(arg=None):
   config.optim.update(lr=5e-4, warmup_steps=min(100, args.steps // 10), weight_decay=0.02,
                       lr_multipliers=(('^(fusion|itm_head)/', 2.0),))
   config.loss.itm_hard_warmup_steps = args.steps
-  config.train.update(steps=args.steps, log_every=20, checkpoint_every=200, eval_every=0)
-  config.eval.update(k=16, chunk_size=256, score='itm', binding_split='test_hard')
+  config.train.update(steps=args.steps, log_every=20, checkpoint_every=200, eval_every=100)
+  # Recipes are chosen on validation (curves every train.eval_every steps); test and test_hard are read once, at the
+  # end of a run.
+  config.eval.update(k=16, chunk_size=256, score='itm', binding_split='test_hard', validation_split='validation',
+                     validation_images=500, validation_binding_split='validation_hard')
   return config

@@ -70,6 +70,31 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(shapes_dir, tmp_path, 
   assert evaluated['itc'] == pytest.approx(results['itc'])
 
 
+def test_validation_curves_and_the_oracle_are_written(shapes_dir, tmp_path):
+  from PIL import Image
+  from xmodal.train import loop
+  config = loop_config(shapes_dir, steps=4)
+  config.train.eval_every = 2
+  config.eval.update(validation_split='validation', validation_images=8, validation_binding_split='validation_hard',
+                     validation_k=2)
+  config.data.text_negatives = 'shapes'
+  config.loss.itm_written_negatives = 'add'
+  results = loop.train(config, tmp_path / 'run')
+  lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]
+  validation = [l for l in lines if 'val/itc/t2i_r1' in l]
+  assert [l['step'] for l in validation] == [2, 4]
+  for line in validation:  # the slice's ranks, its binding pairs, re-ranking and the oracle's ceiling
+    assert {'val/itc+itm/t2i_r1', 'val/binding/itm', 'val/oracle/t2i_r1'} <= line.keys()
+    assert line['val/binding/count'] == 8
+  assert validation[0]['val/oracle/t2i_r1'] == validation[1]['val/oracle/t2i_r1'] > 0
+  assert any('itm_written_acc' in l for l in lines)
+  # The final evaluation reads the test split once, with its oracle row.
+  assert results['split'] == 'test' and results['oracle']['t2i_r1'] >= results['itc']['t2i_r1']
+  assert 'oracle' in loop.evaluation.format_table(results)
+  with Image.open(tmp_path / 'run' / 'curves.png') as png:
+    assert png.format == 'PNG' and png.size[0] > 500
+
+
 def test_nonfinite_loss_stops_the_run_naming_the_step(shapes_dir, tmp_path):
   from xmodal.train import loop
   config = loop_config(shapes_dir, steps=4)

@@ -35,6 +35,34 @@ def test_contrastive_loss_matches_numpy(with_ids):
     assert 0.0 <= float(metrics[key]) <= 1.0
 
 
+def numpy_contrastive_with_negative_texts(image, text, negatives, valid, temperature):
+  """Image rows see the batch's texts and the existing negative texts; text rows see the images only."""
+  image, text, negatives = (x.astype(np.float64) for x in (image, text, negatives))
+  size = len(image)
+  lse = lambda v: np.log(np.sum(np.exp(v - v.max()))) + v.max()
+  total = 0.0
+  for row in range(size):
+    columns = np.concatenate([image[row] @ text.T, image[row] @ negatives[valid].T]) / temperature
+    total += -(columns[row] - lse(columns)) / size
+    column = text[row] @ image.T / temperature
+    total += -(column[row] - lse(column)) / size
+  return total / 2
+
+
+def test_contrastive_loss_with_negative_texts_matches_numpy():
+  image, text, _ = embedding_batch(2, ids=False)
+  negatives, _, _ = embedding_batch(3, ids=False)
+  valid = np.arange(len(image)) % 3 != 0
+  loss, metrics = losses.contrastive_loss(image, text, 0.07, None, jnp.asarray(negatives), jnp.asarray(valid))
+  np.testing.assert_allclose(float(loss), numpy_contrastive_with_negative_texts(image, text, negatives, valid, 0.07),
+                             rtol=1e-5)
+  # A negative text equal to an image's own caption takes the top of that image's row: i2t accuracy falls.
+  copies = jnp.asarray(text * 1.0)
+  _, fooled = losses.contrastive_loss(text, text, 0.07, None, copies * 1.01, jnp.ones(len(text), bool))
+  assert float(fooled['itc_i2t_acc']) < 1.0 and float(fooled['itc_t2i_acc']) == 1.0
+  assert np.isfinite(float(loss)) and 0.0 <= float(metrics['itc_i2t_acc']) <= 1.0
+
+
 def test_contrastive_accuracy_counts_duplicate_ids_as_correct():
   image, _, _ = embedding_batch(1, size=4)
   text = image[[1, 0, 2, 3]]  # text 0 matches image 1 best, but images 0 and 1 share an id

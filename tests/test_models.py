@@ -134,6 +134,35 @@ def test_position_embedding_resize_keeps_cls_and_identity_grid():
   np.testing.assert_allclose(resize_pos_embedding(flat, (7, 7))[:, 1:], 1.0, atol=1e-5)
 
 
+def test_sincos2d_position_embeddings_code_the_patch_grid():
+  from xmodal.models.vit import sincos2d_init
+  grid, width = 5, 16
+  posemb = np.asarray(sincos2d_init(None, (1, 1 + grid * grid, width)))
+  assert posemb.shape == (1, 1 + grid * grid, width)
+  np.testing.assert_array_equal(posemb[0, 0], 0.0)  # [CLS] has no position
+  code = posemb[0, 1:].reshape(grid, grid, width)
+  # Each (sin, cos) pair has unit norm: every patch's code has squared norm width / 2.
+  np.testing.assert_allclose(np.sum(code ** 2, axis=-1), width / 2, rtol=1e-6)
+  # The first half codes the row only, the second half the column only, and every patch's code is distinct.
+  np.testing.assert_allclose(code[:, :, :width // 2], code[:, :1, :width // 2].repeat(grid, axis=1), atol=1e-7)
+  np.testing.assert_allclose(code[:, :, width // 2:], code[:1, :, width // 2:].repeat(grid, axis=0), atol=1e-7)
+  flat = code.reshape(grid * grid, width)
+  distance = np.linalg.norm(flat[:, None] - flat[None], axis=-1)
+  assert np.all(distance[~np.eye(grid * grid, dtype=bool)] > 1e-3)
+  # Neighbours are closer than far patches along a row: the code carries the grid's geometry.
+  assert np.linalg.norm(code[2, 0] - code[2, 1]) < np.linalg.norm(code[2, 0] - code[2, 4])
+
+
+def test_sincos2d_is_the_initial_value_of_a_learned_parameter():
+  config = micro_model_config()
+  config.vision.posemb_init = 'sincos2d'
+  model = build(config)
+  params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  from xmodal.models.vit import sincos2d_init
+  expected = sincos2d_init(None, params['vision']['pos_embedding'].shape)
+  np.testing.assert_allclose(params['vision']['pos_embedding'], expected, atol=1e-7)
+
+
 def test_model_runs_at_another_resolution(tiny_setup):
   model, variables, _ = tiny_setup
   images = jnp.zeros((2, 48, 48, 3))

@@ -30,19 +30,26 @@ def test_flop_count_matches_a_hand_count():
   heads = 2 * 8 * 4 * 2 + 3 * 2 * 8 * 2 + 2 * 2 * 4  # two projections, ITM head on 3 pairs, similarity row (B=2)
   per_example = patch + vit_layer + text_layer + 3 * (text_layer + cross) + heads
   assert flops.train_flops(spec, batch=2) == 3 * 2 * per_example
+  # Without ITM the fusion encoder and its head do no work; with written negatives added, 4 pairs and 2 captions.
+  itm_head = 2 * 8 * 2
+  assert flops.train_flops(spec, batch=2, itm_pairs=0) == 3 * 2 * (per_example - 3 * (text_layer + cross + itm_head))
+  assert flops.train_flops(spec, batch=2, itm_pairs=4, extra_texts=1) == 3 * 2 * (
+      per_example + 2 * text_layer + cross + itm_head)
 
 
-def test_flop_count_is_close_to_xla_cost_analysis():
+@pytest.mark.parametrize('written', ['off', 'add', 'replace'])
+def test_flop_count_is_close_to_xla_cost_analysis(written):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs."""
   from xmodal.objective import compute_loss
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
   model = build(config.model)
   params = nn.unbox(state_lib.abstract_params(model))
-  batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0)))
-  lowered = jax.jit(lambda p, b: compute_loss(model, p, b, jax.random.key(0), LossWeights())[0]).lower(params, batch)
+  weights = LossWeights(itm_written_negatives=written)
+  batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True))
+  lowered = jax.jit(lambda p, b: compute_loss(model, p, b, jax.random.key(0), weights)[0]).lower(params, batch)
   xla = lowered.compile().cost_analysis()['flops']
-  ours = sum(flops.forward_flops(model.spec, 8).values())
+  ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts).values())
   assert 0.75 * xla <= ours <= 1.05 * xla, (ours, xla)
 
 

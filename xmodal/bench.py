@@ -43,16 +43,23 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
   return statistics.median([time_one() for _ in range(repeats)])
 
 
-def synthetic_batch(spec, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  """Random inputs of the model's shapes; captions of random length; distinct image ids."""
+def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool = False) -> dict[str, np.ndarray]:
+  """Random inputs of the model's shapes; captions of random length; distinct image ids; with `negatives`, a written
+  negative caption per example too (as data.text_negatives gives)."""
   length = spec.max_text_len
-  lengths = rng.integers(length // 3, length + 1, size=batch)
-  return {
-      'images': rng.normal(size=(batch, spec.image_size, spec.image_size, 3)).astype(np.float32),
-      'text_ids': rng.integers(5, spec.text.vocab_size, size=(batch, length)).astype(np.int32),
-      'text_mask': (np.arange(length)[None] < lengths[:, None]).astype(np.int32),
-      'image_ids': np.arange(batch, dtype=np.int64),
-  }
+
+  def texts() -> tuple[np.ndarray, np.ndarray]:
+    lengths = rng.integers(length // 3, length + 1, size=batch)
+    return (rng.integers(5, spec.text.vocab_size, size=(batch, length)).astype(np.int32),
+            (np.arange(length)[None] < lengths[:, None]).astype(np.int32))
+
+  ids, mask = texts()
+  out = {'images': rng.normal(size=(batch, spec.image_size, spec.image_size, 3)).astype(np.float32),
+         'text_ids': ids, 'text_mask': mask, 'image_ids': np.arange(batch, dtype=np.int64)}
+  if negatives:
+    out['negative_ids'], out['negative_mask'] = texts()
+    out['negative_valid'] = np.ones((batch,), bool)
+  return out
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
@@ -81,7 +88,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch = parallel.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0)), mesh)
+    batch = parallel.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
+                                                    negatives=bool(config.data.text_negatives)), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     options = compiler_options(config)
@@ -104,7 +112,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   if time_matmul is not None:
     peak = statistics.median(peaks)
   step_time = statistics.median(times)
-  step_flops = flops.train_flops(model.spec, batch_size)
+  weights = LossWeights.from_config(config.loss)
+  step_flops = flops.train_flops(model.spec, batch_size, weights.itm_pairs, weights.extra_texts)
   per_device = step_flops / step_time / jax.device_count()
   memory = None
   stats = jax.devices()[0].memory_stats() or {}

@@ -138,6 +138,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f'{config.eval.score!r} is not one of (\'itm\', \'itm+itc\')')
   if 'loss' in config:
     loss = config.loss
+    if 'itm_subsample' in loss:
+      _require(loss.itm_subsample >= 1, 'loss.itm_subsample', f'must be >= 1, got {loss.itm_subsample}')
+      if 'data' in config:
+        _require(config.data.batch_size % loss.itm_subsample == 0, 'loss.itm_subsample',
+                 f'{loss.itm_subsample} does not divide data.batch_size={config.data.batch_size}')
+    if loss.get('itc_written_negatives'):
+      _require(not loss.get('chunked'), 'loss.itc_written_negatives', 'the ring form (loss.chunked) has no extra columns')
+      if 'data' in config:
+        _require(config.data.text_negatives, 'loss.itc_written_negatives',
+                 'needs negatives from the data: set data.text_negatives')
+    if 'itm_written_negatives' in loss:
+      _require(loss.itm_written_negatives in WRITTEN_NEGATIVES, 'loss.itm_written_negatives',
+               f'{loss.itm_written_negatives!r} is not one of {WRITTEN_NEGATIVES}')
+      if 'data' in config:
+        _require(loss.itm_written_negatives == 'off' or config.data.text_negatives, 'loss.itm_written_negatives',
+                 f'{loss.itm_written_negatives!r} needs negatives from the data: set data.text_negatives')
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight'):
       if name in loss:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
@@ -146,6 +162,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 ATTENTION_IMPLS = ('xla', 'cudnn')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+POSEMB_INITS = ('normal', 'sincos2d')
+WRITTEN_NEGATIVES = ('off', 'replace', 'add')
 
 
 def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> None:
@@ -166,6 +184,8 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> N
   _require(model.attention in ATTENTION_IMPLS, f'{prefix}.attention',
            f'{model.attention!r} is not one of {ATTENTION_IMPLS}')
   _require(model.remat in REMAT_POLICIES, f'{prefix}.remat', f'{model.remat!r} is not one of {REMAT_POLICIES}')
+  _require(vit.posemb_init in POSEMB_INITS, f'{prefix}.vision.posemb_init',
+           f'{vit.posemb_init!r} is not one of {POSEMB_INITS}')
   _require(model.dtype in COMPUTE_DTYPES, f'{prefix}.dtype', f'{model.dtype!r} is not one of {COMPUTE_DTYPES}')
   _require(0.001 <= model.temperature_init <= 0.5, f'{prefix}.temperature_init',
            f'{model.temperature_init} is outside [0.001, 0.5]')

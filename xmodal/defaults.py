@@ -36,6 +36,15 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # ITM negatives: uniform at step 0, ALBEF's hard (∝ softmax of ITC similarity) from this step on; 0 = hard
       # throughout (ALBEF, which starts from pretrained towers).
       'itm_hard_warmup_steps': 0,
+      # ITM's use of the negatives the data writes (data.text_negatives): 'off', 'replace' (each image's negative
+      # text is its written one where it has one; 3B pairs) or 'add' (B more pairs; 4B).
+      'itm_written_negatives': 'off',
+      # ITM pairs from every k-th example (1 = all, ALBEF): fusion cost / k; ITC and the negatives' candidates keep
+      # the whole batch.
+      'itm_subsample': 1,
+      # ITC's image-to-text softmax also sees the written negatives as columns (NegCLIP; needs data.text_negatives,
+      # not with `chunked`).
+      'itc_written_negatives': False,
       # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses_chunked.py): same values, memory per device
       # linear in the local batch. (ITM's hard-negative sampling still forms the (B, B) similarity.)
       'chunked': False,
@@ -66,7 +75,10 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'log_every': 50,
       'checkpoint_every': 1000,
       'keep_checkpoints': 3,
-      'eval_every': 0,  # 0 = only at the end
+      # Every this many steps, evaluate on eval.validation_split (ITC R@1 both ways, binding, the oracle where the
+      # dataset has one) into metrics.jsonl / TensorBoard under 'val/'; 0 = never. The test split (data.eval_split)
+      # is read once, at the end.
+      'eval_every': 0,
       'grad_accum': 1,  # micro-batches per step; see xmodal/train/step.py for what it does to negatives
       'nan_policy': 'stop',  # 'stop': a non-finite loss ends the run naming the step; 'skip': drop that update
       'compilation_cache_dir': '',  # persistent XLA compilation cache ('' = off)
@@ -80,6 +92,13 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'score': 'itm',  # 'itm' (ALBEF) or 'itm+itc' (BLIP)
       'chunk_size': 256,  # (query, candidate) pairs per fusion-encoder call
       'binding_split': '',  # a split of (true, hard negative) caption pairs, e.g. 'test_hard' ('' = none)
+      # What train.eval_every evaluates: a split to choose recipes on ('' = none), its first `validation_images`
+      # images (0 = all), a binding split beside it ('' = none), and ITC top-`validation_k` re-ranked by ITM
+      # (0 = ITC only: re-ranking costs a fusion pass per candidate).
+      'validation_split': '',
+      'validation_images': 0,
+      'validation_binding_split': '',
+      'validation_k': 0,
   })
   config.init = ml_collections.ConfigDict({
       'text': '',  # Hugging Face BERT directory for the text tower (and the fusion layers' self-attention/MLP)

@@ -88,41 +88,51 @@ def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, c
   Args:
     embedded: the split from `embed_dataset`.
     match_fn: jitted (text tokens, text mask, image tokens) -> logits (P, 2), e.g. `match_fn_for(model, variables)`.
-    k: candidates re-ranked per query (ALBEF: 128 Flickr30K, 256 COCO).
+    k: candidates re-ranked per query (ALBEF: 128 Flickr30K, 256 COCO); 0 = no re-ranking (ITC only).
     chunk_size: (text, image) pairs per fusion call.
     score: the re-ranking score, one of `ITM_SCORES`.
     binding: optional hard-negative set (e.g. xmodal_shapes test_hard).
 
   Returns:
-    {'itc': metrics, 'itc+itm': metrics[, 'binding': {'itc', 'itm', 'count'}]}, metrics keyed by `METRIC_KEYS`.
+    {'itc': metrics[, 'itc+itm': metrics][, 'binding': {'itc', 'itm', 'count'}]}, metrics keyed by `METRIC_KEYS`.
   """
   sim = np.asarray(embedded.image_emb, np.float32) @ np.asarray(embedded.text_emb, np.float32).T  # (I, T)
-  i2t, t2i = rerank(match_fn, embedded.image_tokens, embedded.text_tokens, embedded.text_mask, sim, k,
-                    chunk_size=chunk_size, score=score)
-  results: dict[str, Any] = {
-      'itc': retrieval_metrics(sim, embedded.text_to_image),
-      'itc+itm': retrieval_metrics(i2t, embedded.text_to_image, sim_t2i=t2i),
-  }
+  results: dict[str, Any] = {'itc': retrieval_metrics(sim, embedded.text_to_image)}
+  if k > 0:
+    i2t, t2i = rerank(match_fn, embedded.image_tokens, embedded.text_tokens, embedded.text_mask, sim, k,
+                      chunk_size=chunk_size, score=score)
+    results['itc+itm'] = retrieval_metrics(i2t, embedded.text_to_image, sim_t2i=t2i)
   if binding is not None:
     results['binding'] = binding_accuracy(match_fn, binding, chunk_size)
   return results
 
 
-_ROW_NAMES = {'itc': 'ITC', 'itc+itm': 'ITC+ITM'}
+_ROW_NAMES = {'itc': 'ITC', 'itc+itm': 'ITC+ITM', 'oracle': 'oracle'}
 
 
 def format_table(results: dict[str, Any]) -> str:
-  """The results of `evaluate_retrieval` (optionally with 'zero_shot': percent) as a fixed-width text table."""
+  """The results of `evaluate_retrieval` (optionally with 'oracle': metrics and 'zero_shot': percent) as a
+  fixed-width text table; with an oracle, each model row's R@1 is also given as a percentage of the oracle's."""
   header = f'{"":<8} {"i2t R@1":>8} {"R@5":>6} {"R@10":>6}   {"t2i R@1":>8} {"R@5":>6} {"R@10":>6}   {"R mean":>6}'
   lines = [header]
+  oracle = results.get('oracle')
   for key, name in _ROW_NAMES.items():
     if key in results:
       m = results[key]
-      lines.append(f'{name:<8} {m["i2t_r1"]:>8.2f} {m["i2t_r5"]:>6.2f} {m["i2t_r10"]:>6.2f}   '
-                   f'{m["t2i_r1"]:>8.2f} {m["t2i_r5"]:>6.2f} {m["t2i_r10"]:>6.2f}   {m["r_mean"]:>6.2f}')
+      line = (f'{name:<8} {m["i2t_r1"]:>8.2f} {m["i2t_r5"]:>6.2f} {m["i2t_r10"]:>6.2f}   '
+              f'{m["t2i_r1"]:>8.2f} {m["t2i_r5"]:>6.2f} {m["t2i_r10"]:>6.2f}   {m["r_mean"]:>6.2f}')
+      if oracle and key != 'oracle':
+        line += (f'   R@1 of oracle: i2t {of_oracle(m, oracle, "i2t_r1"):.0f} %, '
+                 f't2i {of_oracle(m, oracle, "t2i_r1"):.0f} %')
+      lines.append(line)
   if 'binding' in results:
     b = results['binding']
     lines.append(f'binding accuracy ({b["count"]} images): ITC {b["itc"]:.2f}  ITM {b["itm"]:.2f}')
   if 'zero_shot' in results:
     lines.append(f'zero-shot top-1: {results["zero_shot"]:.2f}')
   return '\n'.join(lines)
+
+
+def of_oracle(metrics: dict[str, float], oracle: dict[str, float], key: str) -> float:
+  """metrics[key] as a percentage of the oracle's (nan when the oracle's is 0)."""
+  return 100.0 * metrics[key] / oracle[key] if oracle[key] else float('nan')

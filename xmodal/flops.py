@@ -41,27 +41,27 @@ def _layer(tokens: int, width: int, mlp: int) -> int:
   return projections + attention + 2 * (2 * tokens * width * mlp)
 
 
-def forward_flops(spec: ModelSpec, batch: int) -> dict[str, int]:
+def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
-  The fusion encoder runs on 3B pairs (B positives, 2B hard negatives); its cross-attention projects the image tokens
-  to keys and values once per pair.
+  The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
+  `LossWeights.itm_pairs`); its cross-attention projects the image tokens to keys and values once per pair.
+  `extra_texts` x B more captions go through the text tower (the data's written negatives).
   """
   v, t = spec.vision, spec.text
-  patches = (spec.image_size // v.patch_size) ** 2
-  n = 1 + patches
+  n = 1 + (spec.image_size // v.patch_size) ** 2
   length = spec.max_text_len
-  vision = 2 * patches * (v.patch_size ** 2 * 3) * v.width + v.depth * _layer(n, v.width, v.mlp_dim)
-  text = t.depth * _layer(length, t.width, t.mlp_dim)
+  vision = 2 * (n - 1) * (v.patch_size ** 2 * 3) * v.width + v.depth * _layer(n, v.width, v.mlp_dim)
+  text = (1 + extra_texts) * t.depth * _layer(length, t.width, t.mlp_dim)
   cross = (2 * length * t.width * t.width + 2 * n * v.width * (2 * t.width)  # Q; K and V from image tokens
            + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output
-  fusion = 3 * spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
-  heads = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim + 3 * 2 * t.width * 2
+  fusion = itm_pairs * spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
+  heads = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim + itm_pairs * 2 * t.width * 2
   similarity = 2 * batch * spec.embed_dim  # one row of the (B, B) similarity matrix per example
-  return {'vision': batch * vision, 'text': batch * text, 'fusion': batch * fusion,
-          'heads': batch * (heads + similarity)}
+  parts = {'vision': vision, 'text': text, 'fusion': fusion, 'heads': heads + similarity}
+  return {part: int(round(batch * value)) for part, value in parts.items()}
 
 
-def train_flops(spec: ModelSpec, batch: int) -> int:
-  """Model FLOPs of one training step (forward + backward = 3 x forward)."""
-  return 3 * sum(forward_flops(spec, batch).values())
+def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0) -> int:
+  """Model FLOPs of one training step (forward + backward = 3 x forward); arguments as `forward_flops`."""
+  return 3 * sum(forward_flops(spec, batch, itm_pairs, extra_texts).values())

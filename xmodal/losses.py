@@ -19,6 +19,9 @@ def positives(ids: jax.Array | None, size: int) -> jax.Array:
   return ids[:, None] == ids[None, :]
 
 
+_ABSENT = -1e9  # the logit of a column that does not exist
+
+
 def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
 
@@ -30,7 +33,8 @@ def _accuracy(logits: jax.Array, positive: jax.Array) -> jax.Array:
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array,
-                     ids: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                     ids: jax.Array | None = None, negative_text_emb: jax.Array | None = None,
+                     negative_valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric InfoNCE (CLIP/ALBEF ITC) over the whole batch.
 
   Args:
@@ -39,6 +43,10 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax
     temperature: scalar; logits are cosine similarities divided by it.
     ids: (B,) image ids or None. Examples with equal ids are all positives of each other, and the target
       distribution is spread evenly over them (ALBEF's `sim_targets` for duplicated images).
+    negative_text_emb: optional (N, E) texts that describe no image of the batch (e.g. written hard negatives,
+      NegCLIP): extra columns of every image's softmax over texts, never a target. The text-to-image direction is
+      unchanged.
+    negative_valid: (N,) bool, False for rows of `negative_text_emb` that do not exist; None = all exist.
 
   Returns:
     (loss, metrics) with metrics 'itc_loss', 'itc_i2t_acc', 'itc_t2i_acc'.
@@ -46,8 +54,17 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax
   logits = jnp.einsum('ie,te->it', image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)) / temperature
   positive = positives(ids, logits.shape[0])
   targets = positive / jnp.sum(positive, axis=-1, keepdims=True)
-  loss = 0.5 * (_soft_cross_entropy(logits, targets) + _soft_cross_entropy(logits.T, targets.T))
-  return loss, {'itc_loss': loss, 'itc_i2t_acc': _accuracy(logits, positive),
+  i2t_logits, i2t_targets, i2t_positive = logits, targets, positive
+  if negative_text_emb is not None:
+    extra = jnp.einsum('ie,ne->in', image_emb.astype(jnp.float32), negative_text_emb.astype(jnp.float32)) / temperature
+    if negative_valid is not None:
+      # Finite, not -inf: a zero target times log(0) would be NaN.
+      extra = jnp.where(negative_valid[None, :], extra, _ABSENT)
+    i2t_logits = jnp.concatenate([logits, extra], axis=1)
+    i2t_targets = jnp.concatenate([targets, jnp.zeros_like(extra)], axis=1)
+    i2t_positive = jnp.concatenate([positive, jnp.zeros(extra.shape, bool)], axis=1)
+  loss = 0.5 * (_soft_cross_entropy(i2t_logits, i2t_targets) + _soft_cross_entropy(logits.T, targets.T))
+  return loss, {'itc_loss': loss, 'itc_i2t_acc': _accuracy(i2t_logits, i2t_positive),
                 'itc_t2i_acc': _accuracy(logits.T, positive.T)}
 
 

@@ -8,6 +8,7 @@ text).
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,35 @@ class LossWeights:
   # hard from the start. Hard negatives chosen by a still-random ITC are the hardest pairs there are, and a fusion
   # encoder trained from scratch on them alone stays at the prior (see README "Shapes run").
   itm_hard_warmup: int = 0
+  # What ITM does with the negatives the data writes (batch 'negative_ids', data.text_negatives): 'off' ignores them;
+  # 'replace' makes each image's negative text its written one where it has one (3B pairs, as ALBEF); 'add' scores
+  # them as B more pairs (4B).
+  itm_written_negatives: str = 'off'
+  # ITM's pairs come from every k-th example of the batch (1 = all, ALBEF): the fusion encoder's cost falls k-fold
+  # while ITC keeps the whole batch, and negatives are still drawn from all of it.
+  itm_subsample: int = 1
+  # ITC's image-to-text softmax also sees the batch's written negatives as columns (NegCLIP); not with `chunked`.
+  itc_written_negatives: bool = False
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict) -> LossWeights:
     return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight),
-               chunked=bool(loss.chunked), itm_hard_warmup=int(loss.itm_hard_warmup_steps))
+               chunked=bool(loss.chunked), itm_hard_warmup=int(loss.itm_hard_warmup_steps),
+               itm_written_negatives=str(loss.itm_written_negatives), itm_subsample=int(loss.itm_subsample),
+               itc_written_negatives=bool(loss.itc_written_negatives))
+
+  @property
+  def itm_pairs(self) -> float:
+    """(text, image) pairs per example through the fusion encoder: 3 (ALBEF), 4 with 'add', 0 without ITM; divided
+    by `itm_subsample`."""
+    if self.itm <= 0:
+      return 0
+    return (4 if self.itm_written_negatives == 'add' else 3) / self.itm_subsample
+
+  @property
+  def extra_texts(self) -> float:
+    """Captions per example through the text tower beyond the batch's own: the written negatives, when used."""
+    return int(self.itc_written_negatives or (self.itm > 0 and self.itm_written_negatives != 'off'))
 
   def negative_hardness(self, step: jax.Array | None) -> jax.Array:
     """1 = ALBEF's hard negatives, 0 = uniform ones; rises linearly over `itm_hard_warmup` steps."""
@@ -50,8 +75,17 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
   metrics = {'temperature': temperature}
   total = jnp.zeros((), jnp.float32)
 
-  contrastive = losses_chunked.contrastive_loss if weights.chunked else losses.contrastive_loss
-  itc, itc_metrics = contrastive(image_emb, text_emb, temperature, ids)
+  written = None  # the data's written negatives through the text tower, when a loss uses them
+  if 'negative_ids' in batch and (weights.itc_written_negatives or
+                                  (weights.itm > 0 and weights.itm_written_negatives != 'off')):
+    tokens, emb = module.encode_text(batch['negative_ids'], batch['negative_mask'])
+    written = WrittenNegatives(tokens, batch['negative_mask'], emb, batch['negative_valid'].astype(bool))
+
+  if weights.itc_written_negatives and written is not None:
+    itc, itc_metrics = losses.contrastive_loss(image_emb, text_emb, temperature, ids, written.emb, written.valid)
+  else:
+    contrastive = losses_chunked.contrastive_loss if weights.chunked else losses.contrastive_loss
+    itc, itc_metrics = contrastive(image_emb, text_emb, temperature, ids)
   metrics.update(itc_metrics)
   total += weights.itc * itc
 
@@ -63,24 +97,70 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     total += weights.sigmoid * sig
 
   if weights.itm > 0:
-    hardness = weights.negative_hardness(step)
     sim = jnp.einsum('ie,te->it', image_emb, text_emb) / temperature
-    negatives = losses.sample_hard_negatives(rng, sim, ids, hardness)
-    metrics['itm_hardness'] = hardness
-    text_mask = batch['text_mask']
-    # Rows: B positives, then B texts with their negative image, then B images with their negative text.
-    pair_text = jnp.concatenate([text_tokens, text_tokens, text_tokens[negatives.text_for_image]])
-    pair_mask = jnp.concatenate([text_mask, text_mask, text_mask[negatives.text_for_image]])
-    pair_image = jnp.concatenate([image_tokens, image_tokens[negatives.image_for_text], image_tokens])
-    logits = module.match(pair_text, pair_mask, pair_image)
-    size = image_emb.shape[0]
-    negative_valid = jnp.concatenate([negatives.image_for_text_valid, negatives.text_for_image_valid])
-    itm, itm_metrics = losses.matching_loss(logits[:size], logits[size:], negative_valid)
+    itm, itm_metrics = _matching(batch, image_tokens, text_tokens, written, sim, rng, weights, step, module)
     metrics.update(itm_metrics)
     total += weights.itm * itm
 
   metrics['loss'] = total
   return total, metrics
+
+
+class WrittenNegatives(NamedTuple):
+  """The data's written negative captions through the text tower: tokens (B, L, Dt), mask (B, L), emb (B, E),
+  valid (B,) bool (False where a caption had none)."""
+  tokens: jax.Array
+  mask: jax.Array
+  emb: jax.Array
+  valid: jax.Array
+
+
+def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens: jax.Array,
+              written: WrittenNegatives | None, sim: jax.Array, rng: jax.Array, weights: LossWeights,
+              step: jax.Array | None, module: XModal) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ITM over the pairs of every `itm_subsample`-th example: its positive, its text with a negative image, its image
+  with a negative text (the data's written one instead, or in addition, per `itm_written_negatives`).
+
+  Negatives are drawn over the whole batch's similarity `sim` (B, B), so subsampling thins the pairs, not the
+  candidates. Tower outputs are reused; only the fusion encoder runs again.
+  """
+  hardness = weights.negative_hardness(step)
+  negatives = losses.sample_hard_negatives(rng, sim, batch.get('image_ids'), hardness)
+  pick = slice(None, None, weights.itm_subsample)  # strided: every shard of a sharded batch keeps its share
+  # Rows: n positives, then n texts with their negative image, then n images with their negative text.
+  negative_image = image_tokens[negatives.image_for_text[pick]]
+  negative_text = text_tokens[negatives.text_for_image[pick]]
+  negative_mask = batch['text_mask'][negatives.text_for_image[pick]]
+  image_tokens, text_tokens, text_mask = image_tokens[pick], text_tokens[pick], batch['text_mask'][pick]
+  negative_text_valid = negatives.text_for_image_valid[pick]
+  written = written if weights.itm_written_negatives != 'off' else None
+  if written is not None:
+    written_tokens = written.tokens[pick].astype(text_tokens.dtype)
+    written_mask, written_valid = written.mask[pick], written.valid[pick]
+  if written is not None and weights.itm_written_negatives == 'replace':
+    use = written_valid[:, None, None]
+    negative_text = jnp.where(use, written_tokens, negative_text)
+    negative_mask = jnp.where(use[..., 0], written_mask, negative_mask)
+    negative_text_valid = written_valid | negative_text_valid
+  pair_text = [text_tokens, text_tokens, negative_text]
+  pair_mask = [text_mask, text_mask, negative_mask]
+  pair_image = [image_tokens, negative_image, image_tokens]
+  negative_valid = [negatives.image_for_text_valid[pick], negative_text_valid]
+  if written is not None and weights.itm_written_negatives == 'add':
+    pair_text.append(written_tokens)
+    pair_mask.append(written_mask)
+    pair_image.append(image_tokens)
+    negative_valid.append(written_valid)
+  logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), jnp.concatenate(pair_image))
+  size = image_tokens.shape[0]
+  itm, metrics = losses.matching_loss(logits[:size], logits[size:], jnp.concatenate(negative_valid))
+  metrics['itm_hardness'] = hardness
+  if written is not None:
+    # How often the written negatives (the binding the test measures) are told apart: rows 2n..3n or 3n..4n.
+    rows = logits[(2 if weights.itm_written_negatives == 'replace' else 3) * size:][:size]
+    correct = (jnp.argmax(rows, axis=-1) == 0) & written_valid
+    metrics['itm_written_acc'] = jnp.sum(correct) / jnp.maximum(jnp.sum(written_valid), 1)
+  return itm, metrics
 
 
 def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights,
@@ -90,7 +170,9 @@ def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Ar
   Args:
     model: the XModal module.
     params: its parameters (boxed or plain).
-    batch: {'images' (B, H, W, 3) float, 'text_ids' (B, L) int, 'text_mask' (B, L), 'image_ids' (B,) optional}.
+    batch: {'images' (B, H, W, 3) float, 'text_ids' (B, L) int, 'text_mask' (B, L), 'image_ids' (B,) optional,
+      and optionally the data's written negatives 'negative_ids' (B, L), 'negative_mask' (B, L),
+      'negative_valid' (B,) bool}.
     rng: PRNG key for the hard-negative sampling.
     weights: loss weights.
     step: the training step, for the ITM negatives' hardness schedule (None = fully hard).

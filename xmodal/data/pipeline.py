@@ -252,6 +252,29 @@ def _tokenize_fn(tokenizer, max_len: int):
   return tokenize
 
 
+def _negatives_fn(kind: str):
+  """(captions (k,) string, keys (k, 2) int64) -> (k,) negatives ('' where a caption has none), or None for ''.
+
+  Each negative is a pure function of its caption and the example's key, so a resumed run writes the same ones.
+  """
+  if not kind:
+    return None
+  from xmodal.data import shapes_captions  # pylint: disable=g-import-not-at-top
+
+  def write(texts: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    out = []
+    for text, key in zip(texts, keys):
+      negative = shapes_captions.negative_caption(text.decode('utf-8'), np.random.default_rng(key.tolist()))
+      out.append((negative or '').encode('utf-8'))
+    return np.array(out, dtype=object)
+
+  def negatives(texts: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+    out = tf.numpy_function(write, [texts, keys], tf.string, stateful=False)
+    out.set_shape(texts.shape)
+    return out
+  return negatives
+
+
 def load_tokenizer(config: ml_collections.ConfigDict):
   from xmodal.data.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
   return load(config.tokenizer)
@@ -300,8 +323,12 @@ class TrainIterator(Iterator[dict]):
     truncated, empty = (int(c) for c in batch['counts'][-1])
     skipped = state['consumed'] - state['yielded']
     state['skipped'] = {'truncated': truncated, 'empty_caption': empty, 'bad_image': skipped - truncated - empty}
-    return {'images': batch['images'], 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask'],
-            'image_ids': batch['image_ids']}
+    out = {'images': batch['images'], 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask'],
+           'image_ids': batch['image_ids']}
+    if 'negative_ids' in batch:
+      out.update(negative_ids=batch['negative_ids'], negative_mask=batch['negative_mask'],
+                 negative_valid=batch['negative_valid'])
+    return out
 
   def state(self) -> dict:
     """The JSON-able state after the last batch returned; pass it to `train_iterator(..., state=)` to resume."""
@@ -324,7 +351,11 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
     ds = _indexed_order(source, config.seed, state['position'], config.batch_size, process_index, process_count)
   else:
     ds = _stream_order(source, config.seed, config.shuffle_buffer, state['epoch'], state['position'])
-  choose = lambda texts, chunk: {'text': preprocess.choose_captions(texts, chunk['key'])}
+  negatives = _negatives_fn(config.text_negatives)
+
+  def choose(texts: tf.RaggedTensor, chunk: dict) -> dict:
+    text = preprocess.choose_captions(texts, chunk['key'])
+    return {'text': text} if negatives is None else {'text': text, 'negative': negatives(text, chunk['key'])}
   ds = _checked_chunks(ds, (state['skipped']['truncated'], state['skipped']['empty_caption']), choose)
   ds = _decoded(ds, lambda e: _train_example(config, e), _threads(config))
   ds = ds.batch(batch, drop_remainder=True)
@@ -332,8 +363,12 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
 
   def finish(b: dict) -> dict:
     ids, mask = tokenize(b['text'])
-    return {'images': b['image'], 'text_ids': ids, 'text_mask': mask, 'image_ids': b['image_id'],
-            'epoch': b['epoch'], 'q': b['q'], 'rel': b['rel'], 'counts': b['counts']}
+    out = {'images': b['image'], 'text_ids': ids, 'text_mask': mask, 'image_ids': b['image_id'],
+           'epoch': b['epoch'], 'q': b['q'], 'rel': b['rel'], 'counts': b['counts']}
+    if negatives is not None:
+      out['negative_ids'], out['negative_mask'] = tokenize(b['negative'])
+      out['negative_valid'] = tf.strings.length(b['negative']) > 0
+    return out
 
   ds = ds.map(finish, num_parallel_calls=2, deterministic=True)
   return _options(ds.prefetch(config.prefetch))

@@ -12,6 +12,7 @@ Evaluation batches (host numpy, one per step):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Iterable, Mapping
 
 import jax
@@ -72,8 +73,7 @@ def embed_dataset(model: XModal, variables, batches: Iterable[Mapping[str, np.nd
   Returns:
     The `Embedded` split, in batch order.
   """
-  encode_image = jax.jit(lambda v, x: model.apply(v, x, method=XModal.encode_image))
-  encode_text = jax.jit(lambda v, ids, mask: model.apply(v, ids, mask, method=XModal.encode_text))
+  encode_image, encode_text = _jitted_encoders(model)
   put = (lambda x: x) if mesh is None else _sharded_put(mesh)
   parts = {k: [] for k in ('image_emb', 'image_tokens', 'image_ids', 'text_emb', 'text_tokens', 'text_mask',
                            'text_to_image')}
@@ -100,6 +100,14 @@ def embed_dataset(model: XModal, variables, batches: Iterable[Mapping[str, np.nd
   if not parts['image_emb']:
     raise ValueError('embed_dataset got no batches')
   return Embedded(**{k: np.concatenate(v) for k, v in parts.items()})
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_encoders(model: XModal):
+  # One pair of jitted towers per model (modules hash by their fields): a run that evaluates every N steps compiles
+  # them once.
+  return (jax.jit(lambda v, x: model.apply(v, x, method=XModal.encode_image)),
+          jax.jit(lambda v, ids, mask: model.apply(v, ids, mask, method=XModal.encode_text)))
 
 
 def _sharded_put(mesh: Mesh):

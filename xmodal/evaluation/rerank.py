@@ -14,6 +14,7 @@ scored once. Image and text tokens are computed once per item (`embed.embed_data
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -35,8 +36,14 @@ def match_fn_for(model: XModal, variables) -> MatchFn:
 
   Calls with the same chunk shape share one compilation, whatever gallery the chunks come from.
   """
-  apply = jax.jit(lambda v, t, m, i: model.apply(v, t, m, i, method=XModal.match))
+  apply = _jitted_match(model)
   return lambda text_tokens, text_mask, image_tokens: apply(variables, text_tokens, text_mask, image_tokens)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_match(model: XModal):
+  # One jitted function per model (modules hash by their fields): a run that evaluates every N steps compiles once.
+  return jax.jit(lambda v, t, m, i: model.apply(v, t, m, i, method=XModal.match))
 
 
 @jax.jit

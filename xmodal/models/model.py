@@ -32,6 +32,7 @@ class VisionSpec:
   mlp_dim: int
   patch_size: int
   layer_norm_eps: float
+  posemb_init: str = 'normal'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class XModal(nn.Module):
     dtype = jnp.dtype(s.dtype)
     common = dict(dtype=dtype, attention=s.attention, scan_layers=s.scan_layers, remat=s.remat)
     self.vision = VisionEncoder(s.vision.width, s.vision.depth, s.vision.heads, s.vision.mlp_dim, s.vision.patch_size,
-                                s.image_size, s.vision.layer_norm_eps, **common)
+                                s.image_size, s.vision.layer_norm_eps, posemb_init=s.vision.posemb_init, **common)
     self.text = TextEncoder(s.text.vocab_size, s.text.width, s.text.depth, s.text.heads, s.text.mlp_dim,
                             s.text.max_positions, s.text.type_vocab_size, s.text.layer_norm_eps, **common)
     self.fusion = FusionEncoder(s.fusion_depth, s.text.heads, s.text.mlp_dim, s.text.layer_norm_eps, **common)

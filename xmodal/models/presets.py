@@ -63,7 +63,10 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'size': size,
       'image_size': p.image_size,
       'vision': {'width': p.vision.width, 'depth': p.vision.depth, 'heads': p.vision.heads,
-                 'mlp_dim': p.vision.mlp_dim, 'patch_size': p.patch_size, 'layer_norm_eps': 1e-6},
+                 'mlp_dim': p.vision.mlp_dim, 'patch_size': p.patch_size, 'layer_norm_eps': 1e-6,
+                 # Initial position embeddings: 'normal' (std 0.02, ViT) or 'sincos2d' (the patch grid's 2D
+                 # sine-cosine code; still learned). A pretrained checkpoint overwrites either.
+                 'posemb_init': 'normal'},
       'text': {'width': p.text.width, 'depth': p.text.depth, 'heads': p.text.heads, 'mlp_dim': p.text.mlp_dim,
                'vocab_size': p.vocab_size, 'max_positions': p.max_positions, 'type_vocab_size': 2,
                'layer_norm_eps': 1e-12},

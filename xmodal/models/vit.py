@@ -28,6 +28,29 @@ def resize_pos_embedding(posemb: jax.Array, grid: tuple[int, int], method: str =
   return jnp.concatenate([cls, patches.reshape(1, grid[0] * grid[1], width).astype(posemb.dtype)], axis=1)
 
 
+def sincos2d_init(key, shape, dtype=jnp.float32):
+  """Position embeddings (1, 1 + g*g, D) set to a 2D sine-cosine code of each patch's (row, column), [CLS] zero.
+
+  An initial value, still learned: the model knows from step 0 which patches are near and which is left of which,
+  instead of discovering the grid (from scratch on little data, that is what spatial relations wait on). D/4
+  frequencies per axis, as in MAE and big_vision's `posemb_sincos_2d`.
+  """
+  del key
+  _, length, width = shape
+  grid = int(round(np.sqrt(length - 1)))
+  if grid * grid != length - 1 or width % 4:
+    raise ValueError(f'sincos2d position embeddings need 1 + a square number of tokens and a width divisible by 4, '
+                     f'got {shape}')
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing='ij')
+  omega = 1.0 / 10_000 ** (np.arange(width // 4) / (width // 4))
+  angles = [np.outer(axis.ravel(), omega) for axis in (rows, cols)]
+  code = np.concatenate([f(a) for a in angles for f in (np.sin, np.cos)], axis=1)
+  return jnp.asarray(np.concatenate([np.zeros((1, width)), code])[None], dtype)
+
+
+POSEMB_INITS = {'normal': layers.default_kernel_init, 'sincos2d': sincos2d_init}
+
+
 class VisionEncoder(nn.Module):
   """images (B, H, W, 3) float -> tokens (B, 1 + N, D): [CLS] then one token per patch, final LayerNorm applied."""
   width: int
@@ -41,6 +64,7 @@ class VisionEncoder(nn.Module):
   attention: str = 'xla'
   scan_layers: bool = True
   remat: str = 'none'
+  posemb_init: str = 'normal'  # a key of POSEMB_INITS
 
   @nn.compact
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -53,7 +77,7 @@ class VisionEncoder(nn.Module):
     x = x.reshape(batch, gh * gw, self.width)
     cls = self.param('cls', layers.with_names(nn.initializers.zeros, None, None, 'embed'), (1, 1, self.width))
     grid = self.image_size // p
-    posemb = self.param('pos_embedding', layers.with_names(layers.default_kernel_init, None, None, 'embed'),
+    posemb = self.param('pos_embedding', layers.with_names(POSEMB_INITS[self.posemb_init], None, None, 'embed'),
                         (1, 1 + grid * grid, self.width))
     posemb = resize_pos_embedding(posemb, (gh, gw))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)

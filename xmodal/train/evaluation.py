@@ -1,23 +1,43 @@
-"""Evaluation as the training loop and `xmodal eval` run it: embed the eval split, ITC recalls, ITM re-ranking."""
+"""Evaluation as the training loop and `xmodal eval` run it: embed a split, ITC recalls, ITM re-ranking, binding,
+and the oracle ceiling where the dataset knows its scenes.
+
+Two uses: `evaluate` reads the test split (data.eval_split) once at the end of a run; `validate` reads a slice of
+the validation split (eval.validation_*) every train.eval_every steps, to choose recipes on.
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from xmodal import evaluate as ev, parallel
 from xmodal.models import XModal
 
 
-def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None,
-             split: str | None = None) -> dict[str, Any]:
-  """Retrieval results on `split` (default: config.data.eval_split), plus binding accuracy when configured."""
-  data = config.data
-  if split is not None:
-    data = ml_collections.ConfigDict(data.to_dict())
-    data.eval_split = split
+def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None, split: str | None = None, *,
+             k: int | None = None, cache: dict | None = None) -> dict[str, Any]:
+  """Retrieval results on `split` (default: data.eval_split), binding accuracy and the oracle when there are any.
+
+  The binding split is the one configured beside `split`: eval.binding_split for data.eval_split,
+  eval.validation_binding_split for eval.validation_split (so that validating never reads a test split), sliced
+  like `split`.
+  `k`: ITC candidates re-ranked by ITM (default eval.k; 0 = ITC only).
+  `cache`: a dict owned by the caller that keeps the split's host batches between calls (the input pipeline's
+  start-up costs seconds; a run validating every N steps reads the same images each time).
+  """
+  split = split or config.data.eval_split
+  binding_split = {config.data.eval_split: config.eval.binding_split,
+                   _base_split(config.eval.validation_split): config.eval.validation_binding_split}.get(
+                       _base_split(split), '')
+  if binding_split and split != _base_split(split):
+    binding_split += split[len(_base_split(split)):]  # the same slice: 'validation[:500]' -> 'validation_hard[:500]'
+  data = ml_collections.ConfigDict(config.data.to_dict())
+  data.eval_split = split
+  k = config.eval.k if k is None else k
   if jax.process_count() > 1:
     # embed_dataset reads its results on one host: with several processes, each evaluates the whole split on its
     # own devices (a mesh of its local devices) from a full copy of the parameters: the same numbers on every
@@ -26,24 +46,65 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
     params = multihost_utils.process_allgather(params, tiled=True)
     local_mesh = parallel.make_mesh((-1, 1, 1), jax.local_devices())
     with jax.set_mesh(local_mesh):
-      return _evaluate(config, model, params, local_mesh, data, dict(process_index=0, process_count=1))
-  return _evaluate(config, model, params, mesh, data, {})
+      return _evaluate(config, model, params, local_mesh, data, binding_split, k,
+                       dict(process_index=0, process_count=1), cache)
+  return _evaluate(config, model, params, mesh, data, binding_split, k, {}, cache)
 
 
-def _evaluate(config, model, params, mesh, data, local) -> dict[str, Any]:
+def validate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None,
+             cache: dict | None = None) -> dict[str, Any]:
+  """`evaluate` on the first eval.validation_images images of eval.validation_split, re-ranking eval.validation_k."""
+  split = config.eval.validation_split
+  if config.eval.validation_images:
+    split = f'{split}[:{config.eval.validation_images}]'
+  return evaluate(config, model, params, mesh, split, k=config.eval.validation_k, cache=cache)
+
+
+def _base_split(split: str) -> str:
+  """'validation[:500]' -> 'validation'."""
+  return split.split('[')[0]
+
+
+def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache) -> dict[str, Any]:
   from xmodal.data import pipeline  # TensorFlow only when evaluation reads data
+
+  def batches(key, read):
+    if cache is None:
+      return read()
+    if key not in cache:
+      cache[key] = list(read())
+    return cache[key]
+
   variables = {'params': params}
-  embedded = ev.embed_dataset(model, variables, pipeline.eval_iterator(data, **local), mesh)
+  embedded = ev.embed_dataset(model, variables, batches(('retrieval', data.eval_split),
+                                                        lambda: pipeline.eval_iterator(data, **local)), mesh)
   binding = None
-  if config.eval.binding_split:
-    pairs = pipeline.binding_iterator(config.data, config.eval.binding_split, **local)
+  if binding_split:
+    pairs = batches(('binding', binding_split), lambda: pipeline.binding_iterator(data, binding_split, **local))
     binding = ev.binding_set_from_pairs(ev.embed_dataset(model, variables, pairs, mesh))
-  results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=config.eval.k,
+  results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=k,
                                   chunk_size=config.eval.chunk_size, score=config.eval.score, binding=binding)
+  oracle = oracle_metrics(data.tfds_name, data.tfds_data_dir, data.eval_split) if data.source == 'tfds' else None
+  if oracle is not None:
+    results['oracle'] = oracle
   results['split'] = data.eval_split
   results['num_images'] = int(embedded.image_emb.shape[0])
   results['num_texts'] = int(embedded.text_emb.shape[0])
   return results
+
+
+@functools.lru_cache(maxsize=8)
+def oracle_metrics(tfds_name: str, data_dir: str, split: str) -> dict[str, float] | None:
+  """The oracle's expected recalls (xmodal.evaluation.oracle) on a split of xmodal_shapes, whose records carry their
+  scenes; None for any other dataset. Cached: a run validates the same slice many times."""
+  from xmodal.data import shapes, sources
+  from xmodal.evaluation import oracle
+  builder = sources.tfds_builder(tfds_name, data_dir)
+  if builder.name != 'xmodal_shapes':
+    return None
+  scenes, captions = shapes.read_split(builder, split)
+  text_to_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
+  return oracle.oracle_metrics(scenes, [c for cs in captions for c in cs], text_to_image)
 
 
 def flatten(results: dict[str, Any]) -> dict[str, float]:

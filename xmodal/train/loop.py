@@ -94,7 +94,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
-  step_flops = flops.train_flops(model.spec, config.data.batch_size)
+  step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
@@ -120,6 +120,19 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       progress.set_postfix(loss=f'{values["loss"]:.3f}', itc=f'{values["itc_loss"]:.3f}', refresh=False)
       progress.update(step - progress.n)
 
+  validating = bool(config.train.eval_every and config.eval.validation_split)
+  validation_batches = {}  # host batches of the validation slice, read once per run
+
+  def validate(step: int) -> None:
+    """Validation metrics of the current parameters, written under 'val/' (the curves' source)."""
+    start = time.perf_counter()
+    results = evaluation.validate(config, model, state.params, mesh, cache=validation_batches)
+    writer.write(step, evaluation.flatten(results), prefix='val/')
+    log.info('step %d validation (%.1f s): ITC R@1 t2i %.2f i2t %.2f%s', step, time.perf_counter() - start,
+             results['itc']['t2i_r1'], results['itc']['i2t_r1'],
+             f", binding ITC {results['binding']['itc']:.1f} ITM {results['binding']['itm']:.1f}"
+             if 'binding' in results else '')
+
   # ------------------------------------------------------------------------------------------------------ loop
   pending = None  # (step, metrics, dispatch time) of the step whose metrics are not fetched yet
   last_time = time.perf_counter()
@@ -137,9 +150,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         report(*pending, time.perf_counter() - last_time)  # never checkpoint a state that is not finite
         pending, last_time = None, time.perf_counter()
         checkpointer.save(step, state, gather_data_states(batches.state()))
-      if config.train.eval_every and step % config.train.eval_every == 0 and step < total_steps:
-        results = evaluation.evaluate(config, model, state.params, mesh)
-        writer.write(step, evaluation.flatten(results), prefix='eval/')
+      if validating and (step % config.train.eval_every == 0 or step == total_steps):
+        validate(step)
       if guard.should_stop(step):
         log.warning('stopping at step %d on request; checkpointing', step)
         stopped_early = True
@@ -156,11 +168,24 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
       if primary:
         (workdir / 'eval.json').write_text(json.dumps(results, indent=2) + '\n')
         print(evaluation.format_table(results), flush=True)
-  checkpointer.close()
   writer.close()
+  if primary and not stopped_early:
+    _write_curves(workdir)
+  checkpointer.close()
   if progress is not None:
     progress.close()
   return results
+
+
+def _write_curves(workdir: pathlib.Path) -> None:
+  """WORKDIR/curves.png from metrics.jsonl; a missing plotting library costs the picture, not the run."""
+  from xmodal.train import curves
+  try:
+    path = curves.write_curves(workdir / 'metrics.jsonl', workdir / 'curves.png', title=workdir.name)
+  except ImportError as e:
+    log.warning('curves.png not written: %s', e)
+  else:
+    log.info('learning curves: %s', path)
 
 
 def gather_data_states(local: dict) -> dict:

@@ -1,0 +1,137 @@
+"""Hard negatives written from training captions (NegCLIP-style): false of the scene, fed through the pipeline, and
+used by ITM as the objective says."""
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from micro import micro_model_config
+from xmodal import losses
+from xmodal.data import shapes_captions, shapes_render
+from xmodal.models import XModal, build, dummy_inputs
+from xmodal.objective import LossWeights, compute_loss
+
+
+def _words(text):
+  return sorted(re.findall(r'[a-z]+', text))
+
+
+def test_written_negatives_keep_the_words_and_are_false_of_every_scene():
+  rng = np.random.default_rng(0)
+  kinds = collections.Counter()
+  for _ in range(600):
+    scene = shapes_render.sample_scene(rng, 64)
+    for caption in shapes_captions.captions(scene, rng, 5):
+      negative = shapes_captions.negative_caption(caption, rng)
+      if len(scene.objects) == 1:
+        assert negative is None  # nothing to bind
+        continue
+      if negative is None:  # e.g. "a red circle and a blue circle": a colour swap would say the same
+        kinds['none'] += 1
+        continue
+      assert negative != caption and _words(negative) == _words(caption)
+      assert shapes_captions.caption_fits(caption, scene)
+      assert not shapes_captions.caption_fits(negative, scene), (caption, negative, scene)
+      swapped_colours = [a for a, b in zip(caption.split(), negative.split()) if a != b]
+      kinds['colours' if all(w.strip(',') in shapes_captions.COLOR_WORDS or w.strip(',') == 'grey'
+                             for w in swapped_colours) else 'relation'] += 1
+  assert kinds['colours'] > 100 and kinds['relation'] > 100, kinds
+
+
+def test_a_written_negative_depends_only_on_its_caption_and_key():
+  caption = 'a red circle is left of a small blue box, and there is also a green star'
+  draws = {shapes_captions.negative_caption(caption, np.random.default_rng([7, k])) for k in range(40)}
+  assert len(draws) > 1  # several bindings to break, chosen by the key
+  assert shapes_captions.negative_caption(caption, np.random.default_rng([7, 3])) == \
+      shapes_captions.negative_caption(caption, np.random.default_rng([7, 3]))
+
+
+def test_the_training_pipeline_yields_each_captions_negative(shapes_dir):
+  from xmodal.data import pipeline
+  from xmodal.data.config import data_config
+  config = data_config(tfds_name=shapes_dir, image_size=32, max_text_len=24, batch_size=16,
+                       text_negatives='shapes')
+  tokenizer = pipeline.load_tokenizer(config)
+  vocab = {i: t for t, i in tokenizer._tok.get_vocab().items()}
+  decode = lambda ids, mask: ' '.join(vocab[int(i)] for i, m in zip(ids, mask) if m)
+  first, again = (next(pipeline.train_iterator(config, tokenizer=tokenizer)) for _ in range(2))
+  for key in ('negative_ids', 'negative_mask', 'negative_valid'):
+    np.testing.assert_array_equal(first[key], again[key])  # a pure function of the data seed
+  assert first['negative_ids'].shape == first['text_ids'].shape
+  valid = first['negative_valid']
+  assert 0 < valid.sum() < len(valid)  # one-object scenes have none
+  for row in np.flatnonzero(valid):
+    text = decode(first['text_ids'][row], first['text_mask'][row])
+    negative = decode(first['negative_ids'][row], first['negative_mask'][row])
+    assert negative != text and sorted(negative.split()) == sorted(text.split())
+
+
+@pytest.fixture(scope='module')
+def micro():
+  model = build(micro_model_config())
+  params = model.init(jax.random.key(0), *dummy_inputs(model.spec))['params']
+  rng = np.random.default_rng(0)
+  b, length = 6, model.spec.max_text_len
+  batch = {'images': jnp.asarray(rng.normal(size=(b, 32, 32, 3)), jnp.float32),
+           'text_ids': jnp.asarray(rng.integers(5, 60, size=(b, length)), jnp.int32),
+           'text_mask': jnp.ones((b, length), jnp.int32),
+           'image_ids': jnp.arange(b),
+           'negative_ids': jnp.asarray(rng.integers(5, 60, size=(b, length)), jnp.int32),
+           'negative_mask': jnp.ones((b, length), jnp.int32),
+           'negative_valid': jnp.asarray([True, False, True, True, False, True])}
+  return model, params, batch
+
+
+def _reference_itm(model, params, batch, rng, mode, subsample=1):
+  """ITM written out from the model's public methods: the pairs the objective's docstring promises, for every
+  `subsample`-th example, with negatives drawn over the whole batch."""
+  variables = {'params': params}
+  image_tokens, image_emb = model.apply(variables, batch['images'], method=XModal.encode_image)
+  text_tokens, text_emb = model.apply(variables, batch['text_ids'], batch['text_mask'], method=XModal.encode_text)
+  written, _ = model.apply(variables, batch['negative_ids'], batch['negative_mask'], method=XModal.encode_text)
+  temperature = model.apply(variables, method=XModal.temperature)
+  sim = image_emb @ text_emb.T / temperature
+  neg = losses.sample_hard_negatives(rng, sim, batch['image_ids'])
+  rows = np.arange(0, len(sim), subsample)
+  valid = np.asarray(batch['negative_valid'])[rows]
+  match = lambda t, m, i: model.apply(variables, t, m, i, method=XModal.match)
+  mask = batch['text_mask']
+  positive = match(text_tokens[rows], mask[rows], image_tokens[rows])
+  wrong_image = match(text_tokens[rows], mask[rows], image_tokens[neg.image_for_text[rows]])
+  other = neg.text_for_image[rows]
+  in_batch_text = match(text_tokens[other], mask[other], image_tokens[rows])
+  written_text = match(written[rows], batch['negative_mask'][rows], image_tokens[rows])
+  if mode == 'replace':
+    image_side = jnp.where(valid[:, None], written_text, in_batch_text)
+    negatives = jnp.concatenate([wrong_image, image_side])
+  else:
+    negatives = jnp.concatenate([wrong_image, in_batch_text, written_text])
+  flags = [neg.image_for_text_valid[rows], neg.text_for_image_valid[rows] | (valid if mode == 'replace' else False)]
+  if mode == 'add':
+    flags.append(valid)
+  return losses.matching_loss(positive, negatives, jnp.concatenate(flags))[0]
+
+
+@pytest.mark.parametrize('mode, subsample', [('replace', 1), ('add', 1), ('add', 2), ('replace', 3)])
+def test_itm_uses_written_negatives_as_the_objective_says(micro, mode, subsample):
+  model, params, batch = micro
+  rng = jax.random.key(3)
+  weights = LossWeights(itc=0.0, itm=1.0, itm_written_negatives=mode, itm_subsample=subsample)
+  loss, metrics = compute_loss(model, params, batch, rng, weights)
+  np.testing.assert_allclose(loss, _reference_itm(model, params, batch, rng, mode, subsample), rtol=1e-5)
+  assert 0.0 <= float(metrics['itm_written_acc']) <= 1.0
+  off, off_metrics = compute_loss(model, params, batch, rng, LossWeights(itc=0.0, itm=1.0))
+  assert not np.isclose(loss, off) and 'itm_written_acc' not in off_metrics
+
+
+def test_replace_without_any_written_negative_is_albef(micro):
+  model, params, batch = micro
+  none = dict(batch, negative_valid=jnp.zeros_like(batch['negative_valid']))
+  rng = jax.random.key(5)
+  replaced, _ = compute_loss(model, params, none, rng, LossWeights(itm_written_negatives='replace'))
+  albef, _ = compute_loss(model, params, none, rng, LossWeights())
+  np.testing.assert_allclose(replaced, albef, rtol=1e-6)
