@@ -180,3 +180,22 @@ def test_processes_together_read_exactly_the_single_process_batches(tmp_path):
   for _ in range(6):  # past an epoch boundary (10 examples, batches of 4)
     whole, parts = next(single), [next(h) for h in halves]
     assert_same(whole, {k: np.concatenate([p[k] for p in parts]) for k in whole})
+
+
+def test_pairs_stay_side_by_side_in_every_batch_and_resume_exactly(shapes_dir):
+  config = data_config(tfds_name=shapes_dir, image_size=32, max_text_len=24, batch_size=8, pairs=True)
+  tokenizer = pipeline.load_tokenizer(config)
+  batches = pipeline.train_iterator(config, tokenizer=tokenizer)
+  seen = []
+  for _ in range(12):  # 96 examples: more than an epoch of the 64-image split
+    ids = next(batches)['image_ids']
+    assert np.all(ids[0::2] % 2 == 0) and np.array_equal(ids[1::2], ids[0::2] + 1)
+    seen.extend(ids[:8])
+  assert set(seen[:64]) == set(range(64))  # an epoch still visits every example once
+  state = batches.state()
+  expected = next(batches)
+  resumed = next(pipeline.train_iterator(config, tokenizer=tokenizer, state=state))
+  assert_same(expected, resumed)
+  with pytest.raises(ValueError, match='even batch'):
+    pipeline.train_iterator(data_config(tfds_name=shapes_dir, batch_size=6, pairs=True), tokenizer=tokenizer,
+                            process_count=2, process_index=0)

@@ -77,7 +77,7 @@ def test_validation_curves_and_the_oracle_are_written(shapes_dir, tmp_path):
   config.train.eval_every = 2
   config.eval.update(validation_split='validation', validation_images=8, validation_binding_split='validation_hard',
                      validation_k=2)
-  config.data.text_negatives = 'shapes'
+  config.data.negatives_key = 'negative_captions'
   config.loss.itm_written_negatives = 'add'
   results = loop.train(config, tmp_path / 'run')
   lines = [json.loads(l) for l in (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()]

@@ -163,6 +163,70 @@ def test_sincos2d_is_the_initial_value_of_a_learned_parameter():
   np.testing.assert_allclose(params['vision']['pos_embedding'], expected, atol=1e-7)
 
 
+def test_mean_pooling_embeds_the_mean_of_the_real_tokens():
+  config = micro_model_config()
+  config.pool = 'mean'
+  model = build(config)
+  variables = model.init(jax.random.key(0), *dummy_inputs(model.spec))
+  params = nn.unbox(variables['params'])
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(5, 60, size=(3, 12)), jnp.int32)
+  mask = jnp.asarray(np.arange(12)[None] < np.array([[4], [9], [12]]), jnp.int32)
+  tokens, emb = model.apply({'params': params}, ids, mask, method=XModal.encode_text)
+  t = np.asarray(tokens, np.float64)
+  for row, length in enumerate((4, 9, 12)):
+    pooled = t[row, :length].mean(axis=0)
+    projected = pooled @ np.asarray(params['text_proj']['kernel'], np.float64) + np.asarray(params['text_proj']['bias'])
+    np.testing.assert_allclose(emb[row], projected / np.linalg.norm(projected), atol=1e-5)
+  # Changing what stands in the padding changes nothing.
+  other = jnp.where(mask == 1, ids, 7)
+  np.testing.assert_allclose(model.apply({'params': params}, other, mask, method=XModal.encode_text)[1], emb, atol=1e-6)
+  images = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+  image_tokens, image_emb = model.apply({'params': params}, images, method=XModal.encode_image)
+  projected = np.asarray(image_tokens, np.float64).mean(axis=1) @ np.asarray(params['image_proj']['kernel'], np.float64)
+  projected += np.asarray(params['image_proj']['bias'])
+  np.testing.assert_allclose(image_emb, projected / np.linalg.norm(projected, axis=-1, keepdims=True), atol=1e-5)
+
+
+def test_layer_scale_of_one_is_the_plain_block_and_small_starts_near_the_identity():
+  config = micro_model_config()
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  plain = build(config)
+  params = nn.unbox(plain.init(jax.random.key(0), *dummy_inputs(plain.spec))['params'])
+  config.vision.layer_scale_init = 1.0
+  scaled = build(config)
+  scaled_params = nn.unbox(scaled.init(jax.random.key(0), *dummy_inputs(scaled.spec))['params'])
+  np.testing.assert_array_equal(scaled_params['vision']['layers']['ls1'], 1.0)
+  with_ones = jax.tree.map(lambda x: x, params)
+  with_ones['vision']['layers'].update(ls1=scaled_params['vision']['layers']['ls1'],
+                                       ls2=scaled_params['vision']['layers']['ls2'])
+  np.testing.assert_allclose(scaled.apply({'params': with_ones}, images, method=XModal.encode_image)[1],
+                             plain.apply({'params': params}, images, method=XModal.encode_image)[1], atol=1e-6)
+  # Near 0, the blocks add almost nothing: the same tokens as blocks whose weights are all zero (the identity).
+  tiny = jax.tree.map(lambda x: x, with_ones)
+  tiny['vision']['layers'].update(ls1=jnp.full_like(with_ones['vision']['layers']['ls1'], 1e-6),
+                                  ls2=jnp.full_like(with_ones['vision']['layers']['ls2'], 1e-6))
+  identity = jax.tree.map(lambda x: x, with_ones)
+  identity['vision']['layers'] = {name: jax.tree.map(jnp.zeros_like, sub) if name in ('attn', 'mlp') else sub
+                                  for name, sub in with_ones['vision']['layers'].items()}
+  near = scaled.apply({'params': tiny}, images, method=XModal.encode_image)[0]
+  exact = scaled.apply({'params': identity}, images, method=XModal.encode_image)[0]
+  full = scaled.apply({'params': with_ones}, images, method=XModal.encode_image)[0]
+  np.testing.assert_allclose(near, exact, atol=1e-4)
+  assert float(jnp.max(jnp.abs(full - exact))) > 1e-2
+
+
+@pytest.mark.parametrize('stem', ['patch', 'conv'])
+def test_the_stem_gives_one_token_per_patch(stem):
+  config = micro_model_config()
+  config.vision.stem = stem
+  model = build(config)
+  variables = model.init(jax.random.key(0), *dummy_inputs(model.spec))
+  tokens, emb = model.apply(variables, jnp.zeros((2, 32, 32, 3)), method=XModal.encode_image)
+  assert tokens.shape == (2, 1 + (32 // config.vision.patch_size) ** 2, config.vision.width)
+  assert ('conv_stem' in variables['params']['vision']) == (stem == 'conv')
+
+
 def test_model_runs_at_another_resolution(tiny_setup):
   model, variables, _ = tiny_setup
   images = jnp.zeros((2, 48, 48, 3))

@@ -5,6 +5,7 @@ against the stored object metadata and the image's pixels, not with the generato
 """
 
 import collections
+import dataclasses
 import re
 
 import numpy as np
@@ -179,6 +180,61 @@ def test_hard_negative_breaks_exactly_one_binding(builder):
     assert _statement_true(objects, pp[prel[0]], prel[1], pp[prel[2]], strict=True), (positive, objects)
     assert not _statement_true(objects, nph[nrel[0]], nrel[1], nph[nrel[2]], strict=False), (negative, objects)
   assert kinds['colors'] and kinds['relation'], kinds
+
+
+def test_training_images_carry_a_false_negative_per_caption(builder):
+  from xmodal.data import shapes_captions
+  for record in _records(builder, 'train'):
+    scene = shapes.record_scene(record)
+    negatives = [n.decode() for n in record['negative_captions']]
+    assert len(negatives) == len(record['captions'])
+    for caption, negative in zip(record['captions'], negatives):
+      assert negative and negative != caption.decode()
+      assert not shapes_captions.caption_fits(negative, scene), (caption, negative)
+  for split in SPLITS:
+    if split != 'train':
+      assert all(len(r['negative_captions']) == 0 for r in _records(builder, split))
+
+
+def test_training_images_come_in_minimal_pairs(builder):
+  from xmodal.data import shapes_captions
+  records = _records(builder, 'train')
+  paired = 0
+  for first, second in zip(records[::2], records[1::2]):
+    a, b = shapes.record_scene(first), shapes.record_scene(second)
+    # Every caption of one image is false of the other: in one batch, each is the other's hard negative.
+    assert not any(shapes_captions.caption_fits(c.decode(), b) for c in first['captions'])
+    assert not any(shapes_captions.caption_fits(c.decode(), a) for c in second['captions'])
+    # One fact apart: same object count, and at most two objects differ.
+    if len(a.objects) == len(b.objects):
+      differ = sum((o.color, o.shape, o.x, o.y) != (p.color, p.shape, p.x, p.y) for o, p in zip(a.objects, b.objects))
+      paired += 1 <= differ <= 2
+  assert paired >= len(records) // 2 - 2  # an image without a minimal pair gets an independent neighbour
+
+
+def test_perturbations_change_one_fact():
+  rng = np.random.default_rng(0)
+  kinds = collections.Counter()
+  for _ in range(100):
+    scene = shapes_render.sample_scene(rng, 64)
+    for kind, other in shapes_render.perturbations(scene, 64):
+      kinds[kind] += 1
+      assert len({(o.color, o.shape) for o in other.objects}) == len(other.objects)
+      pairs = [(o, p) for o, p in zip(scene.objects, other.objects) if o != p]
+      if kind in ('shape', 'colour'):
+        assert len(pairs) == 1
+        (o, p), = pairs
+        field = 'shape' if kind == 'shape' else 'color'
+        assert getattr(o, field) != getattr(p, field) and dataclasses.replace(o, **{field: getattr(p, field)}) == p
+      elif kind == 'colours':
+        (o1, p1), (o2, p2) = pairs
+        assert (p1.color, p2.color) == (o2.color, o1.color) and (p1.shape, p2.shape) == (o1.shape, o2.shape)
+      else:  # the related pair swapped places: the stated relation now holds the other way round
+        s, predicate, t = scene.relation
+        assert other.relation == (t, predicate, s)
+        assert shapes_render.relation_holds(other.objects[t], predicate, other.objects[s])
+        assert not shapes_render.relation_holds(other.objects[s], predicate, other.objects[t], strict=False)
+  assert all(kinds[k] for k in shapes_render.PERTURBATIONS), kinds
 
 
 def test_example_is_independent_of_split_size():

@@ -35,14 +35,19 @@ def test_flop_count_matches_a_hand_count():
   assert flops.train_flops(spec, batch=2, itm_pairs=0) == 3 * 2 * (per_example - 3 * (text_layer + cross + itm_head))
   assert flops.train_flops(spec, batch=2, itm_pairs=4, extra_texts=1) == 3 * 2 * (
       per_example + 2 * text_layer + cross + itm_head)
+  # A conv stem instead of the patchify: 3x3 stride-2 convolutions 8x8x3 -> 4x4x8 -> 2x2x8, then 1x1 to width 8.
+  config.vision.stem = 'conv'
+  stem = 2 * 16 * 9 * 3 * 8 + 2 * 4 * 9 * 8 * 8 + 2 * 4 * 8 * 8
+  assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * (per_example - patch + stem)
 
 
-@pytest.mark.parametrize('written', ['off', 'add', 'replace'])
-def test_flop_count_is_close_to_xla_cost_analysis(written):
+@pytest.mark.parametrize('written, stem', [('off', 'patch'), ('add', 'conv'), ('replace', 'patch')])
+def test_flop_count_is_close_to_xla_cost_analysis(written, stem):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs."""
   from xmodal.objective import compute_loss
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
+  config.model.vision.stem = stem
   model = build(config.model)
   params = nn.unbox(state_lib.abstract_params(model))
   weights = LossWeights(itm_written_negatives=written)

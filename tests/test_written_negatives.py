@@ -20,26 +20,42 @@ def _words(text):
   return sorted(re.findall(r'[a-z]+', text))
 
 
-def test_written_negatives_keep_the_words_and_are_false_of_every_scene():
+def _kind(caption, negative):
+  changed = [(a, b) for a, b in zip(caption.split(), negative.split()) if a != b]
+  if _words(negative) != _words(caption):
+    return 'substitution'
+  colours = set(shapes_captions.COLOR_WORDS) | {'grey'}
+  return 'colours' if all(a.strip(',') in colours for a, _ in changed) else 'relation'
+
+
+def test_written_negatives_break_one_fact_and_are_false_of_their_scene():
   rng = np.random.default_rng(0)
   kinds = collections.Counter()
-  for _ in range(600):
+  for _ in range(300):
+    scene = shapes_render.sample_scene(rng, 64)
+    for caption in shapes_captions.captions(scene, rng, 5):
+      negative = shapes_captions.negative_caption(caption, rng, scene)
+      assert negative is not None and negative != caption  # a colour or shape can always be changed
+      assert len(negative.split()) == len(caption.split())
+      assert shapes_captions.caption_fits(caption, scene)
+      assert not shapes_captions.caption_fits(negative, scene), (caption, negative, scene)
+      kinds[_kind(caption, negative)] += 1
+  assert min(kinds.values()) > 100 and len(kinds) == 3, kinds
+
+
+def test_without_the_scene_only_the_swaps_that_are_always_false_are_written():
+  rng = np.random.default_rng(1)
+  kinds = collections.Counter()
+  for _ in range(300):
     scene = shapes_render.sample_scene(rng, 64)
     for caption in shapes_captions.captions(scene, rng, 5):
       negative = shapes_captions.negative_caption(caption, rng)
-      if len(scene.objects) == 1:
-        assert negative is None  # nothing to bind
+      if len(scene.objects) == 1 or negative is None:  # nothing to bind, or a swap would say the same
+        assert negative is None or len(scene.objects) > 1
         continue
-      if negative is None:  # e.g. "a red circle and a blue circle": a colour swap would say the same
-        kinds['none'] += 1
-        continue
-      assert negative != caption and _words(negative) == _words(caption)
-      assert shapes_captions.caption_fits(caption, scene)
       assert not shapes_captions.caption_fits(negative, scene), (caption, negative, scene)
-      swapped_colours = [a for a, b in zip(caption.split(), negative.split()) if a != b]
-      kinds['colours' if all(w.strip(',') in shapes_captions.COLOR_WORDS or w.strip(',') == 'grey'
-                             for w in swapped_colours) else 'relation'] += 1
-  assert kinds['colours'] > 100 and kinds['relation'] > 100, kinds
+      kinds[_kind(caption, negative)] += 1
+  assert kinds['colours'] > 100 and kinds['relation'] > 100 and not kinds['substitution'], kinds
 
 
 def test_a_written_negative_depends_only_on_its_caption_and_key():
@@ -54,20 +70,20 @@ def test_the_training_pipeline_yields_each_captions_negative(shapes_dir):
   from xmodal.data import pipeline
   from xmodal.data.config import data_config
   config = data_config(tfds_name=shapes_dir, image_size=32, max_text_len=24, batch_size=16,
-                       text_negatives='shapes')
+                       negatives_key='negative_captions')
   tokenizer = pipeline.load_tokenizer(config)
-  vocab = {i: t for t, i in tokenizer._tok.get_vocab().items()}
-  decode = lambda ids, mask: ' '.join(vocab[int(i)] for i, m in zip(ids, mask) if m)
   first, again = (next(pipeline.train_iterator(config, tokenizer=tokenizer)) for _ in range(2))
   for key in ('negative_ids', 'negative_mask', 'negative_valid'):
     np.testing.assert_array_equal(first[key], again[key])  # a pure function of the data seed
   assert first['negative_ids'].shape == first['text_ids'].shape
-  valid = first['negative_valid']
-  assert 0 < valid.sum() < len(valid)  # one-object scenes have none
-  for row in np.flatnonzero(valid):
-    text = decode(first['text_ids'][row], first['text_mask'][row])
-    negative = decode(first['negative_ids'][row], first['negative_mask'][row])
-    assert negative != text and sorted(negative.split()) == sorted(text.split())
+  assert first['negative_valid'].all()  # xmodal_shapes writes one for every training caption
+  from xmodal.data import sources
+  train = sources.tfds_builder(shapes_dir, '').as_data_source('train')
+  for row, image_id in enumerate(first['image_ids']):
+    own = [n.decode() for n in train[int(image_id)]['negative_captions']]
+    ids, _ = tokenizer.encode(own, 24)
+    assert any(np.array_equal(first['negative_ids'][row], i) for i in ids)  # one of its own image's negatives
+    assert not np.array_equal(first['negative_ids'][row], first['text_ids'][row])
 
 
 @pytest.fixture(scope='module')
@@ -95,7 +111,8 @@ def _reference_itm(model, params, batch, rng, mode, subsample=1):
   written, _ = model.apply(variables, batch['negative_ids'], batch['negative_mask'], method=XModal.encode_text)
   temperature = model.apply(variables, method=XModal.temperature)
   sim = image_emb @ text_emb.T / temperature
-  neg = losses.sample_hard_negatives(rng, sim, batch['image_ids'])
+  sample_rng, _ = jax.random.split(rng)  # the objective's split: the other half draws which written ones are used
+  neg = losses.sample_hard_negatives(sample_rng, sim, batch['image_ids'])
   rows = np.arange(0, len(sim), subsample)
   valid = np.asarray(batch['negative_valid'])[rows]
   match = lambda t, m, i: model.apply(variables, t, m, i, method=XModal.match)
@@ -126,6 +143,21 @@ def test_itm_uses_written_negatives_as_the_objective_says(micro, mode, subsample
   assert 0.0 <= float(metrics['itm_written_acc']) <= 1.0
   off, off_metrics = compute_loss(model, params, batch, rng, LossWeights(itc=0.0, itm=1.0))
   assert not np.isclose(loss, off) and 'itm_written_acc' not in off_metrics
+
+
+def test_written_negatives_come_in_with_the_hardness_schedule(micro):
+  model, params, batch = micro
+  weights = LossWeights(itc=0.0, itm=1.0, itm_written_negatives='replace', itm_hard_warmup=100)
+  rng = jax.random.key(4)
+  # At step 0 (hardness 0) no image gets its written negative: the loss is ALBEF's with uniform negatives.
+  at_start, _ = compute_loss(model, params, batch, rng, weights, step=jnp.asarray(0))
+  none = dict(batch, negative_valid=jnp.zeros_like(batch['negative_valid']))
+  albef, _ = compute_loss(model, params, none, rng, weights, step=jnp.asarray(0))
+  np.testing.assert_allclose(at_start, albef, rtol=1e-6)
+  # From the end of the warmup on, every image that has one does: the reference with all written negatives.
+  after, _ = compute_loss(model, params, batch, rng, weights, step=jnp.asarray(100))
+  reference = _reference_itm(model, params, batch, rng, 'replace')
+  np.testing.assert_allclose(after, reference, rtol=1e-5)
 
 
 def test_replace_without_any_written_negative_is_albef(micro):

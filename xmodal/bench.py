@@ -45,7 +45,7 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
 
 def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool = False) -> dict[str, np.ndarray]:
   """Random inputs of the model's shapes; captions of random length; distinct image ids; with `negatives`, a written
-  negative caption per example too (as data.text_negatives gives)."""
+  negative caption per example too (as data.negatives_key gives)."""
   length = spec.max_text_len
 
   def texts() -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +89,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = parallel.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
-                                                    negatives=bool(config.data.text_negatives)), mesh)
+                                                    negatives=bool(config.data.negatives_key)), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     options = compiler_options(config)

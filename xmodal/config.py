@@ -144,16 +144,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(config.data.batch_size % loss.itm_subsample == 0, 'loss.itm_subsample',
                  f'{loss.itm_subsample} does not divide data.batch_size={config.data.batch_size}')
     if loss.get('itc_written_negatives'):
-      _require(not loss.get('chunked'), 'loss.itc_written_negatives', 'the ring form (loss.chunked) has no extra columns')
+      _require(not loss.get('chunked'), 'loss.itc_written_negatives',
+               'the ring form (loss.chunked) has no extra columns')
       if 'data' in config:
-        _require(config.data.text_negatives, 'loss.itc_written_negatives',
-                 'needs negatives from the data: set data.text_negatives')
+        _require(config.data.negatives_key, 'loss.itc_written_negatives',
+                 'needs negatives from the data: set data.negatives_key')
     if 'itm_written_negatives' in loss:
       _require(loss.itm_written_negatives in WRITTEN_NEGATIVES, 'loss.itm_written_negatives',
                f'{loss.itm_written_negatives!r} is not one of {WRITTEN_NEGATIVES}')
       if 'data' in config:
-        _require(loss.itm_written_negatives == 'off' or config.data.text_negatives, 'loss.itm_written_negatives',
-                 f'{loss.itm_written_negatives!r} needs negatives from the data: set data.text_negatives')
+        _require(loss.itm_written_negatives == 'off' or config.data.negatives_key, 'loss.itm_written_negatives',
+                 f'{loss.itm_written_negatives!r} needs negatives from the data: set data.negatives_key')
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight'):
       if name in loss:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
@@ -163,6 +164,8 @@ ATTENTION_IMPLS = ('xla', 'cudnn')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 POSEMB_INITS = ('normal', 'sincos2d')
+POOLS = ('cls', 'mean')
+VISION_STEMS = ('patch', 'conv')
 WRITTEN_NEGATIVES = ('off', 'replace', 'add')
 
 
@@ -186,6 +189,13 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> N
   _require(model.remat in REMAT_POLICIES, f'{prefix}.remat', f'{model.remat!r} is not one of {REMAT_POLICIES}')
   _require(vit.posemb_init in POSEMB_INITS, f'{prefix}.vision.posemb_init',
            f'{vit.posemb_init!r} is not one of {POSEMB_INITS}')
+  _require(vit.stem in VISION_STEMS, f'{prefix}.vision.stem', f'{vit.stem!r} is not one of {VISION_STEMS}')
+  if vit.stem == 'conv':
+    _require(vit.patch_size & (vit.patch_size - 1) == 0, f'{prefix}.vision.patch_size',
+             f'a conv stem halves the image log2(patch) times: {vit.patch_size} is not a power of two')
+  _require(vit.layer_scale_init >= 0, f'{prefix}.vision.layer_scale_init',
+           f'must be >= 0, got {vit.layer_scale_init}')
+  _require(model.pool in POOLS, f'{prefix}.pool', f'{model.pool!r} is not one of {POOLS}')
   _require(model.dtype in COMPUTE_DTYPES, f'{prefix}.dtype', f'{model.dtype!r} is not one of {COMPUTE_DTYPES}')
   _require(0.001 <= model.temperature_init <= 0.5, f'{prefix}.temperature_init',
            f'{model.temperature_init} is outside [0.001, 0.5]')

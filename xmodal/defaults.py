@@ -36,13 +36,13 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # ITM negatives: uniform at step 0, ALBEF's hard (∝ softmax of ITC similarity) from this step on; 0 = hard
       # throughout (ALBEF, which starts from pretrained towers).
       'itm_hard_warmup_steps': 0,
-      # ITM's use of the negatives the data writes (data.text_negatives): 'off', 'replace' (each image's negative
+      # ITM's use of the negatives the data writes (data.negatives_key): 'off', 'replace' (each image's negative
       # text is its written one where it has one; 3B pairs) or 'add' (B more pairs; 4B).
       'itm_written_negatives': 'off',
       # ITM pairs from every k-th example (1 = all, ALBEF): fusion cost / k; ITC and the negatives' candidates keep
       # the whole batch.
       'itm_subsample': 1,
-      # ITC's image-to-text softmax also sees the written negatives as columns (NegCLIP; needs data.text_negatives,
+      # ITC's image-to-text softmax also sees the written negatives as columns (NegCLIP; needs data.negatives_key,
       # not with `chunked`).
       'itc_written_negatives': False,
       # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses_chunked.py): same values, memory per device

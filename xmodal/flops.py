@@ -8,6 +8,7 @@ recomputation is not model FLOPs and is not counted.
 from __future__ import annotations
 
 from xmodal.models.model import ModelSpec
+from xmodal.models.vit import conv_stem_channels
 
 # Dense peak FLOP/s per chip by `jax.Device.device_kind` prefix, for bfloat16 matmuls (no sparsity).
 PEAK_FLOPS = {
@@ -41,6 +42,20 @@ def _layer(tokens: int, width: int, mlp: int) -> int:
   return projections + attention + 2 * (2 * tokens * width * mlp)
 
 
+def _stem_flops(spec: ModelSpec) -> int:
+  """Forward FLOPs of one image's patchify, or of its conv stem (3x3 stride-2 convolutions, then a 1x1)."""
+  v = spec.vision
+  patches = (spec.image_size // v.patch_size) ** 2
+  if v.stem != 'conv':
+    return 2 * patches * (v.patch_size ** 2 * 3) * v.width
+  total, side, channels_in = 0, spec.image_size, 3
+  for channels in conv_stem_channels(v.patch_size, v.width):
+    side = -(-side // 2)
+    total += 2 * side * side * 9 * channels_in * channels
+    channels_in = channels
+  return total + 2 * patches * channels_in * v.width
+
+
 def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
@@ -51,7 +66,7 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   v, t = spec.vision, spec.text
   n = 1 + (spec.image_size // v.patch_size) ** 2
   length = spec.max_text_len
-  vision = 2 * (n - 1) * (v.patch_size ** 2 * 3) * v.width + v.depth * _layer(n, v.width, v.mlp_dim)
+  vision = _stem_flops(spec) + v.depth * _layer(n, v.width, v.mlp_dim)
   text = (1 + extra_texts) * t.depth * _layer(length, t.width, t.mlp_dim)
   cross = (2 * length * t.width * t.width + 2 * n * v.width * (2 * t.width)  # Q; K and V from image tokens
            + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output

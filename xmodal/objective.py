@@ -26,11 +26,11 @@ class LossWeights:
   chunked: bool = False  # ring form of the contrastive losses (xmodal/losses_chunked.py)
   # Steps over which ITM's negatives go from uniform (over the non-positives) to ALBEF's softmax(similarity); 0 =
   # hard from the start. Hard negatives chosen by a still-random ITC are the hardest pairs there are, and a fusion
-  # encoder trained from scratch on them alone stays at the prior (see README "Shapes run").
+  # encoder trained from scratch on them alone stays at the prior (docs/shapes_recipe.md).
   itm_hard_warmup: int = 0
-  # What ITM does with the negatives the data writes (batch 'negative_ids', data.text_negatives): 'off' ignores them;
-  # 'replace' makes each image's negative text its written one where it has one (3B pairs, as ALBEF); 'add' scores
-  # them as B more pairs (4B).
+  # What ITM does with the negatives the data writes (batch 'negative_ids', data.negatives_key): 'off' ignores them;
+  # 'replace' makes each image's negative text its written one where it has one, for a fraction `negative_hardness`
+  # of the images (3B pairs, as ALBEF); 'add' scores them as B more pairs (4B).
   itm_written_negatives: str = 'off'
   # ITM's pairs come from every k-th example of the batch (1 = all, ALBEF): the fusion encoder's cost falls k-fold
   # while ITC keeps the whole batch, and negatives are still drawn from all of it.
@@ -125,6 +125,7 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
   candidates. Tower outputs are reused; only the fusion encoder runs again.
   """
   hardness = weights.negative_hardness(step)
+  rng, written_rng = jax.random.split(rng)
   negatives = losses.sample_hard_negatives(rng, sim, batch.get('image_ids'), hardness)
   pick = slice(None, None, weights.itm_subsample)  # strided: every shard of a sharded batch keeps its share
   # Rows: n positives, then n texts with their negative image, then n images with their negative text.
@@ -138,10 +139,12 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     written_tokens = written.tokens[pick].astype(text_tokens.dtype)
     written_mask, written_valid = written.mask[pick], written.valid[pick]
   if written is not None and weights.itm_written_negatives == 'replace':
-    use = written_valid[:, None, None]
+    # Like the in-batch negatives, written ones come in with the hardness schedule: a fraction h of the images get
+    # theirs (all of them from itm_hard_warmup on). From scratch, ITM learns on easy pairs first.
+    use = (written_valid & (jax.random.uniform(written_rng, written_valid.shape) < hardness))[:, None, None]
     negative_text = jnp.where(use, written_tokens, negative_text)
     negative_mask = jnp.where(use[..., 0], written_mask, negative_mask)
-    negative_text_valid = written_valid | negative_text_valid
+    negative_text_valid = use[:, 0, 0] | negative_text_valid
   pair_text = [text_tokens, text_tokens, negative_text]
   pair_mask = [text_mask, text_mask, negative_mask]
   pair_image = [image_tokens, negative_image, image_tokens]
@@ -158,8 +161,9 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
   if written is not None:
     # How often the written negatives (the binding the test measures) are told apart: rows 2n..3n or 3n..4n.
     rows = logits[(2 if weights.itm_written_negatives == 'replace' else 3) * size:][:size]
-    correct = (jnp.argmax(rows, axis=-1) == 0) & written_valid
-    metrics['itm_written_acc'] = jnp.sum(correct) / jnp.maximum(jnp.sum(written_valid), 1)
+    shown = use[:, 0, 0] if weights.itm_written_negatives == 'replace' else written_valid
+    correct = (jnp.argmax(rows, axis=-1) == 0) & shown
+    metrics['itm_written_acc'] = jnp.sum(correct) / jnp.maximum(jnp.sum(shown), 1)
   return itm, metrics
 
 

@@ -10,7 +10,6 @@ import ml_collections
 
 SOURCES = ('tfds', 'wds', 'tfrecord', 'folder')
 TFDS_ACCESS = ('auto', 'random', 'stream')
-TEXT_NEGATIVES = ('', 'shapes')
 
 # ImageNet statistics, what ViT/BERT-style towers pretrained elsewhere expect; scaled to [0, 255] pixels.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -50,9 +49,12 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     tokenizer: spec for `xmodal.data.tokenizer.load_tokenizer` ('shapes' = the shipped vocabulary, or a path).
     max_text_len: token length L of `text_ids`; longer captions are truncated.
     max_captions: C, captions kept per image by the evaluation pipeline (COCO and shapes have 5).
-    text_negatives: writes a hard negative of each training caption, fed to ITM (`loss.itm_written_negatives`):
-      '' none; 'shapes' the xmodal_shapes grammar's (`shapes_captions.negative_caption`: colours swapped between
-      two phrases or the related phrases swapped; captions of one object get none).
+    pairs: read examples 2m and 2m+1 of the training split as a unit, side by side in one batch (xmodal_shapes'
+      training split is built as minimal pairs: each image's hard negative image is its neighbour); needs a
+      random-access source, an even batch per process, and no skipped records (a skip shifts the rest).
+    negatives_key: feature path of hard negative captions stored with each training image ('' = none;
+      xmodal_shapes: 'negative_captions', one broken fact per caption); each example then carries one of them, for
+      `loss.itm_written_negatives` / `loss.itc_written_negatives`. Read by the tfds source (random access).
     batch_size: global training batch; each of P processes yields batch_size // P.
     eval_batch_size: global evaluation batch (images; each carries up to C captions).
     shuffle_buffer: window of the stateless shuffle applied to streaming sources (wds/tfrecord/tfds stream);
@@ -92,7 +94,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       tokenizer='shapes',
       max_text_len=32,
       max_captions=5,
-      text_negatives='',
+      negatives_key='',
+      pairs=False,
       batch_size=256,
       eval_batch_size=256,
       shuffle_buffer=4096,
@@ -121,8 +124,9 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the field for choices and ranges that would fail deep inside tf.data."""
   if config.source not in SOURCES:
     raise ValueError(f'data.source: {config.source!r} is not one of {SOURCES}')
-  if config.text_negatives not in TEXT_NEGATIVES:
-    raise ValueError(f'data.text_negatives: {config.text_negatives!r} is not one of {TEXT_NEGATIVES}')
+  if config.negatives_key and config.source != 'tfds':
+    raise ValueError(f'data.negatives_key: {config.negatives_key!r} is read by the tfds source only, not '
+                     f'{config.source!r}')
   if config.tfds_access not in TFDS_ACCESS:
     raise ValueError(f'data.tfds_access: {config.tfds_access!r} is not one of {TFDS_ACCESS}')
   low, high = config.crop_scale

@@ -80,8 +80,12 @@ def build_source(config: ml_collections.ConfigDict, split: str, process_index: i
     random = config.tfds_access == 'random' or (
         config.tfds_access == 'auto' and sources.tfds_is_random_access(builder))
     keys = (config.image_key, config.captions_key, config.id_key)
+    negatives_key = config.negatives_key if train else ''
     if random:
-      return sources.tfds_indexed_source(builder, tfds_split, *keys)
+      return sources.tfds_indexed_source(builder, tfds_split, *keys, negatives_key=negatives_key)
+    if negatives_key:
+      raise ValueError(f'data.negatives_key: {negatives_key!r} is read by random access only, and '
+                       f'{config.tfds_name} is read as a stream (data.tfds_access={config.tfds_access!r})')
     epoch_records = sources.tfds_stream_reader(builder, tfds_split, *keys, process_index, process_count)
     return _SingleStream(epoch_records)
   what = 'data.train_shards' if train else 'data.eval_shards'
@@ -112,7 +116,7 @@ def _local_count(size: int, process_index: int, process_count: int) -> int:
 
 
 def _indexed_order(source: sources.IndexedSource, seed: int, start: int, batch: int, process_index: int,
-                   process_count: int) -> tf.data.Dataset:
+                   process_count: int, pairs: bool = False) -> tf.data.Dataset:
   """This process's records from its local stream position `start` on.
 
   One global order, the same for every process count: global position g is example
@@ -120,20 +124,25 @@ def _indexed_order(source: sources.IndexedSource, seed: int, start: int, batch: 
   [b * B, (b + 1) * B), and process p reads rows [p * B/P, (p + 1) * B/P) of each: its local position k is global
   position (k // (B/P)) * B + p * (B/P) + k % (B/P). Assembled across processes, the global batch is exactly the one
   a single process would read, so a run's batches do not depend on how many processes feed it.
+
+  With `pairs`, the permutation moves pairs (examples 2m and 2m+1) as units: global positions 2j and 2j+1 hold one
+  pair, so with even (local) batches every pair lands in one batch, side by side.
   """
   size = source.size
   if size == 0:
     raise ValueError('the split has no examples')
+  unit = 2 if pairs else 1
+  units = size // unit  # an odd example out of pairs is never read
   local = batch // process_count
 
   def locate(k: tf.Tensor) -> dict:
     # k: (READ_BATCH,) local positions, located vectorised: per-element maps dominate small-image pipelines.
     g = (k // local) * batch + process_index * local + k % local
-    epoch, q = g // size, g % size
+    epoch, q = g // (units * unit), g % (units * unit)
     # index_shuffle takes one seed per call, and a read batch may straddle epochs: one call per position.
-    index = tf.map_fn(lambda eq: tf.random.experimental.index_shuffle(
-        eq[1], tf.stack([tf.constant(seed, tf.int64), eq[0]]),
-        tf.constant(size - 1, tf.int64)), (epoch, q), fn_output_signature=tf.int64)
+    index = unit * tf.map_fn(lambda eq: tf.random.experimental.index_shuffle(
+        eq[1] // unit, tf.stack([tf.constant(seed, tf.int64), eq[0]]),
+        tf.constant(units - 1, tf.int64)), (epoch, q), fn_output_signature=tf.int64) + q % unit
     return {'epoch': epoch, 'q': k, 'rel': k - start, 'key': preprocess.example_key(seed, epoch, index),
             'index': index}
 
@@ -183,19 +192,23 @@ def _stream_order(source, seed: int, window: int, start_epoch: int, start_q: int
 def _checked_chunks(records: tf.data.Dataset, initial_counts: tuple[int, int], captions) -> tf.data.Dataset:
   """Records → chunks of READ_BATCH with statuses and captions, skip counts, and only the usable records left.
 
-  Per chunk, vectorised: each record's status, `captions(texts (k, None) ragged, chunk)` (a dict of caption fields),
+  Per chunk, vectorised: each record's status, `captions(texts (k, None) ragged, chunk, negatives (k, None) ragged
+  or None)` (a dict of caption fields),
   and running counts of truncated records and records without a usable caption, which are dropped here, before
   anything is decoded. A tf.data element costs tens of microseconds of scheduling whatever it does, so these steps as
   per-example maps cost more than decoding a small image. STATUS_END markers pass through.
   """
+  def ragged(x):
+    return x if isinstance(x, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(x)  # ragged_batch keeps a
+    # dimension of static size dense
+
   def check(chunk: dict) -> dict:
-    texts = chunk.pop('texts')
-    if not isinstance(texts, tf.RaggedTensor):  # ragged_batch keeps a dimension of static size dense
-      texts = tf.RaggedTensor.from_tensor(texts)
+    texts = ragged(chunk.pop('texts'))
+    negatives = ragged(chunk.pop('negatives')) if 'negatives' in chunk else None
     usable = tf.reduce_any(tf.ragged.map_flat_values(preprocess.usable_captions, texts), axis=1)
     status = tf.where(chunk['status'] != sources.STATUS_OK, chunk['status'],
                       tf.where(usable, sources.STATUS_OK, STATUS_EMPTY))
-    return {**chunk, 'status': status, **captions(texts, chunk)}
+    return {**chunk, 'status': status, **captions(texts, chunk, negatives)}
 
   def count(totals: tf.Tensor, chunk: dict):
     # Running (truncated, empty) counts up to and including each record, carried from chunk to chunk.
@@ -250,29 +263,6 @@ def _tokenize_fn(tokenizer, max_len: int):
     mask.set_shape(shape)
     return ids, mask
   return tokenize
-
-
-def _negatives_fn(kind: str):
-  """(captions (k,) string, keys (k, 2) int64) -> (k,) negatives ('' where a caption has none), or None for ''.
-
-  Each negative is a pure function of its caption and the example's key, so a resumed run writes the same ones.
-  """
-  if not kind:
-    return None
-  from xmodal.data import shapes_captions  # pylint: disable=g-import-not-at-top
-
-  def write(texts: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    out = []
-    for text, key in zip(texts, keys):
-      negative = shapes_captions.negative_caption(text.decode('utf-8'), np.random.default_rng(key.tolist()))
-      out.append((negative or '').encode('utf-8'))
-    return np.array(out, dtype=object)
-
-  def negatives(texts: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
-    out = tf.numpy_function(write, [texts, keys], tf.string, stateful=False)
-    out.set_shape(texts.shape)
-    return out
-  return negatives
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
@@ -346,16 +336,20 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
     raise ValueError(f'data.batch_size={config.batch_size} is not divisible by {process_count} processes')
   batch = config.batch_size // process_count
   source = build_source(config, 'train', process_index, process_count, shuffle_shards=True)
+  if config.pairs and (batch % 2 or not isinstance(source, sources.IndexedSource)):
+    raise ValueError(f'data.pairs keeps examples 2m and 2m+1 in one batch: it needs a random-access source and an '
+                     f'even batch per process, got {type(source).__name__} and {batch}')
   if isinstance(source, sources.IndexedSource):
     # 'position' is the local stream position (see _indexed_order); 'epoch' is informational.
-    ds = _indexed_order(source, config.seed, state['position'], config.batch_size, process_index, process_count)
+    ds = _indexed_order(source, config.seed, state['position'], config.batch_size, process_index, process_count,
+                        pairs=config.pairs)
   else:
     ds = _stream_order(source, config.seed, config.shuffle_buffer, state['epoch'], state['position'])
-  negatives = _negatives_fn(config.text_negatives)
-
-  def choose(texts: tf.RaggedTensor, chunk: dict) -> dict:
-    text = preprocess.choose_captions(texts, chunk['key'])
-    return {'text': text} if negatives is None else {'text': text, 'negative': negatives(text, chunk['key'])}
+  def choose(texts: tf.RaggedTensor, chunk: dict, negatives: tf.RaggedTensor | None) -> dict:
+    chosen = {'text': preprocess.choose_captions(texts, chunk['key'])}
+    if negatives is not None:  # '' where an example has none
+      chosen['negative'] = preprocess.choose_captions(negatives, preprocess.subkey(chunk['key'], 3))
+    return chosen
   ds = _checked_chunks(ds, (state['skipped']['truncated'], state['skipped']['empty_caption']), choose)
   ds = _decoded(ds, lambda e: _train_example(config, e), _threads(config))
   ds = ds.batch(batch, drop_remainder=True)
@@ -365,7 +359,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
     ids, mask = tokenize(b['text'])
     out = {'images': b['image'], 'text_ids': ids, 'text_mask': mask, 'image_ids': b['image_id'],
            'epoch': b['epoch'], 'q': b['q'], 'rel': b['rel'], 'counts': b['counts']}
-    if negatives is not None:
+    if config.negatives_key:
       out['negative_ids'], out['negative_mask'] = tokenize(b['negative'])
       out['negative_valid'] = tf.strings.length(b['negative']) > 0
     return out
@@ -404,8 +398,8 @@ def _eval_example(config: ml_collections.ConfigDict, example: dict) -> dict:
 
 
 def _padded_captions(count: int):
-  def pad(texts: tf.RaggedTensor, chunk: dict) -> dict:
-    del chunk
+  def pad(texts: tf.RaggedTensor, chunk: dict, negatives) -> dict:
+    del chunk, negatives
     padded = texts[:, :count].to_tensor(default_value='', shape=[None, count])
     return {'texts': padded, 'text_valid': preprocess.usable_captions(padded)}
   return pad

@@ -48,17 +48,21 @@ class ShapesConfig(tfds.core.BuilderConfig):
   test_size: int = 1_000
   test_hard_size: int = 1_000
   validation_hard_size: int = 1_000
+  # Training images 2k and 2k+1 are a minimal pair (`shapes_captions.minimal_pair`): one fact apart, each image's
+  # captions false of the other. A reader that keeps pairs in one batch (data.pairs) gives contrastive learning
+  # negatives that differ in a shape, a colour, a binding or a relation, which colours alone cannot tell apart.
+  train_pairs: bool = True
 
 
 def shapes_config(seed: int = 0, image_size: int = 64, train_size: int = 20_000, validation_size: int = 1_000,
-                  test_size: int = 1_000, test_hard_size: int = 1_000, validation_hard_size: int = 1_000
-                  ) -> ShapesConfig:
+                  test_size: int = 1_000, test_hard_size: int = 1_000, validation_hard_size: int = 1_000,
+                  train_pairs: bool = True) -> ShapesConfig:
   """A config named after its values (e.g. 's1_64px_40_10_10_10_10'), so different configs never share a folder."""
   sizes = (train_size, validation_size, test_size, test_hard_size, validation_hard_size)
-  name = f's{seed}_{image_size}px_' + '_'.join(map(str, sizes))
+  name = f's{seed}_{image_size}px_' + '_'.join(map(str, sizes)) + ('' if train_pairs else '_unpaired')
   return ShapesConfig(name=name, seed=seed, image_size=image_size, train_size=train_size,
                       validation_size=validation_size, test_size=test_size, test_hard_size=test_hard_size,
-                      validation_hard_size=validation_hard_size)
+                      validation_hard_size=validation_hard_size, train_pairs=train_pairs)
 
 
 def _jpeg(image: np.ndarray) -> bytes:
@@ -91,13 +95,26 @@ def _labels(names: tuple[str, ...]) -> tfds.features.ClassLabel:
 def make_example(config: ShapesConfig, split: str, index: int) -> dict[str, Any]:
   """Example `index` of `split`: a pure function of (config.seed, config.image_size, split, index).
 
-  Hard-pair scenes (`validation_hard`, `test_hard`) always hold 2-3 objects (a binding needs two), and a scene whose every candidate negative would
-  still be true of it is redrawn from the same generator.
+  Hard-pair scenes (`validation_hard`, `test_hard`) always hold 2-3 objects (a binding needs two), and a scene
+  whose every candidate negative would still be true of it is redrawn from the same generator. With
+  `config.train_pairs`, training image 2k+1 is the minimal pair of image 2k (drawn from generators of its own; an
+  independent scene when image 2k has none). Training examples also carry `negative_captions`: for each caption,
+  one with a fact broken (`shapes_captions.negative_caption`), '' where none can be written.
   """
-  rng = np.random.default_rng([config.seed, _SPLIT_CODES[split], index])
+  code = _SPLIT_CODES[split]
+  paired = split == 'train' and config.train_pairs
+  rng = np.random.default_rng([config.seed, code, index // 2, 0] if paired else [config.seed, code, index])
   if split not in HARD_SPLITS:
     scene = shapes_render.sample_scene(rng, config.image_size)
     texts, negative = shapes_captions.captions(scene, rng, NUM_CAPTIONS), ''
+    if paired and index % 2:
+      rng = np.random.default_rng([config.seed, code, index // 2, 2])
+      pair = shapes_captions.minimal_pair(scene, texts, rng, config.image_size)
+      if pair is None:
+        scene = shapes_render.sample_scene(rng, config.image_size)
+        texts = shapes_captions.captions(scene, rng, NUM_CAPTIONS)
+      else:
+        _, scene, texts = pair
   else:
     pair = None
     while pair is None:
@@ -105,16 +122,23 @@ def make_example(config: ShapesConfig, split: str, index: int) -> dict[str, Any]
       pair = shapes_captions.hard_pair(scene, rng)
     texts, negative = [pair[0]], pair[1]
   image = shapes_render.render_scene(scene, rng, config.image_size)
+  written = []
+  if split == 'train':
+    # From a generator of their own, so the images and captions are those of earlier versions.
+    written_rng = np.random.default_rng([config.seed, _SPLIT_CODES[split], index, 1])
+    written = [shapes_captions.negative_caption(t, written_rng, scene) or '' for t in texts]
   return {'image': _jpeg(image), 'image_id': index, 'captions': texts, 'negative_caption': negative,
-          **_metadata(scene)}
+          'negative_captions': written, **_metadata(scene)}
 
 
 class XmodalShapes(tfds.core.GeneratorBasedBuilder):
   """Procedurally rendered image-caption pairs: coloured shapes, their sizes and one spatial relation."""
 
-  VERSION = tfds.core.Version('1.2.0')
+  VERSION = tfds.core.Version('1.4.0')
   RELEASE_NOTES = {'1.0.0': 'First release.', '1.1.0': 'Images stored as JPEG (quality 95, 4:4:4): faster to decode.',
-                   '1.2.0': 'A validation_hard split: binding pairs to choose recipes on without reading test_hard.'}
+                   '1.2.0': 'A validation_hard split: binding pairs to choose recipes on without reading test_hard.',
+                   '1.3.0': 'negative_captions: written hard negatives of every training caption.',
+                   '1.4.0': 'Training images 2k and 2k+1 are minimal pairs (train_pairs).'}
   BUILDER_CONFIGS = [ShapesConfig(name='default')]
   # A worker pool only pays for its start-up on big splits.
   MIN_EXAMPLES_PER_WORKER = 1000
@@ -141,6 +165,8 @@ class XmodalShapes(tfds.core.GeneratorBasedBuilder):
             'image_id': np.int64,
             'captions': tfds.features.Sequence(tfds.features.Text()),
             'negative_caption': tfds.features.Text(),
+            # Training split only: one hard negative per caption ('' where none), false of this image.
+            'negative_captions': tfds.features.Sequence(tfds.features.Text()),
             # Centres and bounding radii in pixels of the stored image (x right, y down).
             'objects': tfds.features.Sequence({
                 'color': _labels(shapes_render.COLORS), 'shape': _labels(shapes_render.SHAPES),
@@ -182,7 +208,7 @@ def prepare_if_missing(data_dir: str | None = None) -> XmodalShapes:
   return builder
 
 
-def _scene(record: dict[str, Any]) -> shapes_render.Scene:
+def record_scene(record: dict[str, Any]) -> shapes_render.Scene:
   """The scene of a stored record, rebuilt from its `objects` and `relation` metadata (label ids -> names)."""
   o = record['objects']
   objects = tuple(shapes_render.Obj(shapes_render.COLORS[c], shapes_render.SHAPES[s], shapes_render.SIZES[z],
@@ -218,6 +244,6 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str
   scenes, captions = [], []
   for i in range(len(source)):
     record = source[i]
-    scenes.append(_scene(record))
+    scenes.append(record_scene(record))
     captions.append([c.decode() if isinstance(c, bytes) else str(c) for c in record['captions']])
   return scenes, captions

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from xmodal.data.shapes_render import COLORS, INVERSE, Obj, Scene, relation_holds
+from xmodal.data.shapes_render import COLORS, INVERSE, Obj, Scene, perturbations, relation_holds
 
 # Synonyms; the first is the canonical name used in the metadata.
 COLOR_WORDS: dict[str, tuple[str, ...]] = {c: (c,) for c in COLORS} | {'gray': ('gray', 'grey')}
@@ -68,7 +68,13 @@ class Phrase:
 
 
 def _canonical(word: str, table: dict[str, tuple[str, ...]]) -> str:
-  return next(k for k, words in table.items() if word in words)
+  return _CANONICAL[id(table)][word]
+
+
+# word -> canonical name, per synonym table (a dict lookup: the oracle and the negative writer call this millions of
+# times).
+_CANONICAL = {id(table): {w: k for k, words in table.items() for w in words}
+              for table in (COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, RELATION_PHRASES)}
 
 
 def phrase_matches(p: Phrase, o: Obj) -> bool:
@@ -126,6 +132,43 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
       if len(out) == n:
         return out
   return out + [out[i % len(out)] for i in range(n - len(out))]
+
+
+def captions_false_of(scene: Scene, other: Scene, rng: np.random.Generator, n: int = 5) -> list[str] | None:
+  """n different true captions of `scene` that are all false of `other` (its minimal pair); None if the grammar
+  gives none (e.g. a pair whose difference is a relation, and only relation-free templates drawn)."""
+  out: list[str] = []
+  for _ in range(50 * n):
+    c = caption(scene, rng)
+    if c not in out and not caption_fits(c, other):
+      out.append(c)
+      if len(out) == n:
+        return out
+  return out + [out[i % len(out)] for i in range(n - len(out))] if out else None
+
+
+def minimal_pair(scene: Scene, texts: list[str], rng: np.random.Generator, image_size: int
+                 ) -> tuple[str, Scene, list[str]] | None:
+  """A scene one fact away from `scene` of which every caption in `texts` is false, and captions of it that are
+  false of `scene`: (kind, partner, partner captions), or None when no perturbation makes all of `texts` false.
+
+  The perturbation's kind is drawn uniformly among those available (`shapes_render.perturbations`), so colour
+  changes, which are the most numerous, do not crowd out shapes, bindings and relations.
+  """
+  by_kind: dict[str, list[Scene]] = {}
+  for kind, partner in perturbations(scene, image_size):
+    by_kind.setdefault(kind, []).append(partner)
+  kinds = sorted(by_kind)
+  for k in rng.permutation(len(kinds)):
+    candidates = by_kind[kinds[k]]
+    for c in rng.permutation(len(candidates)):
+      partner = candidates[c]
+      if any(caption_fits(t, partner) for t in texts):
+        continue
+      partner_texts = captions_false_of(partner, scene, rng, len(texts))
+      if partner_texts is not None:
+        return kinds[k], partner, partner_texts
+  return None
 
 
 def statement_holds(scene: Scene, first: Phrase, predicate: str, second: Phrase, *, strict: bool) -> bool:
@@ -211,17 +254,21 @@ def parse_caption(text: str) -> tuple[Statement, ...]:
   statements: dict[Statement, None] = {}
   for regex, slots, counts in _readers():
     m = regex.fullmatch(text)
-    if m is None:
-      continue
-    names = [s for s in slots if s != 'R']
-    phrases = tuple(Phrase(m[f'{s}_det'], m[f'{s}_size'], m[f'{s}_color'], m[f'{s}_shape']) for s in names)
-    relation = None
-    if 'R' in slots:
-      relation = (names.index('X'), _canonical(m['R'], RELATION_PHRASES), names.index('Y'))
-    statements[Statement(phrases, relation, counts)] = None
+    if m is not None:
+      statements[_statement(m, slots, counts)] = None
   if not statements:
     raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
   return tuple(statements)
+
+
+def _statement(m: re.Match, slots: tuple[str, ...], counts: frozenset[int]) -> Statement:
+  """The statement of one template's match."""
+  names = [s for s in slots if s != 'R']
+  phrases = tuple(Phrase(m[f'{s}_det'], m[f'{s}_size'], m[f'{s}_color'], m[f'{s}_shape']) for s in names)
+  relation = None
+  if 'R' in slots:
+    relation = (names.index('X'), _canonical(m['R'], RELATION_PHRASES), names.index('Y'))
+  return Statement(phrases, relation, counts)
 
 
 def statement_fits(statement: Statement, scene: Scene) -> bool:
@@ -249,40 +296,65 @@ def caption_fits(text_or_statements: str | tuple[Statement, ...], scene: Scene) 
   return any(statement_fits(s, scene) for s in statements)
 
 
-def negative_caption(text: str, rng: np.random.Generator) -> str | None:
-  """A hard negative written from a caption alone: one binding broken, the words kept; None if it has no binding.
+NEGATIVE_KINDS = ('colours', 'relation', 'shape', 'colour')
 
-  The two kinds `hard_pair` makes (NegCLIP-style), chosen uniformly among those the caption allows:
-  - the colour words of two phrases swapped, when the phrases differ in colour AND shape ("a red circle and a blue
-    box" -> "a blue circle and a red box");
-  - the bodies of the related phrases swapped, determiners kept, reversing the relation ("a red circle left of a
-    blue box" -> "a blue box left of a red circle").
-  Either is false of the caption's scene, whatever the scene: its colour-shape pairs are distinct and at most three,
-  so both swapped phrases cannot name objects, and the related pair stands in its relation one way only. Captions of
-  one object have no binding to break.
+
+def negative_caption(text: str, rng: np.random.Generator, scene: Scene | None = None) -> str | None:
+  """A hard negative written from a caption: one fact broken, the rest of the words kept; None if none can be.
+
+  Kinds (NEGATIVE_KINDS), the kind drawn uniformly among those the caption allows, then one edit of that kind:
+  - 'colours': the colour words of two phrases swapped, when they differ in colour AND shape ("a red circle and a
+    blue box" -> "a blue circle and a red box"): a broken binding, as in `hard_pair`;
+  - 'relation': the bodies of the related phrases swapped, determiners kept ("a red circle left of a blue box" ->
+    "a blue box left of a red circle");
+  - 'shape' / 'colour' (only with the `scene`): one phrase's shape (colour) word replaced by another shape's
+    (colour's), kept only if the caption becomes false of the scene.
+  The two swaps are false of the caption's scene whatever the scene: its colour-shape pairs are distinct and at
+  most three, so both swapped phrases cannot name objects, and the related pair stands in its relation one way
+  only. A substitution could name another object of the scene, hence the check.
   """
-  for regex, slots, _ in _readers():
+  for regex, slots, counts in _readers():
     m = regex.fullmatch(text)
     if m is not None:
       break
   else:
     raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
   names = [slot for slot in slots if slot != 'R']
-  candidates = []  # each a list of (start, end, replacement) edits
+  statement = _statement(m, slots, counts)
+  edits: dict[str, list[list[tuple[int, int, str]]]] = {kind: [] for kind in NEGATIVE_KINDS}
   for a, b in itertools.combinations(names, 2):
     color_a, color_b = m[f'{a}_color'], m[f'{b}_color']
     if (_canonical(color_a, COLOR_WORDS) != _canonical(color_b, COLOR_WORDS)
         and _canonical(m[f'{a}_shape'], SHAPE_WORDS) != _canonical(m[f'{b}_shape'], SHAPE_WORDS)):
-      candidates.append([(*m.span(f'{a}_color'), color_b), (*m.span(f'{b}_color'), color_a)])
+      edits['colours'].append([(*m.span(f'{a}_color'), color_b), (*m.span(f'{b}_color'), color_a)])
   if 'R' in slots:
     body = lambda slot: (m.end(f'{slot}_det') + 1, m.end(f'{slot}_shape'))
     (x0, x1), (y0, y1) = body('X'), body('Y')
-    candidates.append([(x0, x1, text[y0:y1]), (y0, y1, text[x0:x1])])
-  if not candidates:
+    edits['relation'].append([(x0, x1, text[y0:y1]), (y0, y1, text[x0:x1])])
+  if scene is not None:
+    for kind, part, table in (('shape', 'shape', SHAPE_WORDS), ('colour', 'color', COLOR_WORDS)):
+      for index, slot in enumerate(names):
+        word = m[f'{slot}_{part}']
+        for other in table:
+          if other == _canonical(word, table):
+            continue
+          replacement = _pick(rng, table[other])
+          # The edited statement, checked without re-parsing its text.
+          phrases = list(statement.phrases)
+          phrases[index] = dataclasses.replace(phrases[index], **{part: replacement})
+          if not statement_fits(dataclasses.replace(statement, phrases=tuple(phrases)), scene):
+            edits[kind].append([(*m.span(f'{slot}_{part}'), replacement)])
+  kinds = [kind for kind in NEGATIVE_KINDS if edits[kind]]
+  if not kinds:
     return None
-  edits = sorted(candidates[rng.integers(len(candidates))])
+  options = edits[kinds[rng.integers(len(kinds))]]
+  return _apply(text, options[rng.integers(len(options))])
+
+
+def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
+  """`text` with each (start, end) span replaced; spans do not overlap."""
   out, last = [], 0
-  for start, end, replacement in edits:
+  for start, end, replacement in sorted(edits):
     out += [text[last:start], replacement]
     last = end
   return ''.join(out + [text[last:]])

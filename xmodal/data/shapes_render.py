@@ -12,6 +12,7 @@ Pure numpy: no TensorFlow, so the tokenizer and tests can use it on a host witho
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -115,6 +116,57 @@ def sample_scene(rng: np.random.Generator, image_size: int = 64, min_objects: in
     if len(placed) == n:
       return Scene(tuple(placed), (0, predicate, 1) if predicate else None)
   raise ValueError(f'cannot place {n} objects in a {image_size}px image')
+
+
+PERTURBATIONS = ('shape', 'colour', 'colours', 'relation')
+
+
+def perturbations(scene: Scene, image_size: int) -> list[tuple[str, Scene]]:
+  """Every scene one fact away from `scene`: its minimal pairs, as (kind, scene), kinds as PERTURBATIONS:
+
+  - 'shape' / 'colour': one object's shape (colour) changed, where and as big as it was;
+  - 'colours': the colours of two objects that differ in colour and shape exchanged (a binding changed);
+  - 'relation': the related pair's places exchanged (the relation reversed), when both still fit there.
+  Colour-shape pairs stay distinct, so a phrase still names at most one object.
+  """
+  out = []
+  pairs = {(o.color, o.shape) for o in scene.objects}
+
+  def with_objects(objects, relation=scene.relation):
+    return Scene(tuple(objects), relation)
+
+  for j, o in enumerate(scene.objects):
+    for kind, field, options in (('shape', 'shape', SHAPES), ('colour', 'color', COLORS)):
+      for value in options:
+        changed = dataclasses.replace(o, **{field: value})
+        if value != getattr(o, field) and (changed.color, changed.shape) not in pairs:
+          out.append((kind, with_objects(scene.objects[:j] + (changed,) + scene.objects[j + 1:])))
+  for a, b in itertools.combinations(range(len(scene.objects)), 2):
+    oa, ob = scene.objects[a], scene.objects[b]
+    if oa.color != ob.color and oa.shape != ob.shape:
+      swapped = list(scene.objects)
+      swapped[a], swapped[b] = dataclasses.replace(oa, color=ob.color), dataclasses.replace(ob, color=oa.color)
+      if len({(o.color, o.shape) for o in swapped}) == len(swapped):
+        out.append(('colours', with_objects(swapped)))
+  if scene.relation is not None:
+    s, predicate, t = scene.relation
+    moved = list(scene.objects)
+    moved[s] = dataclasses.replace(scene.objects[s], x=scene.objects[t].x, y=scene.objects[t].y)
+    moved[t] = dataclasses.replace(scene.objects[t], x=scene.objects[s].x, y=scene.objects[s].y)
+    if _fits(moved, image_size) and relation_holds(moved[t], predicate, moved[s]):
+      out.append(('relation', with_objects(moved, (t, predicate, s))))
+  return out
+
+
+def _fits(objects: list[Obj], image_size: int) -> bool:
+  """Whether every object lies inside the image, clear of the border and of each other (as sample_scene places)."""
+  for i, o in enumerate(objects):
+    if not (o.radius + _MARGIN <= o.x <= image_size - o.radius - _MARGIN
+            and o.radius + _MARGIN <= o.y <= image_size - o.radius - _MARGIN):
+      return False
+    if not _free(np.array([o.x]), np.array([o.y]), o.radius, objects[:i])[0]:
+      return False
+  return True
 
 
 def _polygon_mask(px: np.ndarray, py: np.ndarray, vx: np.ndarray, vy: np.ndarray) -> np.ndarray:

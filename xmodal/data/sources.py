@@ -391,8 +391,11 @@ def tfds_is_random_access(builder) -> bool:
     return False
 
 
-def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, id_key: str) -> IndexedSource:
+def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, id_key: str,
+                        negatives_key: str = '') -> IndexedSource:
   """A tfds array_record split read by index: raw records in batches, parsed in the graph, vectorised.
+
+  With `negatives_key`, records also carry 'negatives': the stored hard negative captions of the image.
 
   Only the three needed features are parsed (`tf.io.parse_example` on the batch) — several times cheaper than tfds'
   full deserialisation of every feature. tfds stores nested features flattened with '/', which is how the config
@@ -405,7 +408,8 @@ def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, 
   # test_hard: 'captions,negative_caption' gives each image its true caption, then its hard negative).
   caption_keys = captions_key.split(',')
   spec = {image_key: tf.io.FixedLenFeature([], tf.string, default_value='')}
-  spec.update({key: tf.io.RaggedFeature(tf.string) for key in caption_keys})
+  text_keys = caption_keys + ([negatives_key] if negatives_key else [])
+  spec.update({key: tf.io.RaggedFeature(tf.string) for key in text_keys})
   if id_key:
     spec[id_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
 
@@ -417,9 +421,12 @@ def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, 
     serialized.set_shape(meta['index'].shape)
     example = tf.io.parse_example(serialized, spec)
     texts = tf.concat([example[key] for key in caption_keys], axis=1)
-    return {**meta, 'encoded': example[image_key], 'texts': texts,
-            'image_id': example[id_key] if id_key else meta['index'],
-            'status': tf.zeros_like(meta['index'], tf.int32) + STATUS_OK}
+    record = {**meta, 'encoded': example[image_key], 'texts': texts,
+              'image_id': example[id_key] if id_key else meta['index'],
+              'status': tf.zeros_like(meta['index'], tf.int32) + STATUS_OK}
+    if negatives_key:
+      record['negatives'] = example[negatives_key]
+    return record
 
   def read(indices: tf.data.Dataset) -> tf.data.Dataset:
     # Batched reads amortise the Python call and the parse; decoding then runs per example, off the GIL.

@@ -119,18 +119,29 @@ class Mlp(nn.Module):
 
 
 class PreLNBlock(nn.Module):
-  """ViT layer: x + attn(LN(x)), then x + mlp(LN(x))."""
+  """ViT layer: x + attn(LN(x)), then x + mlp(LN(x)); with `layer_scale_init` > 0 each branch is scaled by a
+  learned per-channel vector starting there (CaiT's LayerScale: blocks start near the identity)."""
   heads: int
   mlp_dim: int
   eps: float
   dtype: Dtype = jnp.float32
   impl: str = 'xla'
+  layer_scale_init: float = 0.0
 
   @nn.compact
   def __call__(self, x, mask):
-    x = x + Attention(self.heads, self.dtype, self.impl, name='attn')(LayerNorm(self.eps, self.dtype, name='ln1')(x), mask)
-    x = x + Mlp(self.mlp_dim, self.dtype, name='mlp')(LayerNorm(self.eps, self.dtype, name='ln2')(x))
+    attn = Attention(self.heads, self.dtype, self.impl, name='attn')
+    x = x + self._scale(attn(LayerNorm(self.eps, self.dtype, name='ln1')(x), mask), 'ls1')
+    mlp = Mlp(self.mlp_dim, self.dtype, name='mlp')
+    x = x + self._scale(mlp(LayerNorm(self.eps, self.dtype, name='ln2')(x)), 'ls2')
     return constrain(x, 'batch', 'length', 'embed'), None
+
+  def _scale(self, branch: jax.Array, name: str) -> jax.Array:
+    if self.layer_scale_init <= 0:
+      return branch
+    gamma = self.param(name, with_names(nn.initializers.constant(self.layer_scale_init), 'embed'), (branch.shape[-1],),
+                       jnp.float32)
+    return branch * gamma.astype(branch.dtype)
 
 
 class PostLNBlock(nn.Module):

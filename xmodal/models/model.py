@@ -33,6 +33,8 @@ class VisionSpec:
   patch_size: int
   layer_norm_eps: float
   posemb_init: str = 'normal'
+  stem: str = 'patch'
+  layer_scale_init: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class ModelSpec:
   embed_dim: int
   max_text_len: int
   temperature_init: float = 0.07
+  pool: str = 'cls'
   dtype: str = 'float32'
   attention: str = 'xla'
   remat: str = 'none'
@@ -77,7 +80,8 @@ class XModal(nn.Module):
     dtype = jnp.dtype(s.dtype)
     common = dict(dtype=dtype, attention=s.attention, scan_layers=s.scan_layers, remat=s.remat)
     self.vision = VisionEncoder(s.vision.width, s.vision.depth, s.vision.heads, s.vision.mlp_dim, s.vision.patch_size,
-                                s.image_size, s.vision.layer_norm_eps, posemb_init=s.vision.posemb_init, **common)
+                                s.image_size, s.vision.layer_norm_eps, posemb_init=s.vision.posemb_init,
+                                stem=s.vision.stem, layer_scale_init=s.vision.layer_scale_init, **common)
     self.text = TextEncoder(s.text.vocab_size, s.text.width, s.text.depth, s.text.heads, s.text.mlp_dim,
                             s.text.max_positions, s.text.type_vocab_size, s.text.layer_norm_eps, **common)
     self.fusion = FusionEncoder(s.fusion_depth, s.text.heads, s.text.mlp_dim, s.text.layer_norm_eps, **common)
@@ -96,14 +100,25 @@ class XModal(nn.Module):
     self.sigmoid_bias = self.param('sigmoid_bias', layers.with_names(nn.initializers.constant(-10.0)), ())
 
   def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """images (B, H, W, 3) normalised floats -> (tokens (B, 1+N, Dv), emb (B, E) float32, unit norm)."""
+    """images (B, H, W, 3) normalised floats -> (tokens (B, 1+N, Dv), emb (B, E) float32, unit norm).
+
+    The embedding projects the [CLS] token (ALBEF), or with spec.pool='mean' the mean of all tokens.
+    """
     tokens = self.vision(images)
-    return tokens, _normalize(self.image_proj(tokens[:, 0].astype(jnp.float32)))
+    return tokens, _normalize(self.image_proj(self._pool(tokens, None)))
 
   def encode_text(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ids (B, L) int, mask (B, L) -> (tokens (B, L, Dt), emb (B, E) float32, unit norm)."""
     tokens = self.text(ids, mask)
-    return tokens, _normalize(self.text_proj(tokens[:, 0].astype(jnp.float32)))
+    return tokens, _normalize(self.text_proj(self._pool(tokens, mask)))
+
+  def _pool(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """(B, L, D) tokens -> (B, D) float32: the [CLS] token, or the mean of the real tokens (spec.pool)."""
+    tokens = tokens.astype(jnp.float32)
+    if self.spec.pool == 'cls':
+      return tokens[:, 0]
+    weights = jnp.ones(tokens.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
+    return jnp.einsum('bl,bld->bd', weights, tokens) / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)
 
   def match(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
             image_mask: jax.Array | None = None) -> jax.Array:

@@ -66,7 +66,12 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
                  'mlp_dim': p.vision.mlp_dim, 'patch_size': p.patch_size, 'layer_norm_eps': 1e-6,
                  # Initial position embeddings: 'normal' (std 0.02, ViT) or 'sincos2d' (the patch grid's 2D
                  # sine-cosine code; still learned). A pretrained checkpoint overwrites either.
-                 'posemb_init': 'normal'},
+                 'posemb_init': 'normal',
+                 # 'patch' (ViT's linear patchify, what pretrained checkpoints hold) or 'conv' (3x3 stride-2
+                 # convolutions to the same token grid, the hybrid ViT: learns shapes from scratch far sooner).
+                 'stem': 'patch',
+                 # LayerScale (CaiT) of the blocks' branches, initial value; 0 = none (ViT/DeiT checkpoints).
+                 'layer_scale_init': 0.0},
       'text': {'width': p.text.width, 'depth': p.text.depth, 'heads': p.text.heads, 'mlp_dim': p.text.mlp_dim,
                'vocab_size': p.vocab_size, 'max_positions': p.max_positions, 'type_vocab_size': 2,
                'layer_norm_eps': 1e-12},
@@ -74,6 +79,10 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'embed_dim': p.embed_dim,
       'max_text_len': p.max_text_len,
       'temperature_init': 0.07,
+      # What ITC embeds: 'cls' (the [CLS] token, ALBEF) or 'mean' (the mean of the tokens; of the real ones for
+      # text). From scratch, the mean carries every word and patch from step 0, while [CLS] starts the same for all
+      # inputs and learns the easiest attribute first (docs/shapes_recipe.md).
+      'pool': 'cls',
       # Compute dtype of matmuls; parameters and optimizer state stay float32.
       'dtype': 'float32',
       # 'xla' runs everywhere; 'cudnn' is the fused flash kernel on NVIDIA GPUs.
