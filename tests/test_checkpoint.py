@@ -78,6 +78,25 @@ def test_state_saved_on_4x2_mesh_restores_onto_2x1_mesh_and_one_device(tmp_path)
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), expected)
 
 
+def test_a_partly_frozen_optimizer_state_restores_with_its_empty_moments(tmp_path):
+  from xmodal.defaults import base_config
+  from xmodal.train import optim
+  params = {'vision': {'kernel': jnp.ones((4, 3)), 'bias': jnp.zeros(3)}, 'text': {'kernel': jnp.full((3, 2), 2.0)}}
+  config = base_config().optim
+  config.update(freeze=('^vision/',), warmup_steps=0)
+  tx, _ = optim.build_optimizer(config, params, 10)
+  opt_state = tx.init(params)
+  for _ in range(2):
+    _, opt_state = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+  state = {'params': params, 'opt_state': opt_state}
+  with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+    ckpt.save(2, state, {})
+    restored, _ = ckpt.restore(jax.eval_shape(lambda: state))
+  # The frozen parameters' moments stay optax.MaskedNode (no leaves) and the trained ones come back as saved.
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), jax.tree.map(np.asarray, state))
+
+
 def test_saves_every_n_steps_and_at_the_end_and_keeps_the_last_k(tmp_path):
   state = _state()
   with Checkpointer(tmp_path, save_every=2, keep=2) as ckpt:

@@ -189,6 +189,17 @@ def test_bert_pickle_with_prefix_and_gamma_beta_names_loads_like_safetensors(tmp
   assert 'cls.predictions.bias' in report.unused['text']
 
 
+def test_a_bfloat16_checkpoint_reads_with_the_values_torch_wrote(tmp_path):
+  # Hub checkpoints are often bfloat16; the safetensors file here is written by torch, the independent writer.
+  from xmodal.pretrained.common import read_checkpoint
+  bert, path = _hf_bert(tmp_path, layers=1)
+  bert.to(torch.bfloat16).save_pretrained(path)
+  tensors = read_checkpoint(path).tensors
+  for name, tensor in bert.state_dict().items():
+    assert tensors[name].dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(tensors[name].astype(np.float32), tensor.float().numpy())
+
+
 # ---------------------------------------------------------------- image
 
 def test_hf_vit_matches_last_hidden_state_with_checkpoint_eps(tmp_path):

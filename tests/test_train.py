@@ -1,9 +1,11 @@
 """The train step and optimizer: FLOP count, per-parameter rules, sharded equals single-device, non-finite policy."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from micro import micro_config
@@ -78,6 +80,41 @@ def test_a_pattern_that_matches_nothing_is_an_error():
   config.optim.freeze = ('^visoin/',)
   with pytest.raises(ValueError, match='visoin'):
     optim.build_optimizer(config.optim, params, 10)
+
+
+def test_frozen_parameters_get_no_update_and_no_adam_moments_and_the_rest_trains_as_if_alone():
+  config = micro_config()
+  config.optim.update(warmup_steps=0, clip_norm=0.5, lr_multipliers=(('^text/', 2.0),))
+  _, abstract = _params(config)
+  rng = np.random.default_rng(0)
+  draw = lambda tree: jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s.shape), jnp.float32), tree)
+  params, grads = draw(abstract), [draw(abstract) for _ in range(3)]
+  # Clipping is active, so which parameters the global norm covers shows in every update.
+  assert float(optax.tree.norm(grads[0])) > 10 * config.optim.clip_norm
+  trainable = lambda tree: {k: v for k, v in tree.items() if k != 'vision'}
+  # The reference: the same optimizer, without freezing, over the unfrozen parameters alone.
+  reference, _ = optim.build_optimizer(config.optim, trainable(params), 10)
+  unfrozen, _ = optim.build_optimizer(config.optim, params, 10)
+  config.optim.freeze = ('^vision/',)
+  frozen, _ = optim.build_optimizer(config.optim, params, 10)
+
+  state, ref_state = frozen.init(params), reference.init(trainable(params))
+  for g in grads:
+    updates, state = frozen.update(g, state, params)
+    ref_updates, ref_state = reference.update(trainable(g), ref_state, trainable(params))
+    chex.assert_trees_all_equal(updates['vision'], jax.tree.map(jnp.zeros_like, params['vision']))
+    chex.assert_trees_all_equal(trainable(updates), ref_updates)
+
+  # AdamW keeps two moments (mu, nu) per trained parameter and none for a frozen one.
+  unfrozen_state = unfrozen.init(params)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  count = lambda tree: len(jax.tree.leaves(tree))
+  assert nbytes(state) == nbytes(unfrozen_state) - 2 * nbytes(params['vision'])
+  assert count(state) == count(unfrozen_state) - 2 * count(params['vision'])
+  (_, mu), = optax.tree_utils.tree_get_all_with_path(state, 'mu')
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  assert all(masked(m) for m in jax.tree.leaves(mu['vision'], is_leaf=masked))
+  assert not any(masked(m) for m in jax.tree.leaves(trainable(mu), is_leaf=masked))
 
 
 def _run(config, mesh_shape, steps=2, batch=None):

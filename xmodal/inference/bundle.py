@@ -22,9 +22,10 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+import ml_dtypes  # noqa: F401  registers 'bfloat16' with numpy: safetensors.numpy looks bfloat16 up by name
 import numpy as np
-
-from xmodal import safetensors_io
+import safetensors
+import safetensors.numpy
 
 FORMAT = 'xmodal-inference-bundle'
 FORMAT_VERSION = 1  # bump on any change a version-1 reader cannot read; readers refuse other majors
@@ -54,16 +55,18 @@ def sha256_file(path: pathlib.Path) -> str:
 
 # ------------------------------------------------------------------------------------------------- safetensors
 def save_safetensors(arrays: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
-  """Writes the parameters file (see xmodal/safetensors_io.py)."""
-  safetensors_io.save_safetensors(arrays, path)
+  """Writes the parameters file with the safetensors library (bfloat16 as `ml_dtypes.bfloat16`, what jax uses)."""
+  # The library writes each array's buffer as it lies in memory, so views (a transpose) must be made C-ordered first;
+  # np.asarray(order='C') keeps scalars 0-d where np.ascontiguousarray would make them (1,).
+  safetensors.numpy.save_file({name: np.asarray(a, order='C') for name, a in arrays.items()}, str(path))
 
 
 def load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   """Reads the parameters file; raises BundleError naming the file on any malformed part."""
   try:
-    return safetensors_io.load_safetensors(path)
-  except ValueError as e:
-    raise BundleError(str(e)) from e
+    return safetensors.numpy.load_file(str(path))
+  except safetensors.SafetensorError as e:
+    raise BundleError(f'{path}: not a readable safetensors file ({e})') from e
 
 
 # ---------------------------------------------------------------------------------------------------- manifest

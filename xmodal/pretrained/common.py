@@ -11,10 +11,10 @@ import json
 import pathlib
 from collections.abc import Iterable
 
+import ml_dtypes  # noqa: F401  registers 'bfloat16' with numpy: safetensors.numpy looks bfloat16 up by name
 import numpy as np
 import safetensors.numpy
 
-from xmodal import safetensors_io
 from xmodal.models.model import ModelSpec
 
 # Weight files in the order they are preferred: safetensors cannot run code on load; a pickle can.
@@ -72,11 +72,7 @@ def _read_weights(file: pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def _read_safetensors(file: pathlib.Path) -> dict[str, np.ndarray]:
-  try:
-    return safetensors.numpy.load_file(str(file))
-  except TypeError:
-    # numpy has no bfloat16, so the numpy API refuses bfloat16 files; read the (simple) format directly instead.
-    return safetensors_io.load_safetensors(file)
+  return safetensors.numpy.load_file(str(file))  # bfloat16 tensors come back as ml_dtypes.bfloat16
 
 
 def _read_torch_pickle(file: pathlib.Path) -> dict[str, np.ndarray]:

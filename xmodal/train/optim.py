@@ -61,21 +61,32 @@ def _scale_by_tree(multipliers) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def freeze_labels(params, freeze: Sequence[str]):
+  """A tree of 'frozen' / 'trainable': 'frozen' where one of the `freeze` regexes matches the parameter's path."""
+  frozen = match_rules(params, [(p, 1.0) for p in freeze], 0.0, 'optim.freeze')
+  return jax.tree.map(lambda f: 'frozen' if f else 'trainable', frozen)
+
+
 def build_optimizer(optim: ml_collections.ConfigDict, params, total_steps: int
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer for `params` (an unboxed tree or its abstract shapes) and its learning-rate schedule.
 
-  Frozen parameters (optim.freeze) get zero gradients before clipping, so that they neither move nor count in the
-  gradient norm; learning-rate multipliers (optim.lr_multipliers) scale the final update.
+  Frozen parameters (optim.freeze) go to `optax.set_to_zero` through `optax.partition`: they never move, carry no
+  AdamW moments (`optax.MaskedNode` in their place) and do not count in the clipped gradient norm. Learning-rate
+  multipliers (optim.lr_multipliers) scale the final update.
   """
   lr_schedule = schedule(optim, total_steps)
   multipliers = match_rules(params, optim.lr_multipliers, 1.0, 'optim.lr_multipliers')
-  frozen = match_rules(params, [(p, 0.0) for p in optim.freeze], 1.0, 'optim.freeze')
-  tx = optax.chain(
-      _scale_by_tree(frozen),
+  trainable = (
       optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
       optax.adamw(lr_schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
                   mask=decay_mask(params)),
-      _scale_by_tree(jax.tree.map(lambda m, f: m * f, multipliers, frozen)),
   )
-  return tx, lr_schedule
+  if optim.freeze:
+    steps = (optax.partition({'trainable': optax.chain(*trainable), 'frozen': optax.set_to_zero()},
+                             freeze_labels(params, optim.freeze)),)
+  else:
+    # The identity holds the slot where frozen gradients used to be zeroed: the state keeps its layout
+    # (opt_state/2/0/mu/...), so the checkpoints of runs without freezing still restore.
+    steps = (optax.identity(), *trainable)
+  return optax.chain(*steps, _scale_by_tree(multipliers)), lr_schedule

@@ -39,8 +39,10 @@ def state_shardings(model: XModal, tx: optax.GradientTransformation, mesh: Mesh,
   boxed = abstract_params(model) if boxed is None else boxed
   param_shardings = parallel.logical_shardings(boxed, mesh, rules)
   opt_shapes = jax.eval_shape(tx.init, nn.unbox(boxed))
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, param_shardings,
-                                        transform_non_params=lambda _: parallel.replicated(mesh))
+  # Frozen parameters have no moments: their place holds an empty optax.MaskedNode, which stays as it is.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  opt_shardings = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, opt_shapes, param_shardings,
+                                        transform_non_params=lambda _: parallel.replicated(mesh), is_leaf=masked)
   return TrainState(step=parallel.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
 
 
