@@ -23,9 +23,25 @@ def test_bad_override_names_the_key(override, key):
     config_lib.load(SHAPES, [override])
 
 
-def test_data_and_model_shapes_must_agree():
+def test_data_follows_the_model_shapes_under_either_name():
+  for override in ('data.image_size=32', 'model.image_size=32'):
+    config = config_lib.load(SHAPES, [override, 'model.vision.patch_size=8'])
+    assert config.data.image_size == config.model.image_size == 32, override
+  config = config_lib.load(SHAPES, ['data.max_text_len=20'])
+  assert config.model.max_text_len == 20
+
+
+def test_a_data_section_set_apart_from_the_model_must_agree_with_it():
+  from xmodal.data.config import data_config
+  config = config_lib.load(SHAPES)
+  config.data = data_config(image_size=32, max_text_len=config.model.max_text_len)
   with pytest.raises(config_lib.ConfigError, match=r'data\.image_size'):
-    config_lib.load(SHAPES, ['data.image_size=32'])
+    config_lib.validate(config)
+
+
+def test_model_size_is_chosen_by_the_config_argument_not_an_override():
+  with pytest.raises(config_lib.ConfigError, match=r"'model\.size'"):
+    config_lib.load(SHAPES, ['model.size=base'])
 
 
 def test_unknown_config_argument_lists_the_valid_ones():

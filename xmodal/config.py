@@ -14,6 +14,11 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
+from xmodal import objective
+from xmodal.evaluation import rerank
+from xmodal.models import attention, layers, vit
+from xmodal.models import model as model_lib
+
 
 class ConfigError(ValueError):
   """A config that cannot be run; the message names the key."""
@@ -127,15 +132,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _require(config.data[field] == config.model[model_field], f'data.{field}',
                f'{config.data[field]} differs from model.{model_field}={config.model[model_field]}')
   if 'train' in config:
-    _require(config.train.nan_policy in ('stop', 'skip'), 'train.nan_policy',
-             f'{config.train.nan_policy!r} is not one of (\'stop\', \'skip\')')
+    _require(config.train.nan_policy in NAN_POLICIES, 'train.nan_policy',
+             f'{config.train.nan_policy!r} is not one of {NAN_POLICIES}')
     _require(config.train.grad_accum >= 1, 'train.grad_accum', f'must be >= 1, got {config.train.grad_accum}')
     if 'data' in config:
       _require(config.data.batch_size % config.train.grad_accum == 0, 'train.grad_accum',
                f'{config.train.grad_accum} does not divide data.batch_size={config.data.batch_size}')
   if 'eval' in config:
-    _require(config.eval.score in ('itm', 'itm+itc'), 'eval.score',
-             f'{config.eval.score!r} is not one of (\'itm\', \'itm+itc\')')
+    _require(config.eval.score in rerank.ITM_SCORES, 'eval.score',
+             f'{config.eval.score!r} is not one of {rerank.ITM_SCORES}')
   if 'loss' in config:
     loss = config.loss
     if 'itm_subsample' in loss:
@@ -160,13 +165,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
 
 
-ATTENTION_IMPLS = ('xla', 'cudnn')
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch')
+# Allowed values are owned by the code that implements them; validation reads them from there.
+ATTENTION_IMPLS = attention.IMPLEMENTATIONS
+REMAT_POLICIES = layers.REMAT_POLICIES
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
-POSEMB_INITS = ('normal', 'sincos2d')
-POOLS = ('cls', 'mean')
-VISION_STEMS = ('patch', 'conv')
-WRITTEN_NEGATIVES = ('off', 'replace', 'add')
+NAN_POLICIES = ('stop', 'skip')  # train.nan_policy: end the run naming the step, or drop that update
+POSEMB_INITS = tuple(vit.POSEMB_INITS)
+POOLS = model_lib.POOLS
+VISION_STEMS = vit.STEMS
+WRITTEN_NEGATIVES = objective.WRITTEN_NEGATIVES
 
 
 def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> None:

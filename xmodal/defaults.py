@@ -105,5 +105,9 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'image': '',  # Hugging Face ViT/DeiT directory or timm state dict for the image tower
       'expected_unused': (),  # regexes of checkpoint tensors that may stay unused beyond the defaults
   })
-  config.data = data_config(image_size=config.model.image_size, max_text_len=config.model.max_text_len)
+  config.data = data_config()
+  # One value under two names: the input pipeline's image side and text length are the model's (ml_collections
+  # references), so an override of either name changes both.
+  config.data.image_size = config.model.get_ref('image_size')
+  config.data.max_text_len = config.model.get_ref('max_text_len')
   return config

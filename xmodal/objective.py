@@ -18,6 +18,9 @@ from xmodal import losses, losses_chunked
 from xmodal.models.model import XModal
 
 
+WRITTEN_NEGATIVES = ('off', 'replace', 'add')  # the values of `loss.itm_written_negatives`
+
+
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
   itc: float = 1.0

@@ -41,13 +41,13 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     folder / train_captions / eval_captions: image folder and the captions files (paths in a file are relative to
       `folder`); a file ending in .csv is CSV with a header containing `image,caption`, anything else JSON lines with
       `image` and `caption` (a string) or `captions` (a list).
-    image_size: side of the square model input, pixels.
+    image_size: side of the square model input, pixels (in a full config, the same value as model.image_size).
     crop_scale: (min, max) area fraction of the random resized crop used for training.
     crop_ratio: (min, max) aspect ratio of that crop.
     hflip: random horizontal flip for training. Off by default: captions say 'left of'/'right of'.
     mean / std: per-channel normalisation on [0, 255] pixels; output = (pixel - mean) / std, float32.
     tokenizer: spec for `xmodal.data.tokenizer.load_tokenizer` ('shapes' = the shipped vocabulary, or a path).
-    max_text_len: token length L of `text_ids`; longer captions are truncated.
+    max_text_len: token length L of `text_ids`; longer captions are truncated (in a full config, model.max_text_len).
     max_captions: C, captions kept per image by the evaluation pipeline (COCO and shapes have 5).
     pairs: read examples 2m and 2m+1 of the training split as a unit, side by side in one batch (xmodal_shapes'
       training split is built as minimal pairs: each image's hard negative image is its neighbour); needs a

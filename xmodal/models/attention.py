@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+IMPLEMENTATIONS = ('xla', 'cudnn')  # the values of `model.attention`
+
 # Finite, so that a fully masked row gives a uniform distribution instead of NaN.
 _MASK_VALUE = -1e30
 
@@ -32,7 +34,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return _xla_attention(q, k, v, mask)
   if impl == 'cudnn':
     return _library_attention(q, k, v, mask, implementation='cudnn')
-  raise ValueError(f'attention implementation {impl!r} is not one of (\'xla\', \'cudnn\')')
+  raise ValueError(f'attention implementation {impl!r} is not one of {IMPLEMENTATIONS}')
 
 
 def _xla_attention(q, k, v, mask):

@@ -176,11 +176,12 @@ class FusionBlock(nn.Module):
     return constrain(x, 'batch', 'length', 'embed'), None
 
 
-_REMAT_POLICIES = {
+_REMAT_CHECKPOINT_POLICIES = {
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+REMAT_POLICIES = ('none', *_REMAT_CHECKPOINT_POLICIES)  # the values of `model.remat`
 
 
 def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num_broadcast: int = 1,
@@ -191,7 +192,7 @@ def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num
   depth); without, the blocks are `name_0 ... name_{depth-1}`. `remat` picks what the backward pass may keep.
   """
   if remat != 'none':
-    block_cls = nn.remat(block_cls, policy=_REMAT_POLICIES[remat], prevent_cse=not scan)
+    block_cls = nn.remat(block_cls, policy=_REMAT_CHECKPOINT_POLICIES[remat], prevent_cse=not scan)
   if scan:
     scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
                       in_axes=(nn.broadcast,) * num_broadcast, length=depth,

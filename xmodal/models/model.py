@@ -21,6 +21,7 @@ from xmodal.models.fusion import FusionEncoder
 from xmodal.models.text import TextEncoder
 from xmodal.models.vit import VisionEncoder
 
+POOLS = ('cls', 'mean')  # the values of `model.pool`
 TEMPERATURE_RANGE = (0.001, 0.5)  # ALBEF clamps its learnable temperature to this range.
 
 

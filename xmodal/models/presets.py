@@ -31,8 +31,8 @@ class Preset:
   max_positions: int = 512
   max_text_len: int = 30  # ALBEF's caption length
   # What the backward pass may keep of each layer (see `remat` in model_config). Keeping only matmul outputs and
-  # recomputing the elementwise ops was faster than keeping everything on both machines measured (README,
-  # Performance): 'dots' for bench_cpu on the 2-core CPU (0.85x the step time of 'none'), 'dots_no_batch' for
+  # recomputing the elementwise ops was faster than keeping everything on both machines measured
+  # (docs/performance.md): 'dots' for bench_cpu on the 2-core CPU (0.85x the step time of 'none'), 'dots_no_batch' for
   # `base` on an H100 (0.89x, and 2.7x less memory).
   remat: str = 'dots_no_batch'
 
@@ -55,12 +55,15 @@ PRESETS: dict[str, Preset] = {
 
 
 def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
-  """The full model config of a preset; every field can then be overridden on its own."""
+  """The full model config of a preset; every field can then be overridden on its own.
+
+  The preset's name is not a field: it is chosen where the config is made (`configs/shapes.py:size=small`), and a
+  `model.size` override that changed nothing would only mislead.
+  """
   if size not in PRESETS:
     raise ValueError(f'unknown model size {size!r}; valid: {sorted(PRESETS)}')
   p = PRESETS[size]
   return ml_collections.ConfigDict({
-      'size': size,
       'image_size': p.image_size,
       'vision': {'width': p.vision.width, 'depth': p.vision.depth, 'heads': p.vision.heads,
                  'mlp_dim': p.vision.mlp_dim, 'patch_size': p.patch_size, 'layer_norm_eps': 1e-6,

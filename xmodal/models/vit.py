@@ -49,6 +49,7 @@ def sincos2d_init(key, shape, dtype=jnp.float32):
 
 
 POSEMB_INITS = {'normal': layers.default_kernel_init, 'sincos2d': sincos2d_init}
+STEMS = ('patch', 'conv')  # the values of `model.vision.stem`
 
 
 def conv_stem_channels(patch_size: int, width: int) -> tuple[int, ...]:
