@@ -31,3 +31,12 @@ def shapes_dir(tmp_path_factory):
   builder = shapes.XmodalShapes(config=config, data_dir=str(data_dir))
   builder.download_and_prepare()
   return builder.data_dir
+
+
+@pytest.fixture(scope='session')
+def tiny_model():
+  """(model, variables): the tiny preset, initialised once per worker from key 0."""
+  from xmodal.models import build, dummy_inputs, model_config
+  model = build(model_config('tiny'))
+  variables = jax.jit(model.init)(jax.random.key(0), *dummy_inputs(model.spec))
+  return model, variables

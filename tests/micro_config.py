@@ -5,7 +5,7 @@ import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
-from micro import micro_config  # noqa: E402
+from helpers import micro_config  # noqa: E402
 
 
 def get_config(arg=None):

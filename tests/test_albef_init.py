@@ -1,20 +1,20 @@
 """configs/albef.py trains from imported towers: small random Hugging Face checkpoints written by the test."""
 
-import pathlib
-
 import jax
 import numpy as np
+import pytest
 import torch  # test-only reference
 import transformers  # test-only reference
 
+from helpers import ROOT
 from xmodal import config as config_lib, parallel
 from xmodal.train import loop
 from xmodal.train.eval_cli import restore_state
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCAB = (ROOT / 'xmodal' / 'data' / 'assets' / 'shapes_vocab.txt').read_text().split('\n')[:-1]
 
 
+@pytest.mark.slow  # imports two towers and trains a step
 def test_albef_config_trains_from_imported_bert_and_vit(shapes_dir, tmp_path):
   torch.manual_seed(0)
   bert = transformers.BertModel(transformers.BertConfig(

@@ -1,11 +1,10 @@
 """Attention against an independent numpy reference; padding changes nothing it should not."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal.models import attention, build, dummy_inputs, model_config
+from xmodal.models import attention
 
 
 def numpy_attention(q, k, v, mask):
@@ -67,16 +66,9 @@ def test_unknown_attention_impl_is_an_error():
     attention.dot_product_attention(q, k, v, None, impl='flash')
 
 
-@pytest.fixture(scope='module')
-def tiny():
-  cfg = model_config('tiny')
-  model = build(cfg)
-  variables = model.init(jax.random.key(0), *dummy_inputs(model.spec))
-  return model, variables
-
-
-def test_padded_text_tokens_change_no_real_token(tiny):
-  model, variables = tiny
+@pytest.mark.slow  # initialises the tiny model (session fixture) and compiles its towers
+def test_padded_text_tokens_change_no_real_token(tiny_model):
+  model, variables = tiny_model
   rng = np.random.default_rng(0)
   length = model.spec.max_text_len
   ids = rng.integers(5, 100, size=(2, length)).astype(np.int32)
@@ -89,8 +81,9 @@ def test_padded_text_tokens_change_no_real_token(tiny):
   np.testing.assert_allclose(np.asarray(emb_a), np.asarray(emb_b), atol=1e-5)
 
 
-def test_padded_image_tokens_change_no_match_logit(tiny):
-  model, variables = tiny
+@pytest.mark.slow  # initialises the tiny model (session fixture) and compiles its towers
+def test_padded_image_tokens_change_no_match_logit(tiny_model):
+  model, variables = tiny_model
   rng = np.random.default_rng(1)
   s = model.spec
   text = rng.normal(size=(2, s.max_text_len, s.text.width)).astype(np.float32)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from test_data_fixtures import WordTokenizer, image_bytes, small_config, write_folder, write_wds
+from helpers import WordTokenizer, image_bytes, small_config, write_folder, write_wds
 from xmodal.data import pipeline, preprocess
 from xmodal.data.config import data_config
 from xmodal.data.device import host_to_global
@@ -100,6 +100,7 @@ def test_chosen_captions_are_usable_uniform_and_depend_only_on_their_own_key():
 # ---------------------------------------------------------------------------------------------------- determinism
 
 
+@pytest.mark.slow  # four training pipelines per source
 def test_same_seed_same_batches_different_seed_different(config):
   a, b = train(config), train(config)
   for _ in range(4):
@@ -109,6 +110,7 @@ def test_same_seed_same_batches_different_seed_different(config):
   assert any(not np.array_equal(next(a)['images'], next(c)['images']) for _ in range(3))
 
 
+@pytest.mark.slow  # three training pipelines per source
 def test_restored_iterator_yields_the_uninterrupted_batches(config):
   reference = train(config)
   expected = [next(reference) for _ in range(9)]  # 36 examples: crosses epoch boundaries of 10 and 12
@@ -135,6 +137,7 @@ def test_each_epoch_sees_every_example_and_new_captions(tmp_path):
   assert len({t.tobytes() for t in texts}) > 2
 
 
+@pytest.mark.slow  # an evaluation and a training pipeline per simulated process
 def test_processes_read_disjoint_slices_that_cover_the_split(tmp_path):
   path = write_folder(tmp_path / 'images', 11, captions_per_image=1)
   config = small_config(source='folder', folder=str(tmp_path / 'images'), train_captions=path, eval_captions=path)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from test_data_fixtures import WordTokenizer, caption, image_bytes, small_config, write_folder, write_tfrecord, write_wds
+from helpers import WordTokenizer, caption, image_bytes, small_config, write_folder, write_tfrecord, write_wds
 from xmodal.data import pipeline, sources
 
 TOKENIZER = WordTokenizer()

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from helpers import ROOT
 from xmodal import distributed
 from xmodal.train.checkpoint import Checkpointer
 
@@ -112,6 +113,7 @@ def two_process_run(tmp_path_factory):
   return sorted(results, key=lambda r: r['process']), workdir
 
 
+@pytest.mark.slow  # the two-process run (module fixture) starts two JAX processes
 def test_two_processes_form_one_run_with_all_devices(two_process_run):
   results, _ = two_process_run
   assert [r['process'] for r in results] == [0, 1]
@@ -119,18 +121,21 @@ def test_two_processes_form_one_run_with_all_devices(two_process_run):
   assert [r['primary'] for r in results] == [True, False]
 
 
+@pytest.mark.slow  # the two-process run (module fixture) starts two JAX processes
 def test_global_batch_reduction_over_two_processes_equals_single_process_value(two_process_run):
   results, _ = two_process_run
   for r in results:
     np.testing.assert_allclose(r['loss'], _reference_loss(), rtol=1e-5)
 
 
+@pytest.mark.slow  # the two-process run (module fixture) starts two JAX processes
 def test_sigterm_on_one_process_stops_every_process_at_the_same_step(two_process_run):
   results, _ = two_process_run
   assert [r['stops'] for r in results] == [[True, True], [True, True]]
   assert [r['nobody'] for r in results] == [False, False]
 
 
+@pytest.mark.slow  # the two-process run (module fixture) starts two JAX processes
 def test_checkpoint_written_by_two_processes_restores_in_one_process_onto_two_devices(two_process_run):
   results, workdir = two_process_run
   assert all(r['restored_ok'] and r['data_state'] == {'position': 5} for r in results)
@@ -192,9 +197,8 @@ def _launch(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, list[str
   script = tmp_path / 'launched.py'
   script.write_text(_LAUNCHED)
   env = dict(os.environ, XMODAL_CMD=f'{sys.executable} {script}', KILL_GRACE='1')
-  local_sh = os.path.join(os.path.dirname(__file__), '..', 'launch', 'local.sh')
-  done = subprocess.run(['bash', local_sh, '-n', '2', '-d', '2', '-l', str(tmp_path / 'logs'), '--', *args],
-                        env=env, capture_output=True, text=True, timeout=60)
+  done = subprocess.run(['bash', str(ROOT / 'launch' / 'local.sh'), '-n', '2', '-d', '2', '-l', str(tmp_path / 'logs'),
+                         '--', *args], env=env, capture_output=True, text=True, timeout=60)
   logs = [(tmp_path / 'logs' / f'process_{i}.log').read_text() for i in range(2)]
   return done, logs
 

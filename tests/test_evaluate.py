@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import Mesh
 
 from xmodal import evaluate
-from xmodal.models import XModal, build, dummy_inputs, model_config
+from xmodal.models import XModal
 
 TEXT_LEN = 8  # captions shorter than the preset's 32 keep the tiny model's tests fast
 
@@ -123,13 +123,6 @@ def test_rerank_matches_pairwise_loop_with_synthetic_match(score):
                chunk_size=7, score=score, atol=1e-5)
 
 
-@pytest.fixture(scope='module')
-def tiny():
-  model = build(model_config('tiny'))
-  variables = jax.jit(model.init)(jax.random.key(0), *dummy_inputs(model.spec))
-  return model, variables
-
-
 def random_batch(rng, spec, batch, captions, valid=None, text_valid=None):
   ids = rng.integers(1, spec.text.vocab_size, (batch, captions, TEXT_LEN)).astype(np.int32)
   mask = np.ones((batch, captions, TEXT_LEN), np.int32)
@@ -143,8 +136,9 @@ def random_batch(rng, spec, batch, captions, valid=None, text_valid=None):
   }
 
 
-def test_rerank_matches_pairwise_loop_with_tiny_xmodal(tiny):
-  model, variables = tiny
+@pytest.mark.slow  # initialises the tiny model (session fixture) and compiles its towers
+def test_rerank_matches_pairwise_loop_with_tiny_xmodal(tiny_model):
+  model, variables = tiny_model
   rng = np.random.default_rng(2)
   embedded = evaluate.embed_dataset(model, variables, [random_batch(rng, model.spec, batch=6, captions=2)])
   sim = embedded.image_emb @ embedded.text_emb.T
@@ -198,8 +192,9 @@ def test_fusion_chunks_compile_once_for_two_gallery_sizes():
 # Embedding, binding, zero-shot, the whole evaluation.
 # ---------------------------------------------------------------------------------------------------------------
 
-def test_embed_dataset_on_8_devices_matches_single_device_and_drops_padding(tiny):
-  model, variables = tiny
+@pytest.mark.slow  # initialises the tiny model (session fixture) and compiles its towers
+def test_embed_dataset_on_8_devices_matches_single_device_and_drops_padding(tiny_model):
+  model, variables = tiny_model
   rng = np.random.default_rng(5)
   text_valid = np.ones((8, 3), bool)
   text_valid[1, 2] = text_valid[4, 1:] = False
@@ -271,8 +266,9 @@ def test_zero_shot_accuracy_with_averaged_templates():
   assert evaluate.zero_shot_accuracy(images, labels, classes) == 50.0
 
 
-def test_embed_prompts_match_text_tower(tiny):
-  model, variables = tiny
+@pytest.mark.slow  # initialises the tiny model (session fixture) and compiles its towers
+def test_embed_prompts_match_text_tower(tiny_model):
+  model, variables = tiny_model
   rng = np.random.default_rng(6)
   ids = rng.integers(1, model.spec.text.vocab_size, (3, 2, TEXT_LEN)).astype(np.int32)
   mask = np.ones_like(ids)

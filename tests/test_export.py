@@ -13,9 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micro import micro_config
+from helpers import ROOT, micro_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Every test but one uses the exported micro bundle (module fixture), whose export compiles each function.
+pytestmark = pytest.mark.slow
+
 CAPTIONS = ['a red circle', 'a small blue square left of a green triangle', 'two shapes', 'a large yellow star',
             'a purple circle above a red square', 'green', 'a blue triangle right of a small red circle']
 

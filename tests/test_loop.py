@@ -11,10 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from micro import micro_model_config
+from helpers import ROOT, micro_model_config
 from xmodal.defaults import base_config
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+# Every test trains the micro model on shapes for a few steps, most of them in subprocesses.
+pytestmark = pytest.mark.slow
 
 
 def loop_config(shapes_dir, steps=4):

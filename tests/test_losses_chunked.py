@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from embeddings import embedding_batch
+from helpers import embedding_batch
 from xmodal import losses, losses_chunked, parallel
 
 

@@ -9,7 +9,7 @@ import pytest
 from xmodal.models import PRESETS, XModal, build, dummy_inputs, model_config
 from xmodal.models.vit import resize_pos_embedding
 from xmodal.objective import LossWeights, compute_loss
-from micro import micro_model_config
+from helpers import micro_model_config
 
 # Expected parameter counts in millions. base is ALBEF's ~210M (ViT-B/16 86M + BERT-base 110M + 6 cross-attentions).
 EXPECTED_MILLIONS = {'tiny': (1.0, 5.0), 'small': (50, 80), 'base': (210 * 0.97, 210 * 1.03), 'large': (600, 750)}
@@ -55,6 +55,7 @@ def tiny_setup():
   return model, variables, batch
 
 
+@pytest.mark.slow  # tiny_setup initialises the micro model eagerly
 def test_every_parameter_has_logical_axis_names(tiny_setup):
   _, variables, _ = tiny_setup
   leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
@@ -70,6 +71,7 @@ def _loss_and_grad(model, params, batch):
   return jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
 
 
+@pytest.mark.slow  # compiles the loss and gradient of the micro model
 def test_tiny_loss_and_gradient_are_finite(tiny_setup):
   model, variables, batch = tiny_setup
   (loss, metrics), grads = _loss_and_grad(model, variables['params'], batch)
@@ -96,6 +98,7 @@ def _unstack(params, name):
   return out
 
 
+@pytest.mark.slow  # compiles two loss gradients each
 @pytest.mark.parametrize('remat', ['none', 'full', 'dots'])
 def test_unscanned_and_rematerialised_models_compute_the_same_loss_and_grads(tiny_setup, remat):
   model, variables, batch = tiny_setup
@@ -109,6 +112,7 @@ def test_unscanned_and_rematerialised_models_compute_the_same_loss_and_grads(tin
                _unstack(grads, 'layers'), grads2)
 
 
+@pytest.mark.slow  # compiles a bfloat16 loss gradient
 def test_bfloat16_compute_keeps_float32_parameters(tiny_setup):
   _, variables, batch = tiny_setup
   cfg = micro_model_config()
@@ -153,6 +157,7 @@ def test_sincos2d_position_embeddings_code_the_patch_grid():
   assert np.linalg.norm(code[2, 0] - code[2, 1]) < np.linalg.norm(code[2, 0] - code[2, 4])
 
 
+@pytest.mark.slow  # initialises the micro model eagerly
 def test_sincos2d_is_the_initial_value_of_a_learned_parameter():
   config = micro_model_config()
   config.vision.posemb_init = 'sincos2d'
@@ -163,6 +168,7 @@ def test_sincos2d_is_the_initial_value_of_a_learned_parameter():
   np.testing.assert_allclose(params['vision']['pos_embedding'], expected, atol=1e-7)
 
 
+@pytest.mark.slow  # initialises and runs two micro models
 def test_mean_pooling_embeds_the_mean_of_the_real_tokens():
   config = micro_model_config()
   config.pool = 'mean'
@@ -188,6 +194,7 @@ def test_mean_pooling_embeds_the_mean_of_the_real_tokens():
   np.testing.assert_allclose(image_emb, projected / np.linalg.norm(projected, axis=-1, keepdims=True), atol=1e-5)
 
 
+@pytest.mark.slow  # initialises and runs three micro image towers
 def test_layer_scale_of_one_is_the_plain_block_and_small_starts_near_the_identity():
   config = micro_model_config()
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
@@ -216,6 +223,7 @@ def test_layer_scale_of_one_is_the_plain_block_and_small_starts_near_the_identit
   assert float(jnp.max(jnp.abs(full - exact))) > 1e-2
 
 
+@pytest.mark.slow  # initialises and runs the micro model eagerly
 @pytest.mark.parametrize('stem', ['patch', 'conv'])
 def test_the_stem_gives_one_token_per_patch(stem):
   config = micro_model_config()
@@ -227,6 +235,7 @@ def test_the_stem_gives_one_token_per_patch(stem):
   assert ('conv_stem' in variables['params']['vision']) == (stem == 'conv')
 
 
+@pytest.mark.slow  # tiny_setup initialises the micro model eagerly
 def test_model_runs_at_another_resolution(tiny_setup):
   model, variables, _ = tiny_setup
   images = jnp.zeros((2, 48, 48, 3))
@@ -235,6 +244,7 @@ def test_model_runs_at_another_resolution(tiny_setup):
   assert emb.shape == (2, model.spec.embed_dim)
 
 
+@pytest.mark.slow  # tiny_setup initialises the micro model eagerly
 def test_temperature_is_kept_in_range(tiny_setup):
   model, variables, _ = tiny_setup
   params = nn.unbox(variables['params'])

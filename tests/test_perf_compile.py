@@ -8,6 +8,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from xmodal.models.vit import VisionEncoder
 
@@ -30,6 +31,7 @@ def _compile(depth: int, scan: bool, salt: float) -> tuple[float, int]:
   return time.perf_counter() - start, len(compiled.as_text())
 
 
+@pytest.mark.slow  # two uncached compiles of a ViT's forward and backward
 def test_scanned_vit_compile_time_is_flat_in_depth():
   previous = jax.config.jax_enable_compilation_cache
   jax.config.update('jax_enable_compilation_cache', False)  # a persistent-cache hit is not a compile

@@ -1,9 +1,8 @@
 """README's Quickstart and CI agree: .ci/run runs the test command verbatim."""
 
-import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
 
 
 def quickstart_commands():

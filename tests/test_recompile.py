@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from micro import micro_config
+from helpers import micro_config
 from xmodal import parallel
 from xmodal.bench import synthetic_batch
 from xmodal.models import build
@@ -48,6 +48,7 @@ def _count_compilations():
     logger.setLevel(old_level)
 
 
+@pytest.mark.slow  # compiles and runs the micro train step on a 2x2x2 mesh
 @pytest.mark.parametrize('mesh_shape', [(2, 2, 2)])  # fsdp and tensor too: the shardings most likely to drift
 def test_train_steps_after_the_first_compile_nothing(mesh_shape):
   config = micro_config(batch_size=16)

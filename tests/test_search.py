@@ -2,16 +2,18 @@
 without recomputing, FAISS agrees with exact search, and `xmodal search` prints and draws its results."""
 
 import os
-import pathlib
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 GALLERY = 40  # test images searched: top-10 of 40 is a quarter of the gallery, so chance alone rarely passes
 TRAIN_STEPS = 200
+# Every test searches with the bundle of a model trained TRAIN_STEPS steps in a subprocess.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')

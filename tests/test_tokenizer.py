@@ -33,7 +33,7 @@ def captions_file(tmp_path_factory):
 
 
 @pytest.fixture
-def tiny(tmp_path):
+def tiny_tokenizer(tmp_path):
   path = tmp_path / 'vocab.txt'
   path.write_text('\n'.join(TINY_VOCAB) + '\n')
   return tok_lib.load_tokenizer(path)
@@ -51,23 +51,24 @@ def _check_contract(tok, texts, max_len):
   return ids, mask
 
 
-def test_wordpiece_ids_match_hand_tokenization(tiny):
-  ids, mask = tiny.encode(['A Red circles, left of a cat', 'Café BLUE box!', ''], 16)
+def test_wordpiece_ids_match_hand_tokenization(tiny_tokenizer):
+  ids, mask = tiny_tokenizer.encode(['A Red circles, left of a cat', 'Café BLUE box!', ''], 16)
   expected = [[2, 5, 6, 7, 8, 11, 12, 13, 5, 14, 15, 16, 3],  # circles = circle ##s; cat = c ##a ##t
               [2, 17, 9, 10, 1, 3],  # lowercased, accent stripped; '!' is not in the vocabulary
               [2, 3]]
   for row, m, want in zip(ids, mask, expected):
     assert row.tolist() == want + [0] * (16 - len(want))
     assert m.tolist() == [1] * len(want) + [0] * (16 - len(want))
-  assert (tiny.vocab_size, tiny.pad_id, tiny.unk_id, tiny.cls_id, tiny.sep_id) == (len(TINY_VOCAB), 0, 1, 2, 3)
+  assert (tiny_tokenizer.vocab_size, tiny_tokenizer.pad_id, tiny_tokenizer.unk_id, tiny_tokenizer.cls_id,
+          tiny_tokenizer.sep_id) == (len(TINY_VOCAB), 0, 1, 2, 3)
 
 
-def test_truncation_keeps_sep_last(tiny):
-  ids, mask = tiny.encode(['A Red circles, left of a cat'], 5)
+def test_truncation_keeps_sep_last(tiny_tokenizer):
+  ids, mask = tiny_tokenizer.encode(['A Red circles, left of a cat'], 5)
   assert ids.tolist() == [[2, 5, 6, 7, 3]] and mask.tolist() == [[1] * 5]
-  _check_contract(tiny, ['a red box', 'a red circles, left of a cat' * 3], 7)
+  _check_contract(tiny_tokenizer, ['a red box', 'a red circles, left of a cat' * 3], 7)
   with pytest.raises(ValueError, match='max_len'):
-    tiny.encode(['a'], 1)
+    tiny_tokenizer.encode(['a'], 1)
 
 
 def test_shapes_vocabulary_covers_every_caption_and_is_shipped():

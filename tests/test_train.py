@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from micro import micro_config
+from helpers import micro_config
 from xmodal import flops, parallel
 from xmodal.bench import synthetic_batch
 from xmodal.models import build
@@ -43,6 +43,7 @@ def test_flop_count_matches_a_hand_count():
   assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * (per_example - patch + stem)
 
 
+@pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis
 @pytest.mark.parametrize('written, stem', [('off', 'patch'), ('add', 'conv'), ('replace', 'patch')])
 def test_flop_count_is_close_to_xla_cost_analysis(written, stem):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs."""
@@ -82,6 +83,7 @@ def test_a_pattern_that_matches_nothing_is_an_error():
     optim.build_optimizer(config.optim, params, 10)
 
 
+@pytest.mark.slow  # three optimizers stepped eagerly over the micro model
 def test_frozen_parameters_get_no_update_and_no_adam_moments_and_the_rest_trains_as_if_alone():
   config = micro_config()
   config.optim.update(warmup_steps=0, clip_norm=0.5, lr_multipliers=(('^text/', 2.0),))
@@ -146,6 +148,7 @@ def single_device_run():
   return _run(micro_config(), (1, 1, 1))
 
 
+@pytest.mark.slow  # compiles and runs the micro train step on one device and on the mesh
 @pytest.mark.parametrize('mesh_shape, chunked', [((4, 2, 1), False), ((2, 2, 2), False), ((4, 2, 1), True)])
 def test_sharded_training_matches_one_device(single_device_run, mesh_shape, chunked):
   losses, params, _ = single_device_run
@@ -156,6 +159,7 @@ def test_sharded_training_matches_one_device(single_device_run, mesh_shape, chun
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), sharded_params, params)
 
 
+@pytest.mark.slow  # compiles and runs two micro train steps
 def test_frozen_parameters_do_not_move():
   config = micro_config()
   config.optim.freeze = ('^vision/',)
@@ -173,6 +177,7 @@ def _dummy(model):
   return dummy_inputs(model.spec)
 
 
+@pytest.mark.slow  # compiles and runs a micro train step
 def test_nonfinite_step_is_skipped_under_the_skip_policy():
   config = micro_config()
   config.train.nan_policy = 'skip'
@@ -185,6 +190,7 @@ def test_nonfinite_step_is_skipped_under_the_skip_policy():
   jax.tree.map(np.testing.assert_array_equal, params, initial)
 
 
+@pytest.mark.slow  # compiles a micro train step with accumulation and two loss gradients
 def test_gradient_accumulation_of_one_example_batches_sums_per_example_gradients():
   """With grad_accum = B the ITC/ITM negatives vanish: only the sigmoid/ITC self-terms remain — so instead check
   accumulation over 2 micro-batches equals averaging the two half-batch steps' gradients (SGD-free: compare loss)."""

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from micro import micro_model_config
+from helpers import micro_model_config
 from xmodal import losses
 from xmodal.data import shapes_captions, shapes_render
 from xmodal.models import XModal, build, dummy_inputs
@@ -66,6 +66,7 @@ def test_a_written_negative_depends_only_on_its_caption_and_key():
       shapes_captions.negative_caption(caption, np.random.default_rng([7, 3]))
 
 
+@pytest.mark.slow  # builds shapes (session fixture) and reads it through tf.data
 def test_the_training_pipeline_yields_each_captions_negative(shapes_dir):
   from xmodal.data import pipeline
   from xmodal.data.config import data_config
@@ -133,6 +134,7 @@ def _reference_itm(model, params, batch, rng, mode, subsample=1):
   return losses.matching_loss(positive, negatives, jnp.concatenate(flags))[0]
 
 
+@pytest.mark.slow  # compiles the ITM objective per mode
 @pytest.mark.parametrize('mode, subsample', [('replace', 1), ('add', 1), ('add', 2), ('replace', 3)])
 def test_itm_uses_written_negatives_as_the_objective_says(micro, mode, subsample):
   model, params, batch = micro
@@ -145,6 +147,7 @@ def test_itm_uses_written_negatives_as_the_objective_says(micro, mode, subsample
   assert not np.isclose(loss, off) and 'itm_written_acc' not in off_metrics
 
 
+@pytest.mark.slow  # the micro fixture initialises the model eagerly; compiles the ITM objective
 def test_written_negatives_come_in_with_the_hardness_schedule(micro):
   model, params, batch = micro
   weights = LossWeights(itc=0.0, itm=1.0, itm_written_negatives='replace', itm_hard_warmup=100)
@@ -160,6 +163,7 @@ def test_written_negatives_come_in_with_the_hardness_schedule(micro):
   np.testing.assert_allclose(after, reference, rtol=1e-5)
 
 
+@pytest.mark.slow  # the micro fixture initialises the model eagerly
 def test_replace_without_any_written_negative_is_albef(micro):
   model, params, batch = micro
   none = dict(batch, negative_valid=jnp.zeros_like(batch['negative_valid']))

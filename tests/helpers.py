@@ -1,16 +1,69 @@
-"""Tiny on-disk datasets and a stand-in tokenizer shared by the data tests (no test here)."""
+"""Helpers shared by the tests (no test here): the repository root, the micro model, paired embeddings for the loss
+tests, and tiny on-disk datasets with a stand-in tokenizer for the data tests.
+
+Fixtures live in conftest.py; this module holds plain functions and constants, imported as `from helpers import ...`.
+"""
 
 import io
 import json
 import os
+import pathlib
 import tarfile
 
 import numpy as np
 from PIL import Image
-import tensorflow as tf
 
 from xmodal.data.config import data_config
+from xmodal.defaults import base_config
+from xmodal.models import model_config
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root: configs/, launch/, README.md
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The micro model.
+# ---------------------------------------------------------------------------------------------------------------
+
+def micro_model_config():
+  """The tiny preset shrunk further, so that compiling its training step stays cheap on a 2-core CPU: 32 px images,
+  width 32, two layers per tower."""
+  cfg = model_config('tiny')
+  cfg.image_size, cfg.max_text_len, cfg.embed_dim, cfg.fusion_depth = 32, 12, 16, 2
+  cfg.vision.update(width=32, depth=2, heads=2, mlp_dim=64)
+  cfg.text.update(width=32, depth=2, heads=2, mlp_dim=64, vocab_size=64, max_positions=16)
+  return cfg
+
+
+def micro_config(batch_size: int = 16):
+  """A full experiment config around the micro model."""
+  config = base_config('tiny')
+  config.model = micro_model_config()
+  config.data.image_size, config.data.max_text_len, config.data.batch_size = 32, 12, batch_size
+  config.optim.warmup_steps = 2
+  config.train.steps = 4
+  return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Paired unit embeddings for the loss tests: texts are noisy copies of their images.
+# ---------------------------------------------------------------------------------------------------------------
+
+def unit(x: np.ndarray) -> np.ndarray:
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def embedding_batch(seed: int, size: int = 8, dim: int = 16, ids: bool = True, id_groups: int = 2):
+  """(image (size, dim), text (size, dim)) float32 unit rows, and image ids drawn from size // id_groups values."""
+  rng = np.random.default_rng(seed)
+  image = unit(rng.normal(size=(size, dim))).astype(np.float32)
+  text = unit(image + 0.7 * rng.normal(size=(size, dim))).astype(np.float32)
+  image_ids = rng.integers(0, size // id_groups, size=size) if ids else None
+  return image, text, image_ids
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny on-disk datasets and a stand-in tokenizer for the data tests.
+# ---------------------------------------------------------------------------------------------------------------
 
 class WordTokenizer:
   """Stand-in for xmodal.data.tokenizer: ids are word hashes; [CLS]=1, padding 0."""
@@ -52,6 +105,7 @@ def write_wds(path, ids, bad=(), empty=(), json_captions=0):
 
 
 def write_tfrecord(path, ids, bad=(), empty=(), captions=2):
+  import tensorflow as tf  # here, not at the top: the model and loss tests import this module without TensorFlow
   with tf.io.TFRecordWriter(str(path)) as writer:
     for i in ids:
       texts = [] if i in empty else [caption(i, k).encode() for k in range(captions)]
