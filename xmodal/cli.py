@@ -1,8 +1,8 @@
 """The `xmodal` command: train, eval, bench, data, config.
 
-  xmodal train --config configs/shapes.py[:size=tiny] --workdir DIR [--config.optim.lr=3e-4 ...]
-  xmodal eval  --config configs/shapes.py --workdir DIR [--split test] [--step N]
-  xmodal bench --config configs/bench_cpu.py [--steps 20]
+  xmodal train --config configs/shapes.py[:size=tiny] --workdir DIR [--verbose] [--config.optim.lr=3e-4 ...]
+  xmodal eval  --config configs/shapes.py --workdir DIR [--split test] [--step N] [--verbose]
+  xmodal bench --config configs/bench_cpu.py [--steps 20] [--verbose]
   xmodal data  build|bench|train-tokenizer ...
   xmodal config --config configs/shapes.py [--config.a.b=v]   (prints the resolved config)
   xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16]
@@ -12,9 +12,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from xmodal import config as config_lib
 
@@ -40,6 +43,76 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   return rest, overrides
 
 
+LOG_FILE = 'log.txt'  # in the workdir: every log line of every library, appended
+_FORMAT = '%(asctime)s %(levelname)s %(name)s: %(message)s'
+
+
+class _ConsoleHandler(logging.Handler):
+  """Writes to the current sys.stderr through tqdm, so a line lands above the progress bars instead of inside one."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    try:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      tqdm.write(self.format(record), file=sys.stderr)
+    except Exception:  # pylint: disable=broad-except
+      self.handleError(record)
+
+
+class _LogFile(logging.FileHandler):
+  """Appends to a file opened (its folder made) at the first record: a command stopped by its config makes no folder."""
+
+  def __init__(self, path: pathlib.Path):
+    super().__init__(path, mode='a', encoding='utf-8', delay=True)
+    self.setFormatter(logging.Formatter(_FORMAT))
+
+  def _open(self):
+    pathlib.Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+    return super()._open()
+
+
+def _ours_or_warning(record: logging.LogRecord) -> bool:
+  """The console's filter: xmodal's own lines at any level, anything else from WARNING up."""
+  return record.levelno >= logging.WARNING or record.name == 'xmodal' or record.name.startswith('xmodal.')
+
+
+@contextlib.contextmanager
+def logging_to(log_file: pathlib.Path | None, verbose: bool = False) -> Iterator[None]:
+  """The one place xmodal configures logging, for the length of a command.
+
+  Console (stderr): xmodal's lines, and warnings and errors from any library; `verbose` adds every library's INFO.
+  `log_file` (appended, with timestamps and logger names): every INFO line, xmodal's and the libraries' (absl,
+  orbax, tensorflow, tfds, jax). absl's records reach the root logger like any other, through its 'absl' logger; its
+  own stderr handler stays off. TensorFlow's C++ INFO is silenced unless `verbose` or TF_CPP_MIN_LOG_LEVEL is set
+  (its oneDNN notice is not: TensorFlow prints it whatever the level).
+  """
+  if not verbose:
+    os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # read when TensorFlow loads: xmodal.data imports it later
+  root = logging.getLogger()
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    root.removeHandler(absl_logging.get_absl_handler())
+  except ImportError:
+    pass
+  console = _ConsoleHandler()
+  console.setFormatter(logging.Formatter(_FORMAT, datefmt='%H:%M:%S'))
+  if not verbose:
+    console.addFilter(_ours_or_warning)
+  handlers: list[logging.Handler] = [console]
+  if log_file is not None:
+    handlers.append(_LogFile(log_file))
+  level = root.level
+  root.setLevel(logging.INFO)
+  for handler in handlers:
+    root.addHandler(handler)
+  try:
+    yield
+  finally:
+    for handler in handlers:
+      root.removeHandler(handler)
+      handler.close()
+    root.setLevel(level)
+
+
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='xmodal', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,14 +120,19 @@ def _parser() -> argparse.ArgumentParser:
   train = sub.add_parser('train', help='train (or resume) a model')
   train.add_argument('--config', required=True, help='configs/NAME.py[:args]')
   train.add_argument('--workdir', required=True)
+  train.add_argument('--verbose', action='store_true', help=f'libraries\' INFO on the console too (always in '
+                     f'WORKDIR/{LOG_FILE})')
   evaluate = sub.add_parser('eval', help='evaluate a checkpoint: retrieval table and binding accuracy')
   evaluate.add_argument('--config', help='default: the config saved in the workdir')
   evaluate.add_argument('--workdir', required=True)
   evaluate.add_argument('--split', default=None, help='data split (default: config.data.eval_split)')
   evaluate.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
+  evaluate.add_argument('--verbose', action='store_true', help=f'libraries\' INFO on the console too (always in '
+                        f'WORKDIR/{LOG_FILE})')
   bench = sub.add_parser('bench', help='time the jitted train step on synthetic batches')
   bench.add_argument('--config', required=True)
   bench.add_argument('--steps', type=int, default=20)
+  bench.add_argument('--verbose', action='store_true', help='libraries\' INFO on the console too')
   show = sub.add_parser('config', help='print the resolved config')
   show.add_argument('--config', required=True)
   sub.add_parser('data', help='xmodal data build|bench|train-tokenizer (see `xmodal data --help`)', add_help=False)
@@ -75,10 +153,26 @@ def main(argv: Sequence[str] | None = None) -> int:
   if argv and argv[0] == 'search':  # imports no model or training code: runs from the bundle alone
     from xmodal import search_cli
     return search_cli.main(argv[1:])
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
   try:
     rest, overrides = _split_overrides(argv)
-    args = _parser().parse_args(rest)
+  except config_lib.ConfigError as e:
+    print(f'xmodal: config error: {e}', file=sys.stderr)
+    return 2
+  args = _parser().parse_args(rest)
+  with logging_to(_log_file(args), verbose=getattr(args, 'verbose', False)):
+    return _run(args, overrides)
+
+
+def _log_file(args: argparse.Namespace) -> pathlib.Path | None:
+  """WORKDIR/log.txt for the commands with a workdir (eval's only when the workdir exists: a typo makes no folder)."""
+  workdir = getattr(args, 'workdir', None)
+  if workdir is None or (args.command == 'eval' and not pathlib.Path(workdir).is_dir()):
+    return None
+  return pathlib.Path(workdir) / LOG_FILE
+
+
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+  try:
     if args.command == 'eval':
       from xmodal.train import eval_cli
       return eval_cli.main(args.workdir, args.config, overrides, split=args.split, step=args.step)

@@ -20,7 +20,7 @@ import numpy as np
 
 from xmodal.evaluation.embed import Embedded, Texts, batch_sharding, embed_dataset
 from xmodal.evaluation.metrics import METRIC_KEYS, pairwise_accuracy, retrieval_metrics
-from xmodal.evaluation.rerank import ITM_SCORES, MatchFn, match_fn_for, rerank, score_pairs, top_k_indices
+from xmodal.evaluation.rerank import ITM_SCORES, MatchFn, Progress, match_fn_for, rerank, score_pairs, top_k_indices
 from xmodal.evaluation.zero_shot import class_embeddings, embed_prompts, zero_shot_accuracy
 
 __all__ = [
@@ -82,7 +82,8 @@ def binding_accuracy(match_fn: MatchFn, binding: BindingSet, chunk_size: int = 2
 
 
 def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, chunk_size: int = 256,
-                       score: str = 'itm', binding: BindingSet | None = None) -> dict[str, Any]:
+                       score: str = 'itm', binding: BindingSet | None = None,
+                       progress: Progress | None = None) -> dict[str, Any]:
   """ITC-only and ITC top-k + ITM re-ranked retrieval metrics of an embedded split, and binding accuracy.
 
   Args:
@@ -92,6 +93,7 @@ def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, c
     chunk_size: (text, image) pairs per fusion call.
     score: the re-ranking score, one of `ITM_SCORES`.
     binding: optional hard-negative set (e.g. xmodal_shapes test_hard).
+    progress: optional, told the pairs re-ranked so far and in all (`rerank.Progress`).
 
   Returns:
     {'itc': metrics[, 'itc+itm': metrics][, 'binding': {'itc', 'itm', 'count'}]}, metrics keyed by `METRIC_KEYS`.
@@ -100,7 +102,7 @@ def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, c
   results: dict[str, Any] = {'itc': retrieval_metrics(sim, embedded.text_to_image)}
   if k > 0:
     i2t, t2i = rerank(match_fn, embedded.image_tokens, embedded.text_tokens, embedded.text_mask, sim, k,
-                      chunk_size=chunk_size, score=score)
+                      chunk_size=chunk_size, score=score, progress=progress)
     results['itc+itm'] = retrieval_metrics(i2t, embedded.text_to_image, sim_t2i=t2i)
   if binding is not None:
     results['binding'] = binding_accuracy(match_fn, binding, chunk_size)

@@ -14,6 +14,7 @@ scored once. Image and text tokens are computed once per item (`embed.embed_data
 
 from __future__ import annotations
 
+import collections
 import functools
 from typing import Callable
 
@@ -28,7 +29,13 @@ ITM_SCORES = ('itm', 'itm+itc')
 # (text tokens (P, L, Dt), text mask (P, L), image tokens (P, N, Dv)) -> match logits (P, 2).
 MatchFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
+# (pairs scored so far, pairs to score): called as each chunk's logits reach the host, e.g. to move a progress bar.
+Progress = Callable[[int, int], None]
+
 _ROWS_PER_STEP = 1024
+# Fusion chunks dispatched ahead of the one read back: enough to keep the device busy, few enough that progress is
+# reported as chunks finish (a CPU backend runs a chunk within the dispatch) and that pending outputs stay few.
+_IN_FLIGHT = 8
 
 
 def match_fn_for(model: XModal, variables) -> MatchFn:
@@ -53,7 +60,7 @@ def _gather_pairs(text_tokens, text_mask, image_tokens, text_idx, image_idx):
 
 
 def score_pairs(match_fn: MatchFn, text_tokens, text_mask, image_tokens, text_idx: np.ndarray,
-                image_idx: np.ndarray, chunk_size: int = 256) -> np.ndarray:
+                image_idx: np.ndarray, chunk_size: int = 256, progress: Progress | None = None) -> np.ndarray:
   """ITM match logits (class 1) of (text, image) pairs, run in chunks of exactly `chunk_size` pairs.
 
   Args:
@@ -64,6 +71,7 @@ def score_pairs(match_fn: MatchFn, text_tokens, text_mask, image_tokens, text_id
     text_idx: (P,) int, the text of each pair.
     image_idx: (P,) int, the image of each pair.
     chunk_size: pairs per fusion call; the last chunk is padded with pair (0, 0) and its padding dropped.
+    progress: optional; see `Progress`.
 
   Returns:
     (P,) float32 match logits.
@@ -78,11 +86,23 @@ def score_pairs(match_fn: MatchFn, text_tokens, text_mask, image_tokens, text_id
   image_idx = np.pad(image_idx, (0, pad)).reshape(-1, chunk_size)
   # Moved to the device once; every chunk then gathers there (a no-op if they already live on the device).
   text_tokens, text_mask, image_tokens = map(jnp.asarray, (text_tokens, text_mask, image_tokens))
-  outputs = []
+  pending, logits = collections.deque(), []
+
+  def read_oldest():
+    logits.append(np.asarray(pending.popleft(), np.float32)[:, 1])
+    if progress is not None:
+      progress(min(len(logits) * chunk_size, num_pairs), num_pairs)
+
+  if progress is not None:
+    progress(0, num_pairs)
   for t, i in zip(text_idx, image_idx):
-    # Dispatched asynchronously and read back after the loop, so the host never waits on one chunk at a time.
-    outputs.append(match_fn(*_gather_pairs(text_tokens, text_mask, image_tokens, t, i)))
-  return np.concatenate([np.asarray(o, np.float32)[:, 1] for o in outputs])[:num_pairs]
+    # Dispatched asynchronously and read back _IN_FLIGHT chunks later: the host never waits on the chunk it just sent.
+    pending.append(match_fn(*_gather_pairs(text_tokens, text_mask, image_tokens, t, i)))
+    if len(pending) > _IN_FLIGHT:
+      read_oldest()
+  while pending:
+    read_oldest()
+  return np.concatenate(logits)[:num_pairs]
 
 
 def top_k_indices(scores: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
@@ -107,8 +127,8 @@ def top_k_indices(scores: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
   return out
 
 
-def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndarray, k: int,
-           chunk_size: int = 256, score: str = 'itm') -> tuple[np.ndarray, np.ndarray]:
+def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndarray, k: int, chunk_size: int = 256,
+           score: str = 'itm', progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Re-ranked score matrices of both directions.
 
   Args:
@@ -120,6 +140,7 @@ def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndar
     k: candidates re-ranked per query (ALBEF: 128 on Flickr30K, 256 on COCO); capped at the gallery size.
     chunk_size: pairs per fusion call.
     score: one of `ITM_SCORES`.
+    progress: optional, over the distinct pairs of both directions; see `Progress`.
 
   Returns:
     (i2t, t2i), both (num_images, num_texts) float32 indexed [image, text]: i2t ranks texts for each image (row),
@@ -143,7 +164,8 @@ def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndar
   keys = np.concatenate([(i2t_images * num_texts + i2t_texts).ravel(), (t2i_images * num_texts + t2i_texts).ravel()])
   unique, inverse = np.unique(keys, return_inverse=True)
   pair_images, pair_texts = np.divmod(unique, num_texts)
-  pair_scores = score_pairs(match_fn, text_tokens, text_mask, image_tokens, pair_texts, pair_images, chunk_size)
+  pair_scores = score_pairs(match_fn, text_tokens, text_mask, image_tokens, pair_texts, pair_images, chunk_size,
+                            progress)
   if score == 'itm+itc':
     pair_scores = pair_scores + sim[pair_images, pair_texts]
   scores = pair_scores[inverse]

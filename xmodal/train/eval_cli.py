@@ -60,7 +60,8 @@ def main(workdir: str, spec: str | None, overrides: Sequence[str], split: str | 
   model, state, _ = restore_state(config, workdir, step, mesh)
   restored_step = int(state.step)
   with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.mesh.rules]):
-    results = evaluation.evaluate(config, model, state.params, mesh, split=split)
+    results = evaluation.evaluate(config, model, state.params, mesh, split=split,
+                                  progress=jax.process_index() == 0 and config.train.progress)
   results['step'] = restored_step
   if jax.process_index() == 0:
     print(f'step {restored_step}, split {results["split"]}: {results["num_images"]} images, '

@@ -19,7 +19,7 @@ from xmodal.models import XModal
 
 
 def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None, split: str | None = None, *,
-             k: int | None = None, cache: dict | None = None) -> dict[str, Any]:
+             k: int | None = None, cache: dict | None = None, progress: bool = False) -> dict[str, Any]:
   """Retrieval results on `split` (default: data.eval_split), binding accuracy and the oracle when there are any.
 
   The binding split is the one configured beside `split`: eval.binding_split for data.eval_split,
@@ -28,6 +28,7 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
   `k`: ITC candidates re-ranked by ITM (default eval.k; 0 = ITC only).
   `cache`: a dict owned by the caller that keeps the split's host batches between calls (the input pipeline's
   start-up costs seconds; a run validating every N steps reads the same images each time).
+  `progress`: tqdm bars on stderr while embedding each split and while ITM re-ranks.
   """
   split = split or config.data.eval_split
   binding_split = {config.data.eval_split: config.eval.binding_split,
@@ -47,8 +48,8 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
     local_mesh = parallel.make_mesh((-1, 1, 1), jax.local_devices())
     with jax.set_mesh(local_mesh):
       return _evaluate(config, model, params, local_mesh, data, binding_split, k,
-                       dict(process_index=0, process_count=1), cache)
-  return _evaluate(config, model, params, mesh, data, binding_split, k, {}, cache)
+                       dict(process_index=0, process_count=1), cache, progress)
+  return _evaluate(config, model, params, mesh, data, binding_split, k, {}, cache, progress)
 
 
 def validate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None,
@@ -65,7 +66,7 @@ def _base_split(split: str) -> str:
   return split.split('[')[0]
 
 
-def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache) -> dict[str, Any]:
+def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache, progress) -> dict[str, Any]:
   from xmodal.data import pipeline  # TensorFlow only when evaluation reads data
 
   def batches(key, read):
@@ -75,15 +76,24 @@ def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache)
       cache[key] = list(read())
     return cache[key]
 
+  def with_bar(split, split_batches):
+    return _counted(split_batches, f'embed {split}', _split_size(data, split)) if progress else split_batches
+
   variables = {'params': params}
-  embedded = ev.embed_dataset(model, variables, batches(('retrieval', data.eval_split),
-                                                        lambda: pipeline.eval_iterator(data, **local)), mesh)
+  embedded = ev.embed_dataset(model, variables, with_bar(data.eval_split, batches(
+      ('retrieval', data.eval_split), lambda: pipeline.eval_iterator(data, **local))), mesh)
   binding = None
   if binding_split:
     pairs = batches(('binding', binding_split), lambda: pipeline.binding_iterator(data, binding_split, **local))
-    binding = ev.binding_set_from_pairs(ev.embed_dataset(model, variables, pairs, mesh))
-  results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=k,
-                                  chunk_size=config.eval.chunk_size, score=config.eval.score, binding=binding)
+    binding = ev.binding_set_from_pairs(ev.embed_dataset(model, variables, with_bar(binding_split, pairs), mesh))
+  rerank_bar = _Bar('ITM re-rank', 'pair') if progress and k > 0 else None
+  try:
+    results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=k,
+                                    chunk_size=config.eval.chunk_size, score=config.eval.score, binding=binding,
+                                    progress=rerank_bar)
+  finally:
+    if rerank_bar is not None:
+      rerank_bar.close()
   oracle = oracle_metrics(data.tfds_name, data.tfds_data_dir, data.eval_split) if data.source == 'tfds' else None
   if oracle is not None:
     results['oracle'] = oracle
@@ -91,6 +101,45 @@ def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache)
   results['num_images'] = int(embedded.image_emb.shape[0])
   results['num_texts'] = int(embedded.text_emb.shape[0])
   return results
+
+
+def _counted(batches, desc: str, total: int | None):
+  """`batches`, moving a tqdm bar by each batch's valid images once the consumer comes back for the next."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  with tqdm(total=total, desc=desc, unit='image', dynamic_ncols=True) as bar:
+    for batch in batches:
+      yield batch
+      bar.update(int(np.sum(batch['valid'])))
+
+
+class _Bar:
+  """A `rerank.Progress` as a tqdm bar, made at the first call (when the total is known)."""
+
+  def __init__(self, desc: str, unit: str):
+    self._desc, self._unit, self._bar = desc, unit, None
+
+  def __call__(self, done: int, total: int) -> None:
+    if self._bar is None:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm(total=total, desc=self._desc, unit=self._unit, unit_scale=True, dynamic_ncols=True)
+    self._bar.update(done - self._bar.n)
+    if done >= total:
+      self._bar.close()  # binding accuracy runs next, still inside evaluate_retrieval
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _split_size(data: ml_collections.ConfigDict, split: str) -> int | None:
+  """Examples in a tfds split (a slice like 'validation[:500]' included): a bar's total; None for other sources."""
+  if data.source != 'tfds':
+    return None
+  from xmodal.data import sources  # pylint: disable=g-import-not-at-top
+  try:
+    return int(sources.tfds_builder(data.tfds_name, data.tfds_data_dir).info.splits[split].num_examples)
+  except (KeyError, ValueError):
+    return None
 
 
 @functools.lru_cache(maxsize=8)

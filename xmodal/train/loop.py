@@ -97,8 +97,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary)
-  progress = _progress(total_steps, start_step, primary and config.train.progress)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
+  progress = _progress(total_steps, start_step, primary and config.train.progress)
 
   def report(step: int, metrics: dict, seconds: float) -> None:
     """Fetches a step's metrics (already computed: the next step is in flight) and writes them."""
@@ -158,12 +158,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         break
     if pending is not None:
       report(pending[0], pending[1], time.perf_counter() - last_time)
+    if progress is not None:
+      progress.close()  # the final checkpoint and evaluation are not training steps: they get their own bars
     final_step = int(state.step)
     checkpointer.save(final_step, state, gather_data_states(batches.state()), force=True)
     checkpointer.wait()
     results = {}
     if not stopped_early:
-      results = evaluation.evaluate(config, model, state.params, mesh)
+      results = evaluation.evaluate(config, model, state.params, mesh, progress=primary and config.train.progress)
       writer.write(final_step, evaluation.flatten(results), prefix='eval/')
       if primary:
         (workdir / 'eval.json').write_text(json.dumps(results, indent=2) + '\n')
@@ -172,8 +174,6 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   if primary and not stopped_early:
     _write_curves(workdir)
   checkpointer.close()
-  if progress is not None:
-    progress.close()
   return results
 
 
