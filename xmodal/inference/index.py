@@ -42,9 +42,7 @@ def _gallery_items(gallery: Gallery, start: int) -> tuple[list[Any], list[str]]:
     items = list_images(gallery)
     if not items:
       raise ValueError(f'{gallery}: no images ({", ".join(IMAGE_EXTENSIONS)})')
-  elif isinstance(gallery, np.ndarray) and gallery.ndim == 4:
-    items = list(gallery)
-  else:
+  else:  # a sequence of paths and/or (H, W, 3) arrays, or one (N, H, W, 3) array
     items = list(gallery)
   names = [f'array:{start + i}' if isinstance(x, np.ndarray) else str(x) for i, x in enumerate(items)]
   return items, names
