@@ -9,7 +9,7 @@ import optax
 import pytest
 
 from helpers import micro_config
-from xmodal import flops, parallel
+from xmodal import flops, sharding
 from xmodal.bench import synthetic_batch
 from xmodal.models import build
 from xmodal.models.model import ModelSpec
@@ -121,7 +121,7 @@ def test_frozen_parameters_get_no_update_and_no_adam_moments_and_the_rest_trains
 
 def _run(config, mesh_shape, steps=2, batch=None):
   """Runs `steps` jitted train steps on a mesh; returns (losses, final params as numpy)."""
-  mesh = parallel.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   rules = [tuple(r) for r in config.mesh.rules]
   model, abstract = _params(config)
   tx, schedule = optim.build_optimizer(config.optim, abstract, 10)
@@ -131,14 +131,14 @@ def _run(config, mesh_shape, steps=2, batch=None):
   step = jax.jit(make_train_step(model, tx, schedule, weights,
                                  grad_accum=config.train.grad_accum,
                                  skip_nonfinite=config.train.nan_policy == 'skip'),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   host = batch if batch is not None else synthetic_batch(model.spec, config.data.batch_size,
                                                          np.random.default_rng(1))
   losses, metrics = [], None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for _ in range(steps):
-      state, metrics = step(state, parallel.host_to_global(host, mesh), jax.random.key(2))
+      state, metrics = step(state, sharding.host_to_global(host, mesh), jax.random.key(2))
       losses.append(float(metrics['loss']))
   return losses, jax.tree.map(np.asarray, state.params), jax.device_get(metrics)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xmodal import flops, parallel
+from xmodal import flops, sharding
 from xmodal.objective import LossWeights
 from xmodal.train import state as state_lib
 from xmodal.train.step import make_train_step
@@ -70,15 +70,15 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
-  mesh = parallel.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape)
   rules = [tuple(r) for r in config.mesh.rules]
   built = state_lib.setup(config, mesh, max(steps, 2))
   model, tx, lr_schedule, shardings = built.model, built.tx, built.lr_schedule, built.shardings
   batch_size = config.data.batch_size
   step_fn = make_train_step(model, tx, lr_schedule, LossWeights.from_config(config.loss),
                             grad_accum=config.train.grad_accum)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   device_kind = jax.devices()[0].device_kind
   peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
   # On a CPU the peak is matmuls timed after every step, so that both see the same load (shared machines).
@@ -88,7 +88,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch = parallel.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
+    batch = sharding.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key)), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()

@@ -10,19 +10,7 @@ import ml_collections
 
 from xmodal.data.config import data_config
 from xmodal.models.presets import model_config
-
-# Logical axis → mesh axes. Batch over data and fsdp; parameters sharded over fsdp on their width ('embed') and over
-# tensor on heads/mlp/vocab (Megatron-style). The stacked 'layers' axis of scanned parameters is never sharded.
-DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('vocab', 'tensor'),
-    ('kv', None),
-    ('length', None),
-    ('layers', None),
-)
+from xmodal.sharding import DEFAULT_RULES
 
 
 def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:

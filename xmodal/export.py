@@ -180,13 +180,13 @@ def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenize
 def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None,
                    dtype: str = 'float32', platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict[str, Any]:
   """Restores a checkpoint of a training workdir (the latest, or `step`) and exports it with `export_bundle`."""
-  from xmodal import parallel  # pylint: disable=g-import-not-at-top
+  from xmodal import sharding  # pylint: disable=g-import-not-at-top
   from xmodal.train.eval_cli import load_run_config, restore_state  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
   config = load_run_config(workdir, None, [])
   # One device holds everything: export traces unsharded functions, whatever mesh the run trained on.
-  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   _, state, _ = restore_state(config, workdir, step, mesh)
   return export_bundle(config, state.params, config.data.tokenizer, out_dir, dtype=dtype, platforms=platforms,
                        extra={'source': {'workdir': str(workdir.resolve()), 'step': int(state.step)}})

@@ -10,7 +10,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from xmodal import config as config_lib, distributed, parallel
+from xmodal import config as config_lib, distributed, sharding
 from xmodal.train import evaluation, state as state_lib
 from xmodal.train.checkpoint import Checkpointer
 
@@ -56,7 +56,7 @@ def main(workdir: str, spec: str | None, overrides: Sequence[str], split: str | 
   distributed.initialize()
   workdir = pathlib.Path(workdir)
   config = load_run_config(workdir, spec, overrides)
-  mesh = parallel.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape)
   model, state, _ = restore_state(config, workdir, step, mesh)
   restored_step = int(state.step)
   with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.mesh.rules]):

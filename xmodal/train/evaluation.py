@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from xmodal import evaluate as ev, parallel
+from xmodal import evaluate as ev, sharding
 from xmodal.models import XModal
 
 
@@ -45,7 +45,7 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
     # process, no cross-host collectives.
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
-    local_mesh = parallel.make_mesh((-1, 1, 1), jax.local_devices())
+    local_mesh = sharding.make_mesh((-1, 1, 1), jax.local_devices())
     with jax.set_mesh(local_mesh):
       return _evaluate(config, model, params, local_mesh, data, binding_split, k,
                        dict(process_index=0, process_count=1), cache, progress)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xmodal import distributed, flops, parallel
+from xmodal import distributed, flops, sharding
 from xmodal.objective import LossWeights
 from xmodal.train import evaluation, state as state_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
@@ -58,7 +58,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   total_steps = int(config.train.steps)
 
   # ------------------------------------------------------------------------------------------------------ mesh
-  mesh = parallel.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape)
   rules = [tuple(r) for r in config.mesh.rules]
   log.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
 
@@ -84,15 +84,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   # ----------------------------------------------------------------------------------------------------- input
   batches = pipeline.train_iterator(config.data, state=data_state)
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------------------------------- update step
   weights = LossWeights.from_config(config.loss)
   step_fn = make_train_step(model, tx, lr_schedule, weights, grad_accum=config.train.grad_accum,
                             skip_nonfinite=config.train.nan_policy == 'skip')
   rng = jax.random.key(config.train.seed + 1)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
   step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
@@ -139,7 +139,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   stopped_early = False
   with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start_step + 1, total_steps + 1):
-      batch = parallel.host_to_global(next(batches), mesh, batch_sharding)
+      batch = sharding.host_to_global(next(batches), mesh, batch_sharding)
       state, metrics = jit_step(state, batch, rng)
       if pending is not None:
         now = time.perf_counter()
