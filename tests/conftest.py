@@ -36,7 +36,8 @@ def shapes_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_model():
   """(model, variables): the tiny preset, initialised once per worker from key 0."""
-  from xmodal.models import build, dummy_inputs, model_config
+  from xmodal.config.model import model_config
+  from xmodal.models import build, dummy_inputs
   model = build(model_config('tiny'))
   variables = jax.jit(model.init)(jax.random.key(0), *dummy_inputs(model.spec))
   return model, variables

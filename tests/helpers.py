@@ -13,9 +13,9 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from xmodal.data.config import data_config
-from xmodal.defaults import base_config
-from xmodal.models import model_config
+from xmodal.config.data import data_config
+from xmodal.config.defaults import base_config
+from xmodal.config.model import model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root: configs/, launch/, README.md
 

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from helpers import WordTokenizer, image_bytes, small_config, write_folder, write_wds
+from xmodal.config.data import data_config
 from xmodal.data import pipeline, preprocess
-from xmodal.data.config import data_config
 from xmodal.sharding import host_to_global
 
 TOKENIZER = WordTokenizer()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, micro_model_config
-from xmodal.defaults import base_config
+from xmodal.config.defaults import base_config
 
 # Every test trains the micro model on shapes for a few steps, most of them in subprocesses.
 pytestmark = pytest.mark.slow

@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal.models import PRESETS, XModal, build, dummy_inputs, model_config
+from xmodal.config.model import PRESETS, model_config
+from xmodal.models import XModal, build, dummy_inputs
 from xmodal.models.vit import resize_pos_embedding
 from xmodal.objective import LossWeights, compute_loss
 from helpers import micro_model_config

@@ -18,7 +18,8 @@ import safetensors.numpy
 import torch  # test-only reference
 import transformers  # test-only reference
 
-from xmodal.models import build, dummy_inputs, model_config
+from xmodal.config.model import model_config
+from xmodal.models import build, dummy_inputs
 from xmodal.models.model import XModal
 from xmodal.models.vit import resize_pos_embedding
 from xmodal.pretrained import CheckpointError, config_overrides, export_image, export_text, load_pretrained

@@ -69,7 +69,7 @@ def test_a_written_negative_depends_only_on_its_caption_and_key():
 @pytest.mark.slow  # builds shapes (session fixture) and reads it through tf.data
 def test_the_training_pipeline_yields_each_captions_negative(shapes_dir):
   from xmodal.data import pipeline
-  from xmodal.data.config import data_config
+  from xmodal.config.data import data_config
   config = data_config(tfds_name=shapes_dir, image_size=32, max_text_len=24, batch_size=16,
                        negatives_key='negative_captions')
   tokenizer = pipeline.load_tokenizer(config)

@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from xmodal.data import preprocess, sources
-from xmodal.data.config import validate_data_config
+from xmodal.config.data import validate_data_config
 
 STATE_VERSION = 2
 STATUS_EMPTY = 2   # No usable caption.

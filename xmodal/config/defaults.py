@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from xmodal.data.config import data_config
-from xmodal.models.presets import model_config
+from xmodal.config.data import data_config
+from xmodal.config.model import model_config
 from xmodal.sharding import DEFAULT_RULES
 
 
