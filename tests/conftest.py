@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 def shapes_dir(tmp_path_factory):
   """A prepared xmodal_shapes of 64 train / 16 validation / 16 test / 16 test_hard / 16 validation_hard images (its
   version folder)."""
-  from xmodal.data import shapes
+  from xmodal.data.shapes import builder as shapes
   data_dir = tmp_path_factory.mktemp('tfds')
   config = shapes.shapes_config(seed=0, train_size=64, validation_size=16, test_size=16, test_hard_size=16,
                                 validation_hard_size=16)

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
   """(tfds data dir, config) of a 32 px shapes build: 512 train images, GALLERY test images."""
-  from xmodal.data import shapes as shapes_lib
+  from xmodal.data.shapes import builder as shapes_lib
   config = shapes_lib.shapes_config(seed=0, image_size=32, train_size=512, validation_size=16, test_size=GALLERY,
                                     test_hard_size=16, validation_hard_size=4)
   builder = shapes_lib.XmodalShapes(config=config, data_dir=str(tmp_path_factory.mktemp('tfds')))
@@ -30,7 +30,7 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope='module')
 def gallery(shapes, tmp_path_factory):
   """(folder of the test split as PNGs, their captions): made by the same pure function the builder uses."""
-  from xmodal.data import shapes as shapes_lib
+  from xmodal.data.shapes import builder as shapes_lib
   folder = tmp_path_factory.mktemp('gallery')
   captions = []
   for i in range(GALLERY):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tokenizers
 
-from xmodal.data import shapes_captions
-from xmodal.data import shapes_render
+from xmodal.data.shapes import captions as shapes_captions
+from xmodal.data.shapes import render as shapes_render
 from xmodal.data import tokenizer as tok_lib
 
 # A vocabulary small enough to tokenize by hand (ids = line numbers).

@@ -11,7 +11,7 @@ import pytest
 
 from helpers import micro_model_config
 from xmodal import losses
-from xmodal.data import shapes_captions, shapes_render
+from xmodal.data.shapes import captions as shapes_captions, render as shapes_render
 from xmodal.models import XModal, build, dummy_inputs
 from xmodal.objective import LossWeights, compute_loss
 

@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs one data command; returns the exit status."""
   args, unknown = _parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
   if args.command == 'build':
-    from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
+    from xmodal.data.shapes import builder as shapes  # pylint: disable=g-import-not-at-top
     values = dict(seed=args.seed, image_size=args.image_size, train_size=args.train_size,
                   validation_size=args.validation_size, test_size=args.test_size, test_hard_size=args.test_hard_size,
                   validation_hard_size=args.validation_hard_size)

@@ -512,5 +512,5 @@ def binding_iterator(config: ml_collections.ConfigDict, split: str, *, tokenizer
 def prepare(config: ml_collections.ConfigDict) -> None:
   """Builds the embedded xmodal_shapes dataset when a config reads it and it is not prepared yet (no download)."""
   if config.source == 'tfds' and config.tfds_name == 'xmodal_shapes':
-    from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
+    from xmodal.data.shapes import builder as shapes  # pylint: disable=g-import-not-at-top
     shapes.prepare_if_missing(config.tfds_data_dir)

@@ -196,7 +196,7 @@ def shapes_vocab() -> list[str]:
   Single characters and their '##' continuations let any lowercase ASCII word (a user's query) decompose into
   known pieces rather than [UNK]; the caption words make every shapes caption whole words.
   """
-  from xmodal.data import shapes_captions  # pylint: disable=g-import-not-at-top  # only when regenerating
+  from xmodal.data.shapes import captions as shapes_captions  # pylint: disable=g-import-not-at-top  # only when regenerating
 
   chars = [chr(c) for c in range(33, 127) if not chr(c).isupper()]
   words = [w for w in shapes_captions.vocabulary() if w not in chars]

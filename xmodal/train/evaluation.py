@@ -146,7 +146,8 @@ def _split_size(data: ml_collections.ConfigDict, split: str) -> int | None:
 def oracle_metrics(tfds_name: str, data_dir: str, split: str) -> dict[str, float] | None:
   """The oracle's expected recalls (xmodal.evaluation.oracle) on a split of xmodal_shapes, whose records carry their
   scenes; None for any other dataset. Cached: a run validates the same slice many times."""
-  from xmodal.data import shapes, sources
+  from xmodal.data import sources
+  from xmodal.data.shapes import builder as shapes
   from xmodal.evaluation import oracle
   builder = sources.tfds_builder(tfds_name, data_dir)
   if builder.name != 'xmodal_shapes':
