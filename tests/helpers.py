@@ -66,7 +66,7 @@ def embedding_batch(seed: int, size: int = 8, dim: int = 16, ids: bool = True, i
 # ---------------------------------------------------------------------------------------------------------------
 
 class WordTokenizer:
-  """Stand-in for xmodal.data.tokenizer: ids are word hashes; [CLS]=1, padding 0."""
+  """Stand-in for xmodal.tokenizer: ids are word hashes; [CLS]=1, padding 0."""
   vocab_size = 1000
   pad_id = 0
 

@@ -11,7 +11,7 @@ from xmodal import config as config_lib, sharding
 from xmodal.train import loop
 from xmodal.train.eval_cli import restore_state
 
-VOCAB = (ROOT / 'xmodal' / 'data' / 'assets' / 'shapes_vocab.txt').read_text().split('\n')[:-1]
+VOCAB = (ROOT / 'xmodal' / 'tokenizer' / 'assets' / 'shapes_vocab.txt').read_text().split('\n')[:-1]
 
 
 @pytest.mark.slow  # imports two towers and trains a step

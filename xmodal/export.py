@@ -30,10 +30,10 @@ import numpy as np
 from flax import traverse_util
 
 import xmodal
-from xmodal.data.tokenizer import Tokenizer, load_tokenizer
 from xmodal.inference import bundle as bundle_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.models.model import XModal, build
+from xmodal.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = ('float32', 'bfloat16')
 DEFAULT_PLATFORMS = ('cpu',)

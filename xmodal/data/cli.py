@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(result))
     return 0
   if args.command == 'train-tokenizer':
-    from xmodal.data import tokenizer  # pylint: disable=g-import-not-at-top
+    from xmodal import tokenizer  # pylint: disable=g-import-not-at-top
     if unknown:
       raise SystemExit(f'unknown arguments: {unknown}')
     path = tokenizer.train_tokenizer(args.input, args.vocab_size, args.out_dir, kind=args.kind)

@@ -264,7 +264,7 @@ def _tokenize_fn(tokenizer, max_len: int):
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-  from xmodal.data.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
+  from xmodal.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
   return load(config.tokenizer)
 
 

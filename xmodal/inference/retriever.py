@@ -18,12 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from xmodal.data.tokenizer import Tokenizer, load_tokenizer
 from xmodal.inference import bundle as bundle_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.inference import ranking
 from xmodal.inference.index import Gallery, Index
 from xmodal.inference.ranking import Hit
+from xmodal.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_BATCH = 32
 
