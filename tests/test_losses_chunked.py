@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import embedding_batch
-from xmodal import losses, losses_chunked, sharding
+from xmodal import losses, sharding
+from xmodal.losses import ring as losses_chunked
 
 
 def _batch(seed, size=32, dim=16, ids=True):

@@ -33,7 +33,7 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # ITC's image-to-text softmax also sees the written negatives as columns (NegCLIP; needs data.negatives_key,
       # not with `chunked`).
       'itc_written_negatives': False,
-      # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses_chunked.py): same values, memory per device
+      # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses/ring.py): same values, memory per device
       # linear in the local batch. (ITM's hard-negative sampling still forms the (B, B) similarity.)
       'chunked': False,
   })
