@@ -10,10 +10,10 @@ import pytest
 
 from helpers import micro_config
 from xmodal import sharding
-from xmodal.bench import synthetic_batch
 from xmodal.models import build
-from xmodal.objective import LossWeights
 from xmodal.train import optim, state as state_lib
+from xmodal.train.bench import synthetic_batch
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 _LOWER_EVENT = '/jax/core/compile/jaxpr_to_mlir_module_duration'  # every in-memory cache miss lowers, cache or not

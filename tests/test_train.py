@@ -9,12 +9,12 @@ import optax
 import pytest
 
 from helpers import micro_config
-from xmodal import flops, sharding
-from xmodal.bench import synthetic_batch
-from xmodal.models import build
+from xmodal import sharding
+from xmodal.models import build, flops
 from xmodal.models.model import ModelSpec
-from xmodal.objective import LossWeights
 from xmodal.train import optim, state as state_lib
+from xmodal.train.bench import synthetic_batch
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 
@@ -47,7 +47,7 @@ def test_flop_count_matches_a_hand_count():
 @pytest.mark.parametrize('written, stem', [('off', 'patch'), ('add', 'conv'), ('replace', 'patch')])
 def test_flop_count_is_close_to_xla_cost_analysis(written, stem):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs."""
-  from xmodal.objective import compute_loss
+  from xmodal.train.objective import compute_loss
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
   config.model.vision.stem = stem
@@ -201,7 +201,7 @@ def test_gradient_accumulation_of_one_example_batches_sums_per_example_gradients
   batch = synthetic_batch(model.spec, 8, np.random.default_rng(1))
   halves = []
   for part in (slice(0, 4), slice(4, 8)):
-    from xmodal.objective import compute_loss
+    from xmodal.train.objective import compute_loss
     params = nn.unbox(model.init(jax.random.key(0), *_dummy(model))['params'])
     step_rng = jax.random.fold_in(jax.random.key(2), 0)
     index = 0 if part.start == 0 else 1

@@ -13,7 +13,7 @@ from helpers import micro_model_config
 from xmodal import losses
 from xmodal.data.shapes import captions as shapes_captions, render as shapes_render
 from xmodal.models import XModal, build, dummy_inputs
-from xmodal.objective import LossWeights, compute_loss
+from xmodal.train.objective import LossWeights, compute_loss
 
 
 def _words(text):

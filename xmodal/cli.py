@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     loop.train(config, args.workdir)
     return 0
   if args.command == 'bench':
-    from xmodal import bench
+    from xmodal.train import bench
     bench.main(config, steps=args.steps)
     return 0
   return 1

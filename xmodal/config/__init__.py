@@ -18,10 +18,10 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
-from xmodal import objective
 from xmodal.evaluation import rerank
 from xmodal.models import attention, layers, vit
 from xmodal.models import model as model_lib
+from xmodal.train import objective
 
 
 class ConfigError(ValueError):

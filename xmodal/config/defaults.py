@@ -70,7 +70,7 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'grad_accum': 1,  # micro-batches per step; see xmodal/train/step.py for what it does to negatives
       'nan_policy': 'stop',  # 'stop': a non-finite loss ends the run naming the step; 'skip': drop that update
       'compilation_cache_dir': '',  # persistent XLA compilation cache ('' = off)
-      'peak_flops_per_device': 0.0,  # for MFU; 0 = from the device table (xmodal/flops.py)
+      'peak_flops_per_device': 0.0,  # for MFU; 0 = from the device table (xmodal/models/flops.py)
       'progress': True,  # tqdm progress bar on process 0
       # XLA options for `xmodal bench`'s compile of the step, (name, value) pairs, e.g. (('xla_cpu_use_onednn', True),)
       'compiler_options': (),

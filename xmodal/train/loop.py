@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xmodal import distributed, flops, sharding
-from xmodal.objective import LossWeights
+from xmodal import distributed, sharding
+from xmodal.models import flops
 from xmodal.train import evaluation, state as state_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
 from xmodal.train.metrics import MetricWriter
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 log = logging.getLogger('xmodal.train')

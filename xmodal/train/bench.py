@@ -1,8 +1,9 @@
 """`xmodal bench`: the jitted train step alone, on synthetic batches of the config's shapes (no input pipeline).
 
 Reports compile time, median steady-state step time, examples/s, model TFLOP/s per device and MFU, peak memory,
-parameter count and FLOPs per step. MFU divides by the device table's peak (xmodal/flops.py) on accelerators, and by
-a jitted matmul timed in the same run on CPUs (whose peak no table knows). The last line printed is one JSON object.
+parameter count and FLOPs per step. MFU divides by the device table's peak (xmodal/models/flops.py) on accelerators,
+and by a jitted matmul timed in the same run on CPUs (whose peak no table knows). The last line printed is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xmodal import flops, sharding
-from xmodal.objective import LossWeights
+from xmodal import sharding
+from xmodal.models import flops
 from xmodal.train import state as state_lib
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 
