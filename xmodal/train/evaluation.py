@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from xmodal import evaluate as ev, sharding
+from xmodal import evaluation as ev, sharding
 from xmodal.models import XModal
 
 
