@@ -100,7 +100,8 @@ def pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, sco
 
 
 def check_rerank(match_fn, match_one, image_tokens, text_tokens, text_mask, sim, t2i, k, chunk_size, score, atol):
-  got_i2t, got_t2i = evaluation.rerank.rerank(match_fn, image_tokens, text_tokens, text_mask, sim, k, chunk_size, score)
+  got_i2t, got_t2i = evaluation.rerank.rerank(match_fn, image_tokens, text_tokens, text_mask, sim, k, chunk_size,
+                                                score)
   want_i2t, want_t2i = pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, score)
   for got, want in ((got_i2t, want_i2t), (got_t2i, want_t2i)):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))  # the same top-k candidates
@@ -186,6 +187,23 @@ def test_fusion_chunks_compile_once_for_two_gallery_sizes():
     t2i, image_tokens, text_tokens, text_mask, sim = perfect_itm_gallery(rng, num_images)
     evaluation.rerank.rerank(counting_match, image_tokens, text_tokens, text_mask, sim, k=5, chunk_size=16)
   assert traces == [(16, 4, 2)]
+
+
+def test_top_k_is_best_first_with_ties_by_index_along_either_axis_and_across_row_blocks():
+  """The one top-k of search and evaluation (inference.ranking.top_k) against a full sort: the k best scores, best
+  first, equal scores lower index first; columns give the transpose's rows; more rows than one block of 1024."""
+  from xmodal.inference import ranking
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 6, size=(2100, 30)).astype(np.float32)  # many ties, at the k-th place too
+  for k in (1, 7, 30, 45):
+    for axis, rows in ((1, scores), (0, scores.T)):
+      got = ranking.top_k(scores, k, axis=axis)
+      assert got.shape == (rows.shape[0], min(k, rows.shape[1]))
+      picked = np.take_along_axis(rows, got, axis=1)
+      np.testing.assert_array_equal(picked, -np.sort(-rows, axis=1)[:, :got.shape[1]])  # the k best, best first
+      assert all(len(set(row)) == len(row) for row in got)
+      ties = picked[:, 1:] == picked[:, :-1]
+      assert np.all(got[:, 1:][ties] > got[:, :-1][ties])  # equal scores: lower index first
 
 
 # ---------------------------------------------------------------------------------------------------------------
