@@ -9,7 +9,7 @@ import transformers  # test-only reference
 from helpers import ROOT
 from xmodal import config as config_lib, sharding
 from xmodal.train import loop
-from xmodal.train.eval_cli import restore_state
+from xmodal.train.run import restore_state
 
 VOCAB = (ROOT / 'xmodal' / 'tokenizer' / 'assets' / 'shapes_vocab.txt').read_text().split('\n')[:-1]
 

@@ -38,7 +38,7 @@ def _metrics(workdir):
 def _params(workdir, config):
   import jax
   from xmodal import sharding
-  from xmodal.train.eval_cli import restore_state
+  from xmodal.train.run import restore_state
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   _, state, data_state = restore_state(config, pathlib.Path(workdir), None, mesh)
   return jax.tree.map(np.asarray, state.params), data_state

@@ -148,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from xmodal.data import cli as data_cli
     return data_cli.main(argv[1:]) or 0
   if argv and argv[0] == 'export':
-    from xmodal import export
+    from xmodal.bundle import export
     return export.main(argv[1:])
   if argv and argv[0] == 'search':  # imports no model or training code: runs from the bundle alone
     from xmodal import search_cli
@@ -174,8 +174,8 @@ def _log_file(args: argparse.Namespace) -> pathlib.Path | None:
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
   try:
     if args.command == 'eval':
-      from xmodal.train import eval_cli
-      return eval_cli.main(args.workdir, args.config, overrides, split=args.split, step=args.step)
+      from xmodal.train import run
+      return run.main(args.workdir, args.config, overrides, split=args.split, step=args.step)
     config = config_lib.load(args.config, overrides)
   except config_lib.ConfigError as e:
     print(f'xmodal: config error: {e}', file=sys.stderr)

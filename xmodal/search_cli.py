@@ -17,8 +17,8 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
+from xmodal.bundle.format import BundleError
 from xmodal.inference import Index, Retriever, bench as bench_lib, contact_sheet
-from xmodal.inference.bundle import BundleError
 from xmodal.inference.index import list_images
 
 

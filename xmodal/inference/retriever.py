@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from xmodal.inference import bundle as bundle_lib
+from xmodal.bundle import format as bundle_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.inference import ranking
 from xmodal.inference.index import Gallery, Index

@@ -2,7 +2,7 @@
 
 The same `Rule`s as the loader run backwards, so loading an export gives back the same parameters and exporting a
 load gives back the same tensors. What has no place in a BertModel or ViTModel is not written: the fusion layers'
-cross-attention, the projections, the ITM head and the temperature (export the full model with xmodal.export).
+cross-attention, the projections, the ITM head and the temperature (the full model goes into an inference bundle: xmodal.bundle.export).
 HF's poolers are not written either; `from_pretrained` initialises them afresh and says so.
 """
 

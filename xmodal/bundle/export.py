@@ -1,4 +1,4 @@
-"""`xmodal export`: a trained model as an inference bundle that runs without the model code (see inference/bundle.py).
+"""`xmodal export`: a trained model as an inference bundle that runs without the model code (see bundle/format.py).
 
   xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16] [--platforms cpu,cuda]
 
@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 import xmodal
-from xmodal.inference import bundle as bundle_lib
+from xmodal.bundle import format as bundle_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.models.model import XModal, build
 from xmodal.tokenizer import Tokenizer, load_tokenizer
@@ -113,7 +113,7 @@ def export_functions(model: XModal, flat_params: dict[str, np.ndarray],
 def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenizer | str, out_dir: str | pathlib.Path,
                   dtype: str = 'float32', platforms: Sequence[str] = DEFAULT_PLATFORMS,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Writes an inference bundle of `params` (see inference/bundle.py for the layout); returns its manifest.
+  """Writes an inference bundle of `params` (see bundle/format.py for the layout); returns its manifest.
 
   Args:
     config: the experiment config (its `model` and `data` sections are used).
@@ -181,7 +181,7 @@ def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, ste
                    dtype: str = 'float32', platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict[str, Any]:
   """Restores a checkpoint of a training workdir (the latest, or `step`) and exports it with `export_bundle`."""
   from xmodal import sharding  # pylint: disable=g-import-not-at-top
-  from xmodal.train.eval_cli import load_run_config, restore_state  # pylint: disable=g-import-not-at-top
+  from xmodal.train.run import load_run_config, restore_state  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
   config = load_run_config(workdir, None, [])

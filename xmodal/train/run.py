@@ -1,4 +1,7 @@
-"""`xmodal eval`: restore a checkpoint of a workdir and print the retrieval table (also written as JSON)."""
+"""A training run's workdir read back: the config it ran with and a checkpoint restored onto a mesh (eval and export).
+
+`main` is `xmodal eval`: restore a checkpoint of a workdir and print the retrieval table (also written as JSON).
+"""
 
 from __future__ import annotations
 

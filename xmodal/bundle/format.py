@@ -3,7 +3,7 @@
   BUNDLE/
     manifest.json          format version, xmodal/jax versions, dtype, function signatures, sha256 of every file
     model_config.json      the `model` config section the bundle was exported from
-    preprocess.json        image_size, mean, std, resize and crop method (see `preprocess.py`)
+    preprocess.json        image_size, mean, std, resize and crop method (see inference/preprocess.py)
     params.safetensors     parameters only, flat names 'vision/.../kernel' (no optimizer state)
     tokenizer/             the tokenizer files, copied; tokenizer.json names the one to load and max_text_len
     encode_image.stablehlo jax.export, symbolic batch 'b'; parameters are the first argument (not baked in)
