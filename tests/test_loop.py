@@ -65,8 +65,8 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(shapes_dir, tmp_path, 
   assert data_a == data_b
 
   # `xmodal eval` restores the latest checkpoint from the workdir's saved config and prints the same table.
-  from xmodal import cli
-  assert cli.main(['eval', '--workdir', str(tmp_path / 'straight'), '--split', 'test']) == 0
+  from xmodal.cli.main import main
+  assert main(['eval', '--workdir', str(tmp_path / 'straight'), '--split', 'test']) == 0
   evaluated = json.loads((tmp_path / 'straight' / 'eval_test_4.json').read_text())
   assert evaluated['itc'] == pytest.approx(results['itc'])
 

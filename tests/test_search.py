@@ -46,7 +46,7 @@ def bundle(shapes, tmp_path_factory):
 
   One device: on a 2-core machine the 8 fake devices of the test process would split each step eight ways.
   """
-  from xmodal import cli
+  from xmodal.cli.main import main
   workdir = tmp_path_factory.mktemp('run')
   overrides = [f'--config.data.tfds_name={shapes[0]}', '--config.data.image_size=32', '--config.data.batch_size=32',
                '--config.data.eval_batch_size=16', '--config.data.eval_split=validation', f'--config.train.steps='
@@ -64,7 +64,7 @@ def bundle(shapes, tmp_path_factory):
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path_factory.mktemp('bundle') / 'trained'
-  assert cli.main(['export', '--workdir', str(workdir), '--out', str(out)]) == 0
+  assert main(['export', '--workdir', str(workdir), '--out', str(out)]) == 0
   return out
 
 
@@ -77,11 +77,11 @@ def retriever(bundle):
 def test_xmodal_search_prints_the_retrievers_top_10_and_writes_a_contact_sheet(bundle, retriever, gallery, tmp_path,
                                                                                 capsys):
   from PIL import Image
-  from xmodal import cli
+  from xmodal.cli.main import main
   folder, captions = gallery
   query = captions[3][0]
   out = tmp_path / 'sheet'
-  assert cli.main(['search', '--bundle', str(bundle), '--images', str(folder), '--query', query, '--k', '10',
+  assert main(['search', '--bundle', str(bundle), '--images', str(folder), '--query', query, '--k', '10',
                    '--rerank', '10', '--out', str(out), '--no-progress']) == 0
   printed = capsys.readouterr().out
   ranked = [line.split()[-1] for line in printed.splitlines() if line.split()[:1] and line.split()[0].isdigit()

@@ -13,7 +13,6 @@ stores bfloat16 weights and runs its matmuls in bfloat16 (model.dtype), casting 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import pathlib
@@ -190,20 +189,3 @@ def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, ste
   _, state, _ = restore_state(config, workdir, step, mesh)
   return export_bundle(config, state.params, config.data.tokenizer, out_dir, dtype=dtype, platforms=platforms,
                        extra={'source': {'workdir': str(workdir.resolve()), 'step': int(state.step)}})
-
-
-def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog='xmodal export', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='a training workdir (config.json + checkpoints/)')
-  parser.add_argument('--out', required=True, help='the bundle directory to write (must not exist)')
-  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
-  parser.add_argument('--dtype', choices=DTYPES, default='float32')
-  parser.add_argument('--platforms', default=','.join(DEFAULT_PLATFORMS),
-                      help='comma-separated jax.export platforms, e.g. cpu,cuda')
-  args = parser.parse_args(argv)
-  manifest = export_workdir(args.workdir, args.out, args.step, args.dtype, args.platforms.split(','))
-  size = sum(f['bytes'] for f in manifest['files'].values())
-  print(f'bundle {args.out}: step {manifest["source"]["step"]}, {manifest["parameters"]["count"]:,} parameters '
-        f'({manifest["dtype"]}), {len(manifest["files"])} files, {size / 1e6:.1f} MB')
-  return 0

@@ -1,14 +1,13 @@
-"""`xmodal bench`: the jitted train step alone, on synthetic batches of the config's shapes (no input pipeline).
+"""The jitted train step alone, on synthetic batches of the config's shapes (no input pipeline): `xmodal bench`.
 
 Reports compile time, median steady-state step time, examples/s, model TFLOP/s per device and MFU, peak memory,
 parameter count and FLOPs per step. MFU divides by the device table's peak (xmodal/models/flops.py) on accelerators,
-and by a jitted matmul timed in the same run on CPUs (whose peak no table knows). The last line printed is one JSON
-object.
+and by a jitted matmul timed in the same run on CPUs (whose peak no table knows). `run` returns them as one dict;
+`xmodal bench` (xmodal/cli/bench.py) prints it, the last line as JSON.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -134,11 +133,3 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
       'mfu': per_device / peak, 'peak_memory_bytes': memory, 'loss': float(metrics['loss']), 'steps': steps,
       'compiler_options': options or {},
   }
-
-
-def main(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
-  result = run(config, steps)
-  for key, value in result.items():
-    print(f'{key:>24}: {value:.4g}' if isinstance(value, float) else f'{key:>24}: {value}')
-  print(json.dumps(result))
-  return result

@@ -17,8 +17,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from xmodal.bundle.format import BundleError
-from xmodal.inference import Index, Retriever, bench as bench_lib, contact_sheet
+from xmodal.inference import BundleError, Index, Retriever, bench as bench_lib, contact_sheet
 from xmodal.inference.index import list_images
 
 
