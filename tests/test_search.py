@@ -107,23 +107,22 @@ def test_text_queries_rank_their_images_better_than_chance(retriever, gallery):
 
 
 def test_index_round_trips_through_disk(retriever, gallery, tmp_path):
-  from xmodal.inference import Index
   folder, _ = gallery
   index = retriever.index(folder, progress=False)
   index.save(tmp_path / 'idx')
-  loaded = Index.load(tmp_path / 'idx', retriever)
+  loaded = retriever.load_index(tmp_path / 'idx')
   assert loaded.names == index.names
   np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
   np.testing.assert_array_equal(loaded.tokens, index.tokens)
   query = 'a red circle'
-  assert loaded.search(query, k=5, rerank=5) == index.search(query, k=5, rerank=5)
+  assert retriever.search(query, loaded, k=5, rerank=5) == retriever.search(query, index, k=5, rerank=5)
   # Without kept tokens the candidates' tokens are recomputed from their paths: the same ranking.
   light = retriever.index(folder, progress=False, keep_tokens=False)
   light.save(tmp_path / 'light')
-  light = Index.load(tmp_path / 'light', retriever)
+  light = retriever.load_index(tmp_path / 'light')
   assert light.tokens is None
-  assert [(h.index, round(h.itm, 4)) for h in light.search(query, k=5, rerank=5)] == [
-      (h.index, round(h.itm, 4)) for h in index.search(query, k=5, rerank=5)]
+  assert [(h.index, round(h.itm, 4)) for h in retriever.search(query, light, k=5, rerank=5)] == [
+      (h.index, round(h.itm, 4)) for h in retriever.search(query, index, k=5, rerank=5)]
 
 
 def test_add_embeds_only_the_new_images(retriever, gallery, monkeypatch):
@@ -134,7 +133,7 @@ def test_add_embeds_only_the_new_images(retriever, gallery, monkeypatch):
   monkeypatch.setattr(retriever, 'encode_pixels', lambda pixels: (encoded.append(len(pixels)), original(pixels))[1])
   index = retriever.index(paths[:12], progress=False)
   before = index.embeddings.copy()
-  index.add(paths[12:17])
+  retriever.add(index, paths[12:17])
   assert sum(encoded) == 17 and len(index) == 17
   np.testing.assert_array_equal(index.embeddings[:12], before)
   full = retriever.index(paths[:17], progress=False)

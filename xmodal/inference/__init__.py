@@ -2,7 +2,7 @@
 
   from xmodal.inference import Retriever
   retriever = Retriever.load('bundle/')            # verifies the manifest's checksums and format version
-  index = retriever.index('photos/')                # or Index.load('photos.index', retriever)
+  index = retriever.index('photos/')                # or retriever.load_index('photos.index')
   for hit in retriever.search('a red circle left of a blue square', index, k=10, rerank=64):
     print(hit.name, hit.itc, hit.itm)
 
