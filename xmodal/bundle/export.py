@@ -13,6 +13,7 @@ stores bfloat16 weights and runs its matmuls in bfloat16 (model.dtype), casting 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -129,6 +130,23 @@ def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenize
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
     raise FileExistsError(f'{out_dir} exists and is not an empty directory')
+  return write_bundle(stage_bundle(config, params, tokenizer, dtype, platforms, extra), out_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedBundle:
+  """A bundle complete and checked in memory: each file's content by its path in the bundle."""
+  params: dict[str, np.ndarray]  # params.safetensors: flat names, in the bundle's dtype
+  texts: dict[str, str]  # the JSON files: model config, preprocessing, tokenizer spec
+  blobs: dict[str, bytes]  # the serialized functions
+  copies: dict[str, str]  # files copied as they are (the tokenizer's), from their source path
+  manifest: dict[str, Any]  # the manifest's fields; writing adds the size and sha256 of every file
+
+
+def stage_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenizer | str, dtype: str = 'float32',
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                 extra: dict[str, Any] | None = None) -> StagedBundle:
+  """Everything a bundle holds, exported and checked, with nothing written yet (arguments as `export_bundle`'s)."""
   tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   model_config.dtype = dtype
@@ -138,34 +156,50 @@ def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenize
   model = build(model_config)
   flat = {k: v.astype(jnp.dtype(dtype)) for k, v in flatten_params(params).items()}
   functions = export_functions(model, flat, platforms)
+  data = config.data
+  preprocess = preprocess_lib.spec_from_data_config(data.image_size, data.mean, data.std)
+  if preprocess['image_size'] != model_config.image_size:
+    raise ValueError(f'data.image_size {data.image_size} != model.image_size {model_config.image_size}')
+  names = [pathlib.Path(source).name for source in tokenizer.files]
+  tokenizer_spec = {'file': names[0], 'max_text_len': int(model_config.max_text_len),
+                    'vocab_size': int(tokenizer.vocab_size)}
+  return StagedBundle(
+      params=flat,
+      texts={bundle_lib.MODEL_CONFIG: model_config.to_json_best_effort(indent=2, sort_keys=True) + '\n',
+             bundle_lib.PREPROCESS: json.dumps(preprocess, indent=2) + '\n',
+             bundle_lib.TOKENIZER_SPEC: json.dumps(tokenizer_spec, indent=2) + '\n'},
+      blobs={entry['file']: blob for blob, entry in functions.values()},
+      copies={f'{bundle_lib.TOKENIZER_DIR}/{name}': source for name, source in zip(names, tokenizer.files)},
+      manifest={
+          'xmodal_version': xmodal.__version__, 'jax_version': jax.__version__,
+          'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'dtype': dtype, 'parameters': {'count': int(sum(v.size for v in flat.values())), 'tensors': len(flat),
+                                         'passed_as_argument': True},
+          'functions': {name: entry for name, (_, entry) in functions.items()},
+          'embed_dim': int(model_config.embed_dim), **(extra or {})})
 
+
+def write_bundle(staged: StagedBundle, out_dir: pathlib.Path) -> dict[str, Any]:
+  """Writes `staged` into a folder beside `out_dir` and renames it into place; returns the manifest.
+
+  A failure removes the half-written folder, so `out_dir` is either a whole bundle or as it was.
+  """
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+
+  def path(name: str) -> pathlib.Path:
+    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+    return staging / name
+
   try:
-    bundle_lib.save_safetensors(flat, staging / bundle_lib.PARAMS)
-    (staging / bundle_lib.MODEL_CONFIG).write_text(model_config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-    data = config.data
-    preprocess = preprocess_lib.spec_from_data_config(data.image_size, data.mean, data.std)
-    if preprocess['image_size'] != model_config.image_size:
-      raise ValueError(f'data.image_size {data.image_size} != model.image_size {model_config.image_size}')
-    (staging / bundle_lib.PREPROCESS).write_text(json.dumps(preprocess, indent=2) + '\n')
-    (staging / bundle_lib.TOKENIZER_DIR).mkdir()
-    names = []
-    for source in tokenizer.files:
-      names.append(pathlib.Path(source).name)
-      shutil.copyfile(source, staging / bundle_lib.TOKENIZER_DIR / names[-1])
-    tokenizer_spec = {'file': names[0], 'max_text_len': int(model_config.max_text_len),
-                      'vocab_size': int(tokenizer.vocab_size)}
-    (staging / bundle_lib.TOKENIZER_SPEC).write_text(json.dumps(tokenizer_spec, indent=2) + '\n')
-    for blob, entry in functions.values():
-      (staging / entry['file']).write_bytes(blob)
-    manifest = bundle_lib.write_manifest(staging, {
-        'xmodal_version': xmodal.__version__, 'jax_version': jax.__version__,
-        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-        'dtype': dtype, 'parameters': {'count': int(sum(v.size for v in flat.values())), 'tensors': len(flat),
-                                       'passed_as_argument': True},
-        'functions': {name: entry for name, (_, entry) in functions.items()},
-        'embed_dim': int(model_config.embed_dim), **(extra or {})})
+    bundle_lib.save_safetensors(staged.params, path(bundle_lib.PARAMS))
+    for name, text in staged.texts.items():
+      path(name).write_text(text)
+    for name, source in staged.copies.items():
+      shutil.copyfile(source, path(name))
+    for name, blob in staged.blobs.items():
+      path(name).write_bytes(blob)
+    manifest = bundle_lib.write_manifest(staging, staged.manifest)
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     if out_dir.exists():
       out_dir.rmdir()
