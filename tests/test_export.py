@@ -136,9 +136,10 @@ def test_pil_preprocessing_matches_the_tensorflow_eval_pipeline():
   import tensorflow as tf
   from PIL import Image
   import io
+  from xmodal.bundle import format as bundle_lib
   from xmodal.data import preprocess as tf_preprocess
   from xmodal.inference import preprocess
-  spec = preprocess.spec_from_data_config(32, (120.0, 110.0, 100.0), (60.0, 50.0, 70.0))
+  spec = bundle_lib.preprocess_spec(32, (120.0, 110.0, 100.0), (60.0, 50.0, 70.0))
   rng = np.random.default_rng(0)
   for shape in ((32, 32), (45, 70), (100, 61), (20, 24)):
     image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)

@@ -31,7 +31,6 @@ from flax import traverse_util
 
 import xmodal
 from xmodal.bundle import format as bundle_lib
-from xmodal.inference import preprocess as preprocess_lib
 from xmodal.models.model import XModal, build
 from xmodal.tokenizer import Tokenizer, load_tokenizer
 
@@ -157,7 +156,7 @@ def stage_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenizer
   flat = {k: v.astype(jnp.dtype(dtype)) for k, v in flatten_params(params).items()}
   functions = export_functions(model, flat, platforms)
   data = config.data
-  preprocess = preprocess_lib.spec_from_data_config(data.image_size, data.mean, data.std)
+  preprocess = bundle_lib.preprocess_spec(data.image_size, data.mean, data.std)
   if preprocess['image_size'] != model_config.image_size:
     raise ValueError(f'data.image_size {data.image_size} != model.image_size {model_config.image_size}')
   names = [pathlib.Path(source).name for source in tokenizer.files]
