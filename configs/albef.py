@@ -19,8 +19,8 @@ numbers are the bar a full pre-train + fine-tune with this recipe should reach. 
 """
 
 from xmodal import config as config_lib
-from xmodal.data.config import coco_captions_config, data_config
-from xmodal.defaults import base_config
+from xmodal.config.data import coco_captions_config, data_config
+from xmodal.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -11,7 +11,7 @@ model ran 1.5-1.6 s/step (the performance issue).
 """
 
 from xmodal import config as config_lib
-from xmodal.defaults import base_config
+from xmodal.config.defaults import base_config
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ Arguments (`configs/shapes.py:size=tiny,steps=1200`): size — the model preset;
 """
 
 from xmodal import config as config_lib
-from xmodal.defaults import base_config
+from xmodal.config.defaults import base_config
 
 STEPS = 1200  # with the evaluation, fits in twelve minutes on a 2-core CPU (README, "Shapes run")
 

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 def shapes_dir(tmp_path_factory):
   """A prepared xmodal_shapes of 64 train / 16 validation / 16 test / 16 test_hard / 16 validation_hard images (its
   version folder)."""
-  from xmodal.data import shapes
+  from xmodal.data.shapes import builder as shapes
   data_dir = tmp_path_factory.mktemp('tfds')
   config = shapes.shapes_config(seed=0, train_size=64, validation_size=16, test_size=16, test_hard_size=16,
                                 validation_hard_size=16)
@@ -36,7 +36,8 @@ def shapes_dir(tmp_path_factory):
 @pytest.fixture(scope='session')
 def tiny_model():
   """(model, variables): the tiny preset, initialised once per worker from key 0."""
-  from xmodal.models import build, dummy_inputs, model_config
+  from xmodal.config.model import model_config
+  from xmodal.models import build, dummy_inputs
   model = build(model_config('tiny'))
   variables = jax.jit(model.init)(jax.random.key(0), *dummy_inputs(model.spec))
   return model, variables

@@ -13,9 +13,9 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from xmodal.data.config import data_config
-from xmodal.defaults import base_config
-from xmodal.models import model_config
+from xmodal.config.data import data_config
+from xmodal.config.defaults import base_config
+from xmodal.config.model import model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root: configs/, launch/, README.md
 
@@ -66,7 +66,7 @@ def embedding_batch(seed: int, size: int = 8, dim: int = 16, ids: bool = True, i
 # ---------------------------------------------------------------------------------------------------------------
 
 class WordTokenizer:
-  """Stand-in for xmodal.data.tokenizer: ids are word hashes; [CLS]=1, padding 0."""
+  """Stand-in for xmodal.tokenizer: ids are word hashes; [CLS]=1, padding 0."""
   vocab_size = 1000
   pad_id = 0
 

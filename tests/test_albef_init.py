@@ -7,11 +7,11 @@ import torch  # test-only reference
 import transformers  # test-only reference
 
 from helpers import ROOT
-from xmodal import config as config_lib, parallel
+from xmodal import config as config_lib, sharding
 from xmodal.train import loop
-from xmodal.train.eval_cli import restore_state
+from xmodal.train.run import restore_state
 
-VOCAB = (ROOT / 'xmodal' / 'data' / 'assets' / 'shapes_vocab.txt').read_text().split('\n')[:-1]
+VOCAB = (ROOT / 'xmodal' / 'tokenizer' / 'assets' / 'shapes_vocab.txt').read_text().split('\n')[:-1]
 
 
 @pytest.mark.slow  # imports two towers and trains a step
@@ -40,7 +40,7 @@ def test_albef_config_trains_from_imported_bert_and_vit(shapes_dir, tmp_path):
 
   # One AdamW step at lr 1e-5 moves each weight by about 1e-5: the checkpoint still holds the imported weights to
   # 2e-5, where a random initialisation would differ by ~0.02.
-  _, state, _ = restore_state(config, tmp_path / 'run', None, parallel.make_mesh((1, 1, 1), jax.devices()[:1]))
+  _, state, _ = restore_state(config, tmp_path / 'run', None, sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
   params = jax.tree.map(np.asarray, state.params)
   np.testing.assert_allclose(params['text']['embeddings']['word']['embedding'],
                              bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=0, atol=2e-5)

@@ -79,7 +79,7 @@ def test_state_saved_on_4x2_mesh_restores_onto_2x1_mesh_and_one_device(tmp_path)
 
 
 def test_a_partly_frozen_optimizer_state_restores_with_its_empty_moments(tmp_path):
-  from xmodal.defaults import base_config
+  from xmodal.config.defaults import base_config
   from xmodal.train import optim
   params = {'vision': {'kernel': jnp.ones((4, 3)), 'bias': jnp.zeros(3)}, 'text': {'kernel': jnp.full((3, 2), 2.0)}}
   config = base_config().optim

@@ -32,7 +32,7 @@ def test_data_follows_the_model_shapes_under_either_name():
 
 
 def test_a_data_section_set_apart_from_the_model_must_agree_with_it():
-  from xmodal.data.config import data_config
+  from xmodal.config.data import data_config
   config = config_lib.load(SHAPES)
   config.data = data_config(image_size=32, max_text_len=config.model.max_text_len)
   with pytest.raises(config_lib.ConfigError, match=r'data\.image_size'):

@@ -8,9 +8,9 @@ import pytest
 import tensorflow as tf
 
 from helpers import WordTokenizer, image_bytes, small_config, write_folder, write_wds
+from xmodal.config.data import data_config
 from xmodal.data import pipeline, preprocess
-from xmodal.data.config import data_config
-from xmodal.data.device import host_to_global
+from xmodal.sharding import host_to_global
 
 TOKENIZER = WordTokenizer()
 MEAN, STD = (10.0, 20.0, 30.0), (2.0, 4.0, 8.0)

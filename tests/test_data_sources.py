@@ -116,7 +116,7 @@ def test_tfds_coco_captions_with_mock_data():
 
 
 def test_tfds_array_record_shapes_reads_by_index(tmp_path):
-  from xmodal.data import shapes
+  from xmodal.data.shapes import builder as shapes
   builder = shapes.XmodalShapes(config=shapes.shapes_config(train_size=12, validation_size=6, test_size=2,
                                                              test_hard_size=2, validation_hard_size=2),
                                 data_dir=str(tmp_path))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from xmodal import evaluate
+from xmodal import evaluation
 from xmodal.models import XModal
 
 TEXT_LEN = 8  # captions shorter than the preset's 32 keep the tiny model's tests fast
@@ -44,8 +44,8 @@ def random_captions(rng, num_images):
 
 
 def assert_metrics_close(got, want):
-  assert set(got) == set(evaluate.METRIC_KEYS)
-  for key in evaluate.METRIC_KEYS:
+  assert set(got) == set(evaluation.METRIC_KEYS)
+  for key in evaluation.METRIC_KEYS:
     assert got[key] == pytest.approx(want[key], abs=1e-9), key
 
 
@@ -57,14 +57,14 @@ def test_retrieval_metrics_match_brute_force_with_ties():
     sim = rng.normal(size=(num_images, t2i.size)).astype(np.float32)
     sim[t2i, np.arange(t2i.size)] += 1.0  # some signal, so that recalls are neither 0 nor 100
     sim = np.round(sim, 0 if trial % 2 else 1)  # coarse rounding: many ties, including ties with positives
-    assert_metrics_close(evaluate.retrieval_metrics(sim, t2i), brute_force_metrics(sim, t2i))
+    assert_metrics_close(evaluation.retrieval_metrics(sim, t2i), brute_force_metrics(sim, t2i))
 
 
 def test_retrieval_metrics_count_ties_against_the_model():
   t2i = np.repeat(np.arange(12), 2)
-  collapsed = evaluate.retrieval_metrics(np.zeros((12, 24), np.float32), t2i)
+  collapsed = evaluation.retrieval_metrics(np.zeros((12, 24), np.float32), t2i)
   assert all(v == 0.0 for v in collapsed.values())
-  perfect = evaluate.retrieval_metrics((np.arange(12)[:, None] == t2i[None]).astype(np.float32), t2i)
+  perfect = evaluation.retrieval_metrics((np.arange(12)[:, None] == t2i[None]).astype(np.float32), t2i)
   assert all(v == 100.0 for v in perfect.values())
 
 
@@ -100,16 +100,17 @@ def pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, sco
 
 
 def check_rerank(match_fn, match_one, image_tokens, text_tokens, text_mask, sim, t2i, k, chunk_size, score, atol):
-  got_i2t, got_t2i = evaluate.rerank(match_fn, image_tokens, text_tokens, text_mask, sim, k, chunk_size, score)
+  got_i2t, got_t2i = evaluation.rerank.rerank(match_fn, image_tokens, text_tokens, text_mask, sim, k, chunk_size,
+                                                score)
   want_i2t, want_t2i = pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, score)
   for got, want in ((got_i2t, want_i2t), (got_t2i, want_t2i)):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))  # the same top-k candidates
     np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], atol=atol, rtol=1e-4)
-  assert_metrics_close(evaluate.retrieval_metrics(got_i2t, t2i, sim_t2i=got_t2i),
+  assert_metrics_close(evaluation.retrieval_metrics(got_i2t, t2i, sim_t2i=got_t2i),
                        brute_force_metrics(want_i2t, t2i, want_t2i))
 
 
-@pytest.mark.parametrize('score', evaluate.ITM_SCORES)
+@pytest.mark.parametrize('score', evaluation.ITM_SCORES)
 def test_rerank_matches_pairwise_loop_with_synthetic_match(score):
   rng = np.random.default_rng(1)
   num_images = 9
@@ -140,10 +141,10 @@ def random_batch(rng, spec, batch, captions, valid=None, text_valid=None):
 def test_rerank_matches_pairwise_loop_with_tiny_xmodal(tiny_model):
   model, variables = tiny_model
   rng = np.random.default_rng(2)
-  embedded = evaluate.embed_dataset(model, variables, [random_batch(rng, model.spec, batch=6, captions=2)])
+  embedded = evaluation.embed_dataset(model, variables, [random_batch(rng, model.spec, batch=6, captions=2)])
   sim = embedded.image_emb @ embedded.text_emb.T
   match_one = jax.jit(lambda t, m, i: model.apply(variables, t, m, i, method=XModal.match))
-  check_rerank(evaluate.match_fn_for(model, variables), match_one, embedded.image_tokens, embedded.text_tokens,
+  check_rerank(evaluation.match_fn_for(model, variables), match_one, embedded.image_tokens, embedded.text_tokens,
                embedded.text_mask, sim, embedded.text_to_image, k=3, chunk_size=8, score='itm', atol=1e-4)
 
 
@@ -165,11 +166,11 @@ def perfect_match(text_tokens, text_mask, image_tokens):
 def test_rerank_with_perfect_itm_over_all_candidates_ranks_perfectly():
   rng = np.random.default_rng(3)
   t2i, image_tokens, text_tokens, text_mask, sim = perfect_itm_gallery(rng, 15)
-  assert evaluate.retrieval_metrics(sim, t2i)['r_mean'] < 90  # ITC alone is far from perfect
-  for score in evaluate.ITM_SCORES:
-    i2t, t2i_scores = evaluate.rerank(jax.jit(perfect_match), image_tokens, text_tokens, text_mask, sim,
+  assert evaluation.retrieval_metrics(sim, t2i)['r_mean'] < 90  # ITC alone is far from perfect
+  for score in evaluation.ITM_SCORES:
+    i2t, t2i_scores = evaluation.rerank.rerank(jax.jit(perfect_match), image_tokens, text_tokens, text_mask, sim,
                                       k=t2i.size, chunk_size=16, score=score)
-    metrics = evaluate.retrieval_metrics(i2t, t2i, sim_t2i=t2i_scores)
+    metrics = evaluation.retrieval_metrics(i2t, t2i, sim_t2i=t2i_scores)
     assert all(v == 100.0 for v in metrics.values()), (score, metrics)
 
 
@@ -184,8 +185,25 @@ def test_fusion_chunks_compile_once_for_two_gallery_sizes():
   rng = np.random.default_rng(4)
   for num_images in (7, 19):
     t2i, image_tokens, text_tokens, text_mask, sim = perfect_itm_gallery(rng, num_images)
-    evaluate.rerank(counting_match, image_tokens, text_tokens, text_mask, sim, k=5, chunk_size=16)
+    evaluation.rerank.rerank(counting_match, image_tokens, text_tokens, text_mask, sim, k=5, chunk_size=16)
   assert traces == [(16, 4, 2)]
+
+
+def test_top_k_is_best_first_with_ties_by_index_along_either_axis_and_across_row_blocks():
+  """The one top-k of search and evaluation (inference.ranking.top_k) against a full sort: the k best scores, best
+  first, equal scores lower index first; columns give the transpose's rows; more rows than one block of 1024."""
+  from xmodal.inference import ranking
+  rng = np.random.default_rng(0)
+  scores = rng.integers(0, 6, size=(2100, 30)).astype(np.float32)  # many ties, at the k-th place too
+  for k in (1, 7, 30, 45):
+    for axis, rows in ((1, scores), (0, scores.T)):
+      got = ranking.top_k(scores, k, axis=axis)
+      assert got.shape == (rows.shape[0], min(k, rows.shape[1]))
+      picked = np.take_along_axis(rows, got, axis=1)
+      np.testing.assert_array_equal(picked, -np.sort(-rows, axis=1)[:, :got.shape[1]])  # the k best, best first
+      assert all(len(set(row)) == len(row) for row in got)
+      ties = picked[:, 1:] == picked[:, :-1]
+      assert np.all(got[:, 1:][ties] > got[:, :-1][ties])  # equal scores: lower index first
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -201,9 +219,9 @@ def test_embed_dataset_on_8_devices_matches_single_device_and_drops_padding(tiny
   valid = np.arange(8) < 5  # the last batch's padding examples
   batches = [random_batch(rng, model.spec, 8, 3),
              random_batch(rng, model.spec, 8, 3, valid=valid, text_valid=text_valid)]
-  single = evaluate.embed_dataset(model, variables, batches)
+  single = evaluation.embed_dataset(model, variables, batches)
   mesh = Mesh(np.asarray(jax.devices()).reshape(4, 2, 1), ('data', 'fsdp', 'tensor'))
-  sharded = evaluate.embed_dataset(model, variables, batches, mesh=mesh)
+  sharded = evaluation.embed_dataset(model, variables, batches, mesh=mesh)
 
   assert single.image_emb.shape[0] == 13 and single.text_emb.shape[0] == 24 + 15 - 3
   np.testing.assert_array_equal(single.image_ids, np.concatenate([batches[0]['image_ids'],
@@ -227,14 +245,14 @@ def test_binding_accuracy_matches_hand_computation():
   true_values = np.array([0, 1, 9, 3], np.float32)
   neg_values = np.array([5, 5, 2, 3], np.float32)
   # True vs negative: 10 > -10 yes, 10 > -10 yes, -10 < 10 no, 10 = 10 a tie: no -> 50 %.
-  texts = lambda emb, values: evaluate.Texts(np.broadcast_to(values[:, None, None], (4, 2, 3)),
+  texts = lambda emb, values: evaluation.Texts(np.broadcast_to(values[:, None, None], (4, 2, 3)),
                                              np.ones((4, 2), np.int32), emb)
-  binding = evaluate.BindingSet(image_emb, image_tokens, texts(true_emb, true_values), texts(neg_emb, neg_values))
-  assert evaluate.binding_accuracy(jax.jit(perfect_match), binding, chunk_size=3) == {
+  binding = evaluation.BindingSet(image_emb, image_tokens, texts(true_emb, true_values), texts(neg_emb, neg_values))
+  assert evaluation.binding_accuracy(jax.jit(perfect_match), binding, chunk_size=3) == {
       'itc': 50.0, 'itm': 50.0, 'count': 4}
   # Swapping the captions flips every strict win and keeps the ties failing: ITC 25 %, ITM 25 %.
-  swapped = evaluate.BindingSet(image_emb, image_tokens, binding.negative, binding.true)
-  assert evaluate.binding_accuracy(jax.jit(perfect_match), swapped, chunk_size=3) == {
+  swapped = evaluation.BindingSet(image_emb, image_tokens, binding.negative, binding.true)
+  assert evaluation.binding_accuracy(jax.jit(perfect_match), swapped, chunk_size=3) == {
       'itc': 25.0, 'itm': 25.0, 'count': 4}
 
 
@@ -242,28 +260,28 @@ def test_binding_set_from_pairs_splits_true_and_negative_captions():
   rng = np.random.default_rng(8)
   t2i = np.repeat(np.arange(3), 2)
   tokens, mask, emb = rng.normal(size=(6, 2, 3)), np.ones((6, 2), np.int32), rng.normal(size=(6, 4))
-  embedded = evaluate.Embedded(rng.normal(size=(3, 4)), rng.normal(size=(3, 5, 3)), np.arange(3), emb, tokens, mask,
+  embedded = evaluation.Embedded(rng.normal(size=(3, 4)), rng.normal(size=(3, 5, 3)), np.arange(3), emb, tokens, mask,
                                t2i)
-  binding = evaluate.binding_set_from_pairs(embedded)
+  binding = evaluation.binding_set_from_pairs(embedded)
   np.testing.assert_array_equal(binding.true.tokens, tokens[0::2])
   np.testing.assert_array_equal(binding.negative.emb, emb[1::2])
   np.testing.assert_array_equal(binding.image_tokens, embedded.image_tokens)
   with pytest.raises(ValueError, match='two captions'):
-    evaluate.binding_set_from_pairs(dataclasses.replace(embedded, text_to_image=np.array([0, 0, 1, 2, 2, 2])))
+    evaluation.binding_set_from_pairs(dataclasses.replace(embedded, text_to_image=np.array([0, 0, 1, 2, 2, 2])))
 
 
 def test_zero_shot_accuracy_with_averaged_templates():
   # Two templates per class; class k's templates point along axis k with a shared nuisance along axis 3.
   e = np.eye(4, dtype=np.float32)
   templates = np.stack([np.stack([3 * e[k] + e[3], e[k] - e[3]]) for k in range(3)])  # (K=3, M=2, E=4)
-  classes = evaluate.class_embeddings(templates)
+  classes = evaluation.class_embeddings(templates)
   # Normalised templates: (3, 0, 1)/sqrt10 and (1, -1)/sqrt2; their mean's axis-3 part is 1/sqrt10 - 1/sqrt2 < 0.
   a, b = 3 / np.sqrt(10) + 1 / np.sqrt(2), 1 / np.sqrt(10) - 1 / np.sqrt(2)
   want = np.stack([a * e[k] + b * e[3] for k in range(3)]) / np.hypot(a, b)
   np.testing.assert_allclose(classes, want, atol=1e-6)
   images = np.stack([e[0], e[1] + 0.1 * e[2], e[2] - e[3], e[0] + 2 * e[1]])
   labels = np.array([0, 1, 0, 0])  # the third leans to class 2 and the fourth to class 1: 2 of 4 right
-  assert evaluate.zero_shot_accuracy(images, labels, classes) == 50.0
+  assert evaluation.zero_shot_accuracy(images, labels, classes) == 50.0
 
 
 @pytest.mark.slow  # initialises the tiny model (session fixture) and compiles its towers
@@ -272,7 +290,7 @@ def test_embed_prompts_match_text_tower(tiny_model):
   rng = np.random.default_rng(6)
   ids = rng.integers(1, model.spec.text.vocab_size, (3, 2, TEXT_LEN)).astype(np.int32)
   mask = np.ones_like(ids)
-  got = evaluate.embed_prompts(model, variables, ids, mask, batch_size=4)
+  got = evaluation.embed_prompts(model, variables, ids, mask, batch_size=4)
   _, want = model.apply(variables, ids.reshape(6, -1), mask.reshape(6, -1), method=XModal.encode_text)
   np.testing.assert_allclose(got, np.asarray(want).reshape(3, 2, -1), atol=1e-5)
 
@@ -282,18 +300,18 @@ def test_evaluate_retrieval_and_table():
   t2i, image_tokens, text_tokens, text_mask, _ = perfect_itm_gallery(rng, 12)
   image_emb = rng.normal(size=(12, 8)).astype(np.float32)
   text_emb = rng.normal(size=(t2i.size, 8)).astype(np.float32)
-  embedded = evaluate.Embedded(image_emb, image_tokens, np.arange(12), text_emb, text_tokens, text_mask, t2i)
+  embedded = evaluation.Embedded(image_emb, image_tokens, np.arange(12), text_emb, text_tokens, text_mask, t2i)
   first = lambda i: np.flatnonzero(t2i == i)[0]
-  texts = lambda rows: evaluate.Texts(text_tokens[rows], text_mask[rows], text_emb[rows])
-  binding = evaluate.BindingSet(image_emb, image_tokens, texts([first(i) for i in range(12)]),
+  texts = lambda rows: evaluation.Texts(text_tokens[rows], text_mask[rows], text_emb[rows])
+  binding = evaluation.BindingSet(image_emb, image_tokens, texts([first(i) for i in range(12)]),
                                 texts([first((i + 1) % 12) for i in range(12)]))
-  results = evaluate.evaluate_retrieval(embedded, jax.jit(perfect_match), k=t2i.size, chunk_size=32,
+  results = evaluation.evaluate_retrieval(embedded, jax.jit(perfect_match), k=t2i.size, chunk_size=32,
                                         binding=binding)
   assert_metrics_close(results['itc'], brute_force_metrics(image_emb @ text_emb.T, t2i))
   assert all(v == 100.0 for v in results['itc+itm'].values())
-  assert evaluate.retrieval_metrics(image_emb @ text_emb.T, t2i)['r_mean'] < 90  # so the re-ranking did the work
+  assert evaluation.retrieval_metrics(image_emb @ text_emb.T, t2i)['r_mean'] < 90  # so the re-ranking did the work
   assert results['binding']['itm'] == 100.0 and results['binding']['count'] == 12
-  table = evaluate.format_table(results | {'zero_shot': 42.0})
+  table = evaluation.format_table(results | {'zero_shot': 42.0})
   lines = table.splitlines()
   assert lines[0].split()[:3] == ['i2t', 'R@1', 'R@5'] and lines[1].startswith('ITC ')
   assert lines[2].split() == ['ITC+ITM'] + ['100.00'] * 7

@@ -62,7 +62,7 @@ def write_pngs(images, folder):
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
   """(model, params, bundle dir) of a randomly initialised micro model: equality needs no training."""
-  from xmodal import export
+  from xmodal.bundle import export
   config = bundle_config()
   model, params = init_params(config)
   out = tmp_path_factory.mktemp('bundle') / 'micro'
@@ -102,7 +102,7 @@ def test_bundle_functions_equal_the_model_at_batch_1_7_64(exported):
 
 
 def test_manifest_lists_every_file_with_its_sha256_and_symbolic_signatures(exported):
-  from xmodal.inference import bundle as bundle_lib
+  from xmodal.bundle import format as bundle_lib
   _, params, bundle = exported
   manifest = json.loads((bundle / 'manifest.json').read_text())
   on_disk = sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob('*') if p.is_file())
@@ -120,7 +120,7 @@ def test_manifest_lists_every_file_with_its_sha256_and_symbolic_signatures(expor
 
 
 def test_bfloat16_bundle_is_half_the_size_and_close_to_float32(exported, tmp_path):
-  from xmodal import export
+  from xmodal.bundle import export
   from xmodal.inference import Retriever
   _, params, bundle = exported
   out = tmp_path / 'bf16'
@@ -136,9 +136,10 @@ def test_pil_preprocessing_matches_the_tensorflow_eval_pipeline():
   import tensorflow as tf
   from PIL import Image
   import io
+  from xmodal.bundle import format as bundle_lib
   from xmodal.data import preprocess as tf_preprocess
   from xmodal.inference import preprocess
-  spec = preprocess.spec_from_data_config(32, (120.0, 110.0, 100.0), (60.0, 50.0, 70.0))
+  spec = bundle_lib.preprocess_spec(32, (120.0, 110.0, 100.0), (60.0, 50.0, 70.0))
   rng = np.random.default_rng(0)
   for shape in ((32, 32), (45, 70), (100, 61), (20, 24)):
     image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
@@ -208,7 +209,7 @@ def _set_manifest(copy, **fields):
 
 
 def _rehash(copy, name):
-  from xmodal.inference import bundle as bundle_lib
+  from xmodal.bundle import format as bundle_lib
   manifest = json.loads((copy / 'manifest.json').read_text())
   manifest['files'][name] = {'sha256': bundle_lib.sha256_file(copy / name), 'bytes': (copy / name).stat().st_size}
   (copy / 'manifest.json').write_text(json.dumps(manifest))
@@ -235,7 +236,7 @@ def test_a_damaged_bundle_is_refused_naming_the_file(exported, tmp_path, damage,
 
 
 def test_export_refuses_a_non_empty_directory_and_leaves_no_partial_bundle(exported, tmp_path):
-  from xmodal import export
+  from xmodal.bundle import export
   _, params, _ = exported
   (tmp_path / 'busy').mkdir()
   (tmp_path / 'busy' / 'file').write_text('x')

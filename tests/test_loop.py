@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT, micro_model_config
-from xmodal.defaults import base_config
+from xmodal.config.defaults import base_config
 
 # Every test trains the micro model on shapes for a few steps, most of them in subprocesses.
 pytestmark = pytest.mark.slow
@@ -37,9 +37,9 @@ def _metrics(workdir):
 
 def _params(workdir, config):
   import jax
-  from xmodal import parallel
-  from xmodal.train.eval_cli import restore_state
-  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  from xmodal import sharding
+  from xmodal.train.run import restore_state
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   _, state, data_state = restore_state(config, pathlib.Path(workdir), None, mesh)
   return jax.tree.map(np.asarray, state.params), data_state
 
@@ -65,8 +65,8 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(shapes_dir, tmp_path, 
   assert data_a == data_b
 
   # `xmodal eval` restores the latest checkpoint from the workdir's saved config and prints the same table.
-  from xmodal import cli
-  assert cli.main(['eval', '--workdir', str(tmp_path / 'straight'), '--split', 'test']) == 0
+  from xmodal.cli.main import main
+  assert main(['eval', '--workdir', str(tmp_path / 'straight'), '--split', 'test']) == 0
   evaluated = json.loads((tmp_path / 'straight' / 'eval_test_4.json').read_text())
   assert evaluated['itc'] == pytest.approx(results['itc'])
 

@@ -8,7 +8,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from helpers import embedding_batch
 from xmodal import losses
-from xmodal.objective import LossWeights
+from xmodal.train.objective import LossWeights
 
 
 def numpy_contrastive(image, text, temperature, ids):

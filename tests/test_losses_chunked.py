@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from helpers import embedding_batch
-from xmodal import losses, losses_chunked, parallel
+from xmodal import losses, sharding
+from xmodal.losses import ring as losses_chunked
 
 
 def _batch(seed, size=32, dim=16, ids=True):
@@ -34,7 +35,7 @@ def _assert_close(chunked, naive):
 @pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 2, 2)])
 @pytest.mark.parametrize('with_ids', [False, True])
 def test_chunked_contrastive_loss_and_grads_match_naive_on_8_devices(mesh_shape, with_ids):
-  mesh = parallel.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   image, text, ids = _batch(0, ids=with_ids)
   naive = _value_and_grads(lambda x, y, t: losses.contrastive_loss(x, y, t, ids), image, text, jnp.float32(0.07))
   chunked = _value_and_grads(lambda x, y, t: losses_chunked.contrastive_loss(x, y, t, ids, mesh=mesh),
@@ -45,7 +46,7 @@ def test_chunked_contrastive_loss_and_grads_match_naive_on_8_devices(mesh_shape,
 @pytest.mark.parametrize('mesh_shape', [(8, 1, 1), (2, 2, 2)])
 @pytest.mark.parametrize('with_ids', [False, True])
 def test_chunked_sigmoid_loss_and_grads_match_naive_on_8_devices(mesh_shape, with_ids):
-  mesh = parallel.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   image, text, ids = _batch(1, ids=with_ids)
   args = (image, text, jnp.float32(10.0), jnp.float32(-10.0))
   naive = _value_and_grads(lambda x, y, s, b: losses.sigmoid_loss(x, y, s, b, ids), *args)
@@ -55,7 +56,7 @@ def test_chunked_sigmoid_loss_and_grads_match_naive_on_8_devices(mesh_shape, wit
 
 def test_chunked_accuracy_breaks_ties_like_argmax():
   """Identical texts on different devices tie exactly; argmax picks the first, and so must the ring."""
-  mesh = parallel.make_mesh((8, 1, 1))
+  mesh = sharding.make_mesh((8, 1, 1))
   image, text, _ = _batch(2, size=16)
   # Texts 0 (device 0) and 9 (device 4) equal image 9: its two best candidates tie, and argmax picks text 0 (wrong).
   text = text.at[9].set(text[0])
@@ -67,7 +68,7 @@ def test_chunked_accuracy_breaks_ties_like_argmax():
 
 
 def test_chunked_loss_rejects_a_batch_the_ring_cannot_split():
-  mesh = parallel.make_mesh((8, 1, 1))
+  mesh = sharding.make_mesh((8, 1, 1))
   image, text, _ = _batch(3, size=12)
   with pytest.raises(ValueError, match='not divisible'):
     losses_chunked.contrastive_loss(image, text, 0.07, mesh=mesh)
@@ -81,7 +82,7 @@ def _temp_bytes(fn, *args):
 @pytest.mark.parametrize('form', ['softmax', 'sigmoid'])
 def test_chunked_loss_needs_under_a_quarter_of_the_naive_temporary_memory_at_32k(form):
   """Forward + backward at a global batch of 32,768 over 8 devices, width 256 (compiled, not run)."""
-  mesh = parallel.make_mesh((8, 1, 1))
+  mesh = sharding.make_mesh((8, 1, 1))
   rows = NamedSharding(mesh, P(('data', 'fsdp')))
   scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
   emb = jax.ShapeDtypeStruct((32_768, 256), jnp.float32, sharding=rows)
@@ -98,7 +99,7 @@ def test_chunked_loss_needs_under_a_quarter_of_the_naive_temporary_memory_at_32k
 
 
 def test_chunked_loss_finds_the_mesh_of_jax_set_mesh_under_jit():
-  mesh = parallel.make_mesh((4, 2, 1))
+  mesh = sharding.make_mesh((4, 2, 1))
   image, text, ids = _batch(4)
   with jax.set_mesh(mesh):
     chunked = jax.jit(lambda x, y: losses_chunked.contrastive_loss(x, y, 0.07, ids)[0])(image, text)

@@ -6,9 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xmodal.models import PRESETS, XModal, build, dummy_inputs, model_config
+from xmodal.config.model import PRESETS, model_config
+from xmodal.models import XModal, build, dummy_inputs
 from xmodal.models.vit import resize_pos_embedding
-from xmodal.objective import LossWeights, compute_loss
+from xmodal.train.objective import LossWeights, compute_loss
 from helpers import micro_model_config
 
 # Expected parameter counts in millions. base is ALBEF's ~210M (ViT-B/16 86M + BERT-base 110M + 6 cross-attentions).
@@ -264,7 +265,7 @@ class Block:
     if name.split('.')[0] in ('tensorflow', 'tensorflow_datasets'):
       raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-import xmodal.models, xmodal.losses, xmodal.objective, xmodal.train.step, xmodal.train.loop, xmodal.bench
+import xmodal.models, xmodal.losses, xmodal.train.objective, xmodal.train.step, xmodal.train.loop, xmodal.train.bench
 assert 'tensorflow' not in sys.modules
 '''
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120)

@@ -10,9 +10,9 @@ import re
 import numpy as np
 import pytest
 
-from xmodal.data import shapes, shapes_captions, shapes_render
-from xmodal.data.shapes_captions import Phrase, Statement, caption_fits, parse_caption
-from xmodal.data.shapes_render import Obj, Scene
+from xmodal.data.shapes import builder as shapes, captions as shapes_captions, render as shapes_render
+from xmodal.data.shapes.captions import Phrase, Statement, caption_fits, parse_caption
+from xmodal.data.shapes.render import Obj, Scene
 from xmodal.evaluation import oracle
 from xmodal.evaluation.metrics import METRIC_KEYS
 

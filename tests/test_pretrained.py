@@ -18,10 +18,11 @@ import safetensors.numpy
 import torch  # test-only reference
 import transformers  # test-only reference
 
-from xmodal.models import build, dummy_inputs, model_config
+from xmodal.config.model import model_config
+from xmodal.models import build, dummy_inputs
 from xmodal.models.model import XModal
 from xmodal.models.vit import resize_pos_embedding
-from xmodal.pretrained import CheckpointError, config_overrides, export_image, export_text, load_pretrained
+from xmodal.pretrained import CheckpointError, config_overrides, image_to_hf, load_pretrained, text_to_hf
 
 TOL = 1e-4
 WIDTH, HEADS, MLP, VOCAB, POSITIONS = 64, 4, 128, 100, 32
@@ -296,18 +297,18 @@ def test_deit_distillation_token_is_an_error_unless_expected_then_dropped(tmp_pa
   assert float(np.max(np.abs(np.asarray(tokens) - reference))) <= TOL
 
 
-# ---------------------------------------------------------------- export
+# ---------------------------------------------------------------- to_hf
 
 @pytest.mark.parametrize('scan', [True, False])
-def test_export_gives_back_the_loaded_tensors_and_runs_in_transformers(tmp_path, scan):
+def test_to_hf_gives_back_the_loaded_tensors_and_runs_in_transformers(tmp_path, scan):
   bert, bert_path = _hf_bert(tmp_path, layers=4)
   vit, vit_path = _hf_vit(tmp_path)
   config, variables, _, _ = _setup(scan=scan)
   loaded, report = load_pretrained(variables, config, text_dir=bert_path, image_dir=vit_path)
 
-  for exported, source in ((export_text(loaded, config, tmp_path / 'out_bert', tokenizer=report.tokenizer),
+  for exported, source in ((text_to_hf(loaded, config, tmp_path / 'out_bert', tokenizer=report.tokenizer),
                             bert_path),
-                           (export_image(loaded, config, tmp_path / 'out_vit'), vit_path)):
+                           (image_to_hf(loaded, config, tmp_path / 'out_vit'), vit_path)):
     original = safetensors.numpy.load_file(str(source / 'model.safetensors'))
     back = safetensors.numpy.load_file(str(exported / 'model.safetensors'))
     assert set(back) == {k for k in original if not k.startswith('pooler.')}

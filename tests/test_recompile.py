@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from helpers import micro_config
-from xmodal import parallel
-from xmodal.bench import synthetic_batch
+from xmodal import sharding
 from xmodal.models import build
-from xmodal.objective import LossWeights
 from xmodal.train import optim, state as state_lib
+from xmodal.train.bench import synthetic_batch
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 _LOWER_EVENT = '/jax/core/compile/jaxpr_to_mlir_module_duration'  # every in-memory cache miss lowers, cache or not
@@ -52,27 +52,27 @@ def _count_compilations():
 @pytest.mark.parametrize('mesh_shape', [(2, 2, 2)])  # fsdp and tensor too: the shardings most likely to drift
 def test_train_steps_after_the_first_compile_nothing(mesh_shape):
   config = micro_config(batch_size=16)
-  mesh = parallel.make_mesh(mesh_shape)
+  mesh = sharding.make_mesh(mesh_shape)
   rules = [tuple(r) for r in config.mesh.rules]
   model = build(config.model)
   abstract = nn.unbox(state_lib.abstract_params(model))
   tx, lr_schedule = optim.build_optimizer(config.optim, abstract, 10)
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
   # Exactly the loop's jit: explicit in/out shardings, state donated.
   step_fn = make_train_step(model, tx, lr_schedule, LossWeights.from_config(config.loss))
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, sharding.replicated(mesh)),
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   rng = jax.random.key(1)
   host = np.random.default_rng(0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch = parallel.host_to_global(synthetic_batch(model.spec, 16, host), mesh, batch_sharding)
+    batch = sharding.host_to_global(synthetic_batch(model.spec, 16, host), mesh, batch_sharding)
     state, metrics = jit_step(state, batch, rng)
     jax.device_get(metrics)
     with _count_compilations() as (lowerings, messages):
       for _ in range(3):
-        batch = parallel.host_to_global(synthetic_batch(model.spec, 16, host), mesh, batch_sharding)
+        batch = sharding.host_to_global(synthetic_batch(model.spec, 16, host), mesh, batch_sharding)
         state, metrics = jit_step(state, batch, rng)
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}  # the loop's report()
         int(state.step)

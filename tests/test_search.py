@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
   """(tfds data dir, config) of a 32 px shapes build: 512 train images, GALLERY test images."""
-  from xmodal.data import shapes as shapes_lib
+  from xmodal.data.shapes import builder as shapes_lib
   config = shapes_lib.shapes_config(seed=0, image_size=32, train_size=512, validation_size=16, test_size=GALLERY,
                                     test_hard_size=16, validation_hard_size=4)
   builder = shapes_lib.XmodalShapes(config=config, data_dir=str(tmp_path_factory.mktemp('tfds')))
@@ -30,7 +30,7 @@ def shapes(tmp_path_factory):
 @pytest.fixture(scope='module')
 def gallery(shapes, tmp_path_factory):
   """(folder of the test split as PNGs, their captions): made by the same pure function the builder uses."""
-  from xmodal.data import shapes as shapes_lib
+  from xmodal.data.shapes import builder as shapes_lib
   folder = tmp_path_factory.mktemp('gallery')
   captions = []
   for i in range(GALLERY):
@@ -46,7 +46,7 @@ def bundle(shapes, tmp_path_factory):
 
   One device: on a 2-core machine the 8 fake devices of the test process would split each step eight ways.
   """
-  from xmodal import cli
+  from xmodal.cli.main import main
   workdir = tmp_path_factory.mktemp('run')
   overrides = [f'--config.data.tfds_name={shapes[0]}', '--config.data.image_size=32', '--config.data.batch_size=32',
                '--config.data.eval_batch_size=16', '--config.data.eval_split=validation', f'--config.train.steps='
@@ -64,7 +64,7 @@ def bundle(shapes, tmp_path_factory):
                           timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = tmp_path_factory.mktemp('bundle') / 'trained'
-  assert cli.main(['export', '--workdir', str(workdir), '--out', str(out)]) == 0
+  assert main(['export', '--workdir', str(workdir), '--out', str(out)]) == 0
   return out
 
 
@@ -77,11 +77,11 @@ def retriever(bundle):
 def test_xmodal_search_prints_the_retrievers_top_10_and_writes_a_contact_sheet(bundle, retriever, gallery, tmp_path,
                                                                                 capsys):
   from PIL import Image
-  from xmodal import cli
+  from xmodal.cli.main import main
   folder, captions = gallery
   query = captions[3][0]
   out = tmp_path / 'sheet'
-  assert cli.main(['search', '--bundle', str(bundle), '--images', str(folder), '--query', query, '--k', '10',
+  assert main(['search', '--bundle', str(bundle), '--images', str(folder), '--query', query, '--k', '10',
                    '--rerank', '10', '--out', str(out), '--no-progress']) == 0
   printed = capsys.readouterr().out
   ranked = [line.split()[-1] for line in printed.splitlines() if line.split()[:1] and line.split()[0].isdigit()
@@ -107,23 +107,22 @@ def test_text_queries_rank_their_images_better_than_chance(retriever, gallery):
 
 
 def test_index_round_trips_through_disk(retriever, gallery, tmp_path):
-  from xmodal.inference import Index
   folder, _ = gallery
   index = retriever.index(folder, progress=False)
   index.save(tmp_path / 'idx')
-  loaded = Index.load(tmp_path / 'idx', retriever)
+  loaded = retriever.load_index(tmp_path / 'idx')
   assert loaded.names == index.names
   np.testing.assert_array_equal(loaded.embeddings, index.embeddings)
   np.testing.assert_array_equal(loaded.tokens, index.tokens)
   query = 'a red circle'
-  assert loaded.search(query, k=5, rerank=5) == index.search(query, k=5, rerank=5)
+  assert retriever.search(query, loaded, k=5, rerank=5) == retriever.search(query, index, k=5, rerank=5)
   # Without kept tokens the candidates' tokens are recomputed from their paths: the same ranking.
   light = retriever.index(folder, progress=False, keep_tokens=False)
   light.save(tmp_path / 'light')
-  light = Index.load(tmp_path / 'light', retriever)
+  light = retriever.load_index(tmp_path / 'light')
   assert light.tokens is None
-  assert [(h.index, round(h.itm, 4)) for h in light.search(query, k=5, rerank=5)] == [
-      (h.index, round(h.itm, 4)) for h in index.search(query, k=5, rerank=5)]
+  assert [(h.index, round(h.itm, 4)) for h in retriever.search(query, light, k=5, rerank=5)] == [
+      (h.index, round(h.itm, 4)) for h in retriever.search(query, index, k=5, rerank=5)]
 
 
 def test_add_embeds_only_the_new_images(retriever, gallery, monkeypatch):
@@ -134,7 +133,7 @@ def test_add_embeds_only_the_new_images(retriever, gallery, monkeypatch):
   monkeypatch.setattr(retriever, 'encode_pixels', lambda pixels: (encoded.append(len(pixels)), original(pixels))[1])
   index = retriever.index(paths[:12], progress=False)
   before = index.embeddings.copy()
-  index.add(paths[12:17])
+  retriever.add(index, paths[12:17])
   assert sum(encoded) == 17 and len(index) == 17
   np.testing.assert_array_equal(index.embeddings[:12], before)
   full = retriever.index(paths[:17], progress=False)

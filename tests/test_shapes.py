@@ -13,8 +13,8 @@ import pytest
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
-from xmodal.data import shapes_render
+from xmodal.data.shapes import builder as shapes  # pylint: disable=g-import-not-at-top
+from xmodal.data.shapes import render as shapes_render
 
 SIZES = {'train_size': 40, 'validation_size': 10, 'test_size': 10, 'test_hard_size': 12, 'validation_hard_size': 6}
 SPLITS = {'train': 40, 'validation': 10, 'test': 10, 'test_hard': 12, 'validation_hard': 6}
@@ -183,7 +183,7 @@ def test_hard_negative_breaks_exactly_one_binding(builder):
 
 
 def test_training_images_carry_a_false_negative_per_caption(builder):
-  from xmodal.data import shapes_captions
+  from xmodal.data.shapes import captions as shapes_captions
   for record in _records(builder, 'train'):
     scene = shapes.record_scene(record)
     negatives = [n.decode() for n in record['negative_captions']]
@@ -197,7 +197,7 @@ def test_training_images_carry_a_false_negative_per_caption(builder):
 
 
 def test_training_images_come_in_minimal_pairs(builder):
-  from xmodal.data import shapes_captions
+  from xmodal.data.shapes import captions as shapes_captions
   records = _records(builder, 'train')
   paired = 0
   for first, second in zip(records[::2], records[1::2]):

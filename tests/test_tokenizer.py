@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tokenizers
 
-from xmodal.data import shapes_captions
-from xmodal.data import shapes_render
-from xmodal.data import tokenizer as tok_lib
+from xmodal import tokenizer as tok_lib
+from xmodal.data.shapes import captions as shapes_captions
+from xmodal.data.shapes import render as shapes_render
+from xmodal.data.shapes import vocab as shapes_vocab
 
 # A vocabulary small enough to tokenize by hand (ids = line numbers).
 TINY_VOCAB = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a', 'red', 'circle', '##s', 'blue', 'box', ',', 'left',
@@ -74,7 +75,7 @@ def test_truncation_keeps_sep_last(tiny_tokenizer):
 def test_shapes_vocabulary_covers_every_caption_and_is_shipped():
   tok = tok_lib.load_tokenizer('shapes')
   assert tok.vocab_size <= 1024  # the tiny model's embedding table
-  assert tok_lib.SHAPES_VOCAB.read_text().splitlines() == tok_lib.shapes_vocab()  # shipped file is up to date
+  assert tok_lib.SHAPES_VOCAB.read_text().splitlines() == shapes_vocab.shapes_vocab()  # shipped file is up to date
   assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id) == (0, 1, 2, 3)
   texts = _captions(400, seed=3)
   ids, mask = _check_contract(tok, texts, 32)
@@ -132,6 +133,6 @@ def test_missing_paths_are_named(tmp_path):
 
 
 def test_tokenizer_imports_without_tensorflow():
-  code = ('import sys, xmodal.data.tokenizer as t; t.load_tokenizer("shapes").encode(["a red box"], 8); '
+  code = ('import sys, xmodal.tokenizer as t; t.load_tokenizer("shapes").encode(["a red box"], 8); '
           'assert not [m for m in sys.modules if m.startswith("tensorflow")], "tensorflow imported"')
   subprocess.run([sys.executable, '-c', code], check=True)

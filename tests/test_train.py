@@ -9,12 +9,12 @@ import optax
 import pytest
 
 from helpers import micro_config
-from xmodal import flops, parallel
-from xmodal.bench import synthetic_batch
-from xmodal.models import build
+from xmodal import sharding
+from xmodal.models import build, flops
 from xmodal.models.model import ModelSpec
-from xmodal.objective import LossWeights
 from xmodal.train import optim, state as state_lib
+from xmodal.train.bench import synthetic_batch
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 
@@ -47,7 +47,7 @@ def test_flop_count_matches_a_hand_count():
 @pytest.mark.parametrize('written, stem', [('off', 'patch'), ('add', 'conv'), ('replace', 'patch')])
 def test_flop_count_is_close_to_xla_cost_analysis(written, stem):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs."""
-  from xmodal.objective import compute_loss
+  from xmodal.train.objective import compute_loss
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
   config.model.vision.stem = stem
@@ -121,7 +121,7 @@ def test_frozen_parameters_get_no_update_and_no_adam_moments_and_the_rest_trains
 
 def _run(config, mesh_shape, steps=2, batch=None):
   """Runs `steps` jitted train steps on a mesh; returns (losses, final params as numpy)."""
-  mesh = parallel.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   rules = [tuple(r) for r in config.mesh.rules]
   model, abstract = _params(config)
   tx, schedule = optim.build_optimizer(config.optim, abstract, 10)
@@ -131,14 +131,14 @@ def _run(config, mesh_shape, steps=2, batch=None):
   step = jax.jit(make_train_step(model, tx, schedule, weights,
                                  grad_accum=config.train.grad_accum,
                                  skip_nonfinite=config.train.nan_policy == 'skip'),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                 out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   host = batch if batch is not None else synthetic_batch(model.spec, config.data.batch_size,
                                                          np.random.default_rng(1))
   losses, metrics = [], None
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for _ in range(steps):
-      state, metrics = step(state, parallel.host_to_global(host, mesh), jax.random.key(2))
+      state, metrics = step(state, sharding.host_to_global(host, mesh), jax.random.key(2))
       losses.append(float(metrics['loss']))
   return losses, jax.tree.map(np.asarray, state.params), jax.device_get(metrics)
 
@@ -201,7 +201,7 @@ def test_gradient_accumulation_of_one_example_batches_sums_per_example_gradients
   batch = synthetic_batch(model.spec, 8, np.random.default_rng(1))
   halves = []
   for part in (slice(0, 4), slice(4, 8)):
-    from xmodal.objective import compute_loss
+    from xmodal.train.objective import compute_loss
     params = nn.unbox(model.init(jax.random.key(0), *_dummy(model))['params'])
     step_rng = jax.random.fold_in(jax.random.key(2), 0)
     index = 0 if part.start == 0 else 1

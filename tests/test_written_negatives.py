@@ -11,9 +11,9 @@ import pytest
 
 from helpers import micro_model_config
 from xmodal import losses
-from xmodal.data import shapes_captions, shapes_render
+from xmodal.data.shapes import captions as shapes_captions, render as shapes_render
 from xmodal.models import XModal, build, dummy_inputs
-from xmodal.objective import LossWeights, compute_loss
+from xmodal.train.objective import LossWeights, compute_loss
 
 
 def _words(text):
@@ -69,7 +69,7 @@ def test_a_written_negative_depends_only_on_its_caption_and_key():
 @pytest.mark.slow  # builds shapes (session fixture) and reads it through tf.data
 def test_the_training_pipeline_yields_each_captions_negative(shapes_dir):
   from xmodal.data import pipeline
-  from xmodal.data.config import data_config
+  from xmodal.config.data import data_config
   config = data_config(tfds_name=shapes_dir, image_size=32, max_text_len=24, batch_size=16,
                        negatives_key='negative_captions')
   tokenizer = pipeline.load_tokenizer(config)

@@ -42,7 +42,7 @@ import numpy as np
 import tensorflow as tf
 
 from xmodal.data import preprocess, sources
-from xmodal.data.config import validate_data_config
+from xmodal.config.data import validate_data_config
 
 STATE_VERSION = 2
 STATUS_EMPTY = 2   # No usable caption.
@@ -264,7 +264,7 @@ def _tokenize_fn(tokenizer, max_len: int):
 
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-  from xmodal.data.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
+  from xmodal.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
   return load(config.tokenizer)
 
 
@@ -512,5 +512,5 @@ def binding_iterator(config: ml_collections.ConfigDict, split: str, *, tokenizer
 def prepare(config: ml_collections.ConfigDict) -> None:
   """Builds the embedded xmodal_shapes dataset when a config reads it and it is not prepared yet (no download)."""
   if config.source == 'tfds' and config.tfds_name == 'xmodal_shapes':
-    from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
+    from xmodal.data.shapes import builder as shapes  # pylint: disable=g-import-not-at-top
     shapes.prepare_if_missing(config.tfds_data_dir)

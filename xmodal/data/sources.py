@@ -379,7 +379,8 @@ def tfds_builder(name: str, data_dir: str):
     # A prepared dataset's version folder (e.g. DIR/xmodal_shapes/s1_64px_40_10_10_10/1.0.0): any config, no code.
     return tfds.builder_from_directory(name)
   if name.split('/')[0].split(':')[0] == 'xmodal_shapes':
-    from xmodal.data import shapes  # pylint: disable=g-import-not-at-top,unused-import  # registers the builder
+    # Registers the builder with tfds.
+    from xmodal.data.shapes import builder  # pylint: disable=g-import-not-at-top,unused-import
   return tfds.builder(name, data_dir=data_dir or None)
 
 

@@ -17,12 +17,10 @@ from typing import Iterable, Mapping
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from xmodal.models.model import XModal
-
-# The mesh axes a batch is split over, as in training.
-BATCH_AXES = ('data', 'fsdp')
+from xmodal.sharding import BATCH_AXES, batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,11 +49,6 @@ class Embedded:
   @property
   def texts(self) -> Texts:
     return Texts(self.text_tokens, self.text_mask, self.text_emb)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis over the mesh's data axes, the rest replicated."""
-  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def embed_dataset(model: XModal, variables, batches: Iterable[Mapping[str, np.ndarray]],

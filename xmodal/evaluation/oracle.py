@@ -8,7 +8,8 @@ are the expected ones over that order, so they are deterministic:
   text query, n fitting images, one of them its own:           R@k = min(k, n) / n
   image query, n fitting captions, m of them its own (m >= 1):  R@k = 1 - C(n - m, k) / C(n, k)
 
-TensorFlow-free: the scenes come from `xmodal.data.shapes.load_split` or straight from `shapes_render`.
+TensorFlow-free: the scenes come from `xmodal.data.shapes.builder.load_split` or straight from
+`xmodal.data.shapes.render`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from xmodal.data import shapes_captions, shapes_render
+from xmodal.data.shapes import captions as shapes_captions, render as shapes_render
 from xmodal.evaluation.metrics import RECALL_AT
 
 _MAX_OBJECTS = 3

@@ -10,6 +10,11 @@ Score variants ('itm_score' in the config):
 
 Pairs come from both directions (image queries over texts, text queries over images); a pair in both top-k sets is
 scored once. Image and text tokens are computed once per item (`embed.embed_dataset`) and gathered per pair.
+
+Search re-ranks too (`xmodal.inference.ranking.rank`), and the two share their top-k (`ranking.top_k`) but not the
+re-ranking: search returns each query's hit list, its unscored candidates following by ITC, from a bundle's functions
+(inference imports no model code); the metrics need dense matrices with -inf outside the top-k, and each pair scored
+once for both directions by the jitted model on the device.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xmodal.inference.ranking import top_k
 from xmodal.models.model import XModal
 
 ITM_SCORES = ('itm', 'itm+itc')
@@ -32,7 +38,6 @@ MatchFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # (pairs scored so far, pairs to score): called as each chunk's logits reach the host, e.g. to move a progress bar.
 Progress = Callable[[int, int], None]
 
-_ROWS_PER_STEP = 1024
 # Fusion chunks dispatched ahead of the one read back: enough to keep the device busy, few enough that progress is
 # reported as chunks finish (a CPU backend runs a chunk within the dispatch) and that pending outputs stay few.
 _IN_FLIGHT = 8
@@ -105,28 +110,6 @@ def score_pairs(match_fn: MatchFn, text_tokens, text_mask, image_tokens, text_id
   return np.concatenate(logits)[:num_pairs]
 
 
-def top_k_indices(scores: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
-  """Indices of the k highest scores of each row (axis=1) or each column (axis=0), in no particular order.
-
-  Args:
-    scores: (R, C).
-    k: capped at the length of `axis`.
-    axis: 1 -> (R, k) column indices per row; 0 -> (C, k) row indices per column.
-
-  Ties at the k-th place are resolved by numpy's selection: deterministic for a given matrix, not by index.
-  """
-  scores = np.asarray(scores)
-  lines = scores.shape[1 - axis]
-  k = min(k, scores.shape[axis])
-  out = np.empty((lines, k), np.int64)
-  for start in range(0, lines, _ROWS_PER_STEP):
-    part = slice(start, start + _ROWS_PER_STEP)
-    # Columns are transposed one block at a time: a whole (I, T) transpose is slow and doubles the memory.
-    block = scores[part] if axis == 1 else np.ascontiguousarray(scores[:, part].T)
-    out[part] = np.argpartition(-block, k - 1, axis=1)[:, :k]
-  return out
-
-
 def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndarray, k: int, chunk_size: int = 256,
            score: str = 'itm', progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
   """Re-ranked score matrices of both directions.
@@ -156,8 +139,9 @@ def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndar
   if image_tokens.shape[0] != num_images or text_tokens.shape[0] != num_texts or text_mask.shape[0] != num_texts:
     raise ValueError(f'sim {sim.shape} does not match image tokens {image_tokens.shape}, text tokens '
                      f'{text_tokens.shape} and text mask {text_mask.shape}')
-  i2t_texts = top_k_indices(sim, k)  # (I, ki)
-  t2i_images = top_k_indices(sim, k, axis=0)  # (T, kt)
+  # Search's top-k: its order within the k does not matter here, only which k (the pairs are deduplicated and sorted).
+  i2t_texts = top_k(sim, k)  # (I, ki)
+  t2i_images = top_k(sim, k, axis=0)  # (T, kt)
   i2t_images = np.broadcast_to(np.arange(num_images)[:, None], i2t_texts.shape)
   t2i_texts = np.broadcast_to(np.arange(num_texts)[:, None], t2i_images.shape)
   # One key per (image, text) pair; pairs in both directions' top-k go through the fusion encoder once.

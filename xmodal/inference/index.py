@@ -1,11 +1,12 @@
-"""`Index`: a gallery's ITC embeddings and (optionally) the image tokens that ITM re-ranking needs.
+"""`Index`: a gallery's ITC embeddings and (optionally) the image tokens that ITM re-ranking needs. Plain data: the
+`Retriever` makes, extends and searches it.
 
-  index = retriever.index('photos/')          # or Index.load('photos.index', retriever)
-  index.add(['new.png'])                      # embeds only the new images
+  index = retriever.index('photos/')          # or retriever.load_index('photos.index')
+  retriever.add(index, ['new.png'])           # embeds only the new images
   index.save('photos.index')                  # a folder: index.json (names, settings) + index.npz (arrays)
 
 On disk nothing is pickled: arrays in an .npz read with allow_pickle=False, everything else in JSON. An index
-records the sha256 of the weights it was computed with and refuses a retriever with other weights.
+records the sha256 of the weights it was computed with; a retriever with other weights refuses it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import json
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 
 import numpy as np
-
-if TYPE_CHECKING:
-  from xmodal.inference.retriever import Retriever
 
 FORMAT = 'xmodal-index'
 FORMAT_VERSION = 1
@@ -36,7 +34,7 @@ def list_images(folder: str | os.PathLike) -> list[str]:
   return sorted(str(p) for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def _gallery_items(gallery: Gallery, start: int) -> tuple[list[Any], list[str]]:
+def gallery_items(gallery: Gallery, start: int) -> tuple[list[Any], list[str]]:
   """(images to embed, their names): paths keep their path, arrays are named 'array:<position in the index>'."""
   if isinstance(gallery, (str, os.PathLike)):
     items = list_images(gallery)
@@ -55,20 +53,11 @@ class Index:
   costs E floats per image instead of (1+N) x Dv, for one image-tower pass per re-ranked candidate.
   """
 
-  def __init__(self, names: list[str], embeddings: np.ndarray, tokens: np.ndarray | None, weights_sha256: str,
-               retriever: Retriever | None = None):
+  def __init__(self, names: list[str], embeddings: np.ndarray, tokens: np.ndarray | None, weights_sha256: str):
     self.names = names
     self.embeddings = embeddings
     self.tokens = tokens
     self.weights_sha256 = weights_sha256
-    self.retriever = retriever
-
-  @classmethod
-  def empty(cls, retriever: Retriever, keep_tokens: bool = True) -> Index:
-    dim = int(retriever.manifest['embed_dim'])
-    tokens_shape = retriever.manifest['functions']['encode_image']['outputs'][0]['shape']
-    tokens = np.zeros((0, *tokens_shape[1:]), np.float32) if keep_tokens else None
-    return cls([], np.zeros((0, dim), np.float32), tokens, retriever.weights_sha256, retriever)
 
   def __len__(self) -> int:
     return len(self.names)
@@ -76,44 +65,6 @@ class Index:
   @property
   def keep_tokens(self) -> bool:
     return self.tokens is not None
-
-  def check_compatible(self, retriever: Retriever) -> None:
-    if retriever.weights_sha256 != self.weights_sha256:
-      raise ValueError(f'this index was computed with weights {self.weights_sha256[:12]}…, the retriever holds '
-                       f'{retriever.weights_sha256[:12]}… ({retriever.path}); rebuild the index')
-
-  def _retriever(self) -> Retriever:
-    if self.retriever is None:
-      raise ValueError('this index has no retriever: pass one to Index.load(path, retriever)')
-    self.check_compatible(self.retriever)
-    return self.retriever
-
-  def add(self, gallery: Gallery, batch_size: int | None = None, progress: bool = False) -> Index:
-    """Embeds more images and appends them; existing entries are kept as they are. Returns self."""
-    items, names = _gallery_items(gallery, len(self))
-    if not self.keep_tokens and any(isinstance(x, np.ndarray) for x in items):
-      raise ValueError('an index without kept tokens recomputes them from paths; arrays need keep_tokens=True')
-    if not items:
-      return self
-    emb, tokens = self._retriever().embed_gallery(items, batch_size=batch_size, progress=progress)
-    self.names = self.names + names
-    self.embeddings = np.concatenate([self.embeddings, emb])
-    if self.keep_tokens:
-      self.tokens = np.concatenate([self.tokens, tokens])
-    return self
-
-  def image_tokens(self, positions: np.ndarray) -> np.ndarray:
-    """Image tokens (P, 1+N, Dv) of gallery positions (P,): kept ones, or recomputed once per distinct image."""
-    positions = np.asarray(positions)
-    if self.keep_tokens:
-      return self.tokens[positions]
-    unique, inverse = np.unique(positions, return_inverse=True)
-    _, tokens = self._retriever().encode_images([self.names[i] for i in unique])
-    return tokens[inverse]
-
-  def search(self, query: str | Sequence[str], k: int = 10, rerank: int = 64, ann: Any = None):
-    """`Retriever.search` over this index."""
-    return self._retriever().search(query, self, k=k, rerank=rerank, ann=ann)
 
   def save(self, path: str | os.PathLike) -> pathlib.Path:
     """Writes the folder `path` with index.json and index.npz (replacing an index already there)."""
@@ -129,8 +80,8 @@ class Index:
     return path
 
   @classmethod
-  def load(cls, path: str | os.PathLike, retriever: Retriever | None = None) -> Index:
-    """Reads an index folder; with a retriever, checks that it holds the weights the index was computed with."""
+  def load(cls, path: str | os.PathLike) -> Index:
+    """Reads an index folder (`Retriever.load_index` also checks it against the retriever's weights)."""
     path = pathlib.Path(path)
     try:
       meta = json.loads((path / 'index.json').read_text())
@@ -142,7 +93,4 @@ class Index:
       raise ValueError(f'{path / "index.json"}: not a version-{FORMAT_VERSION} {FORMAT}')
     if len(meta['names']) != arrays['embeddings'].shape[0]:
       raise ValueError(f'{path}: {len(meta["names"])} names for {arrays["embeddings"].shape[0]} embeddings')
-    index = cls(list(meta['names']), arrays['embeddings'], arrays.get('tokens'), meta['weights_sha256'], retriever)
-    if retriever is not None:
-      index.check_compatible(retriever)
-    return index
+    return cls(list(meta['names']), arrays['embeddings'], arrays.get('tokens'), meta['weights_sha256'])

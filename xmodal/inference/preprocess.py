@@ -2,7 +2,8 @@
 
   decode → RGB uint8 → shorter side to image_size (bilinear, antialiased) → center crop → (pixel - mean) / std
 
-The spec travels in the bundle (preprocess.json) so that a bundle carries how its images must be prepared.
+The spec travels in the bundle (preprocess.json, see xmodal.bundle.format) so that a bundle carries how its images
+must be prepared; this module is the reader that implements it.
 """
 
 from __future__ import annotations
@@ -15,17 +16,9 @@ from typing import Any, Union
 import numpy as np
 from PIL import Image
 
-# What eval_image does, by name: the values of preprocess.json's 'resize' and 'crop'.
-RESIZE = 'shorter_side_bilinear_antialias'
-CROP = 'center'
+from xmodal.bundle.format import CROP, RESIZE
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
-
-
-def spec_from_data_config(image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-  """The preprocess.json of a bundle: every number the model's inputs were prepared with."""
-  return {'image_size': int(image_size), 'mean': [float(m) for m in mean], 'std': [float(s) for s in std],
-          'resize': RESIZE, 'crop': CROP, 'pixel_range': [0, 255], 'channels': 'RGB'}
 
 
 def load_rgb(image: ImageLike) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 For each query the candidates are the gallery items with the highest ITC similarity; the first `rerank` of them are
 scored by the fusion encoder (ITM logit of "match") and placed first in that order, the rest follow by ITC. numpy
-only, so that it runs wherever a bundle does.
+only, so that it runs wherever a bundle does. `top_k` is also the evaluation's (xmodal.evaluation.rerank): search and
+the recalls it is measured by choose their candidates with one function.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 # (query indices (P,), gallery indices (P,)) -> ITM scores (P,) of those pairs.
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
+_ROWS_PER_STEP = 1024  # rows per argpartition: bounds the transposed copy that a block of columns needs
+
 
 @dataclasses.dataclass(frozen=True)
 class Hit:
@@ -25,10 +28,30 @@ class Hit:
   itm: float | None
 
 
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-  """(Q, G) scores → (Q, min(k, G)) gallery indices, best first; ties go to the lower index (deterministic)."""
+def top_k(scores: np.ndarray, k: int, axis: int = 1) -> np.ndarray:
+  """Indices of the k highest scores of each row (axis=1) or of each column (axis=0), best first.
+
+  Args:
+    scores: (R, C), e.g. (queries, gallery) similarities.
+    k: capped at the length of `axis`.
+    axis: 1 -> (R, k) column indices per row; 0 -> (C, k) row indices per column.
+
+  Equal scores are listed lower index first. Which of several items tied at the k-th place make the cut is numpy's
+  selection: deterministic for a given matrix, not by index.
+  """
   scores = np.asarray(scores)
-  k = min(k, scores.shape[1])
+  lines = scores.shape[1 - axis]
+  k = min(k, scores.shape[axis])
+  out = np.empty((lines, k), np.int64)
+  for start in range(0, lines, _ROWS_PER_STEP):
+    part = slice(start, start + _ROWS_PER_STEP)
+    # Columns are transposed one block at a time: a whole (I, T) transpose is slow and doubles the memory.
+    out[part] = _top_k_of_rows(scores[part] if axis == 1 else np.ascontiguousarray(scores[:, part].T), k)
+  return out
+
+
+def _top_k_of_rows(scores: np.ndarray, k: int) -> np.ndarray:
+  """(R, C) scores → (R, k) column indices, best first, k <= C."""
   if k == 0:
     return np.zeros((scores.shape[0], 0), np.int64)
   part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else np.tile(

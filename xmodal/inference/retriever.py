@@ -2,6 +2,7 @@
 
   r = Retriever.load('bundle/')
   index = r.index('photos/', batch_size=64)                 # ITC embeddings (+ image tokens for re-ranking)
+  r.add(index, ['new.png'])                                 # embeds only the new images
   hits = r.search('a red circle left of a blue square', index, k=10, rerank=64)
   captions = r.search_captions('photos/cat.png', ['a cat', 'a dog'], k=1)
 
@@ -18,12 +19,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from xmodal.data.tokenizer import Tokenizer, load_tokenizer
-from xmodal.inference import bundle as bundle_lib
+from xmodal.bundle import format as bundle_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.inference import ranking
-from xmodal.inference.index import Gallery, Index
+from xmodal.inference.index import Gallery, Index, gallery_items
 from xmodal.inference.ranking import Hit
+from xmodal.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_BATCH = 32
 
@@ -160,9 +161,48 @@ class Retriever:
   # ------------------------------------------------------------------------------------------ index and search
   def index(self, gallery: Gallery, batch_size: int | None = None, progress: bool = True,
             keep_tokens: bool = True) -> Index:
-    """Embeds a gallery (a folder, or a list of paths / uint8 arrays) into an `Index`; see `Index.add`."""
-    index = Index.empty(self, keep_tokens=keep_tokens)
-    return index.add(gallery, batch_size=batch_size, progress=progress)
+    """Embeds a gallery (a folder, or a list of paths / uint8 arrays) into a new `Index`; see `add`."""
+    dim = int(self.manifest['embed_dim'])
+    tokens_shape = self.manifest['functions']['encode_image']['outputs'][0]['shape']
+    tokens = np.zeros((0, *tokens_shape[1:]), np.float32) if keep_tokens else None
+    index = Index([], np.zeros((0, dim), np.float32), tokens, self.weights_sha256)
+    return self.add(index, gallery, batch_size=batch_size, progress=progress)
+
+  def add(self, index: Index, gallery: Gallery, batch_size: int | None = None, progress: bool = False) -> Index:
+    """Embeds more images and appends them to `index`; existing entries are kept as they are. Returns `index`."""
+    self.check_compatible(index)
+    items, names = gallery_items(gallery, len(index))
+    if not index.keep_tokens and any(isinstance(x, np.ndarray) for x in items):
+      raise ValueError('an index without kept tokens recomputes them from paths; arrays need keep_tokens=True')
+    if not items:
+      return index
+    emb, tokens = self.embed_gallery(items, batch_size=batch_size, progress=progress)
+    index.names = index.names + names
+    index.embeddings = np.concatenate([index.embeddings, emb])
+    if index.keep_tokens:
+      index.tokens = np.concatenate([index.tokens, tokens])
+    return index
+
+  def load_index(self, path: str | pathlib.Path) -> Index:
+    """Reads an index folder (`Index.save`) and checks that it was computed with this retriever's weights."""
+    index = Index.load(path)
+    self.check_compatible(index)
+    return index
+
+  def check_compatible(self, index: Index) -> None:
+    """Raises ValueError unless `index` was computed with this retriever's weights."""
+    if index.weights_sha256 != self.weights_sha256:
+      raise ValueError(f'this index was computed with weights {index.weights_sha256[:12]}…, the retriever holds '
+                       f'{self.weights_sha256[:12]}… ({self.path}); rebuild the index')
+
+  def _image_tokens(self, index: Index, positions: np.ndarray) -> np.ndarray:
+    """Image tokens (P, 1+N, Dv) of gallery positions (P,): kept ones, or recomputed once per distinct image."""
+    positions = np.asarray(positions)
+    if index.keep_tokens:
+      return index.tokens[positions]
+    unique, inverse = np.unique(positions, return_inverse=True)
+    _, tokens = self.encode_images([index.names[i] for i in unique])
+    return tokens[inverse]
 
   def embed_gallery(self, images: Sequence[preprocess_lib.ImageLike], batch_size: int | None = None,
                     progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +225,7 @@ class Retriever:
 
     Args:
       query: one text (→ a list of hits) or several (→ a list of lists).
-      index: the gallery (`Retriever.index` or `Index.load`).
+      index: the gallery (`Retriever.index` or `Retriever.load_index`).
       k: results per query.
       rerank: candidates re-scored by the fusion encoder (0 = ITC only). Candidates are the top max(k, rerank).
       ann: optional candidate generator with `search(query_emb (Q, E), n) -> (scores, ids)`, e.g.
@@ -193,7 +233,7 @@ class Retriever:
     """
     single = isinstance(query, str)
     queries = [query] if single else list(query)
-    index.check_compatible(self)
+    self.check_compatible(index)
     text_emb, text_tokens, text_mask = self.encode_texts(queries)
     count = max(k, rerank)
     if ann is None:
@@ -204,7 +244,7 @@ class Retriever:
       itc = text_emb @ index.embeddings.T  # the reported scores stay exact cosine similarities
 
     def scorer(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-      return self.match_tokens(text_tokens[q], text_mask[q], index.image_tokens(g))
+      return self.match_tokens(text_tokens[q], text_mask[q], self._image_tokens(index, g))
 
     ranked = ranking.rank(itc, candidates, k, rerank, scorer)
     hits = [[Hit(g, index.names[g], s, m) for g, s, m in row] for row in ranked]

@@ -2,6 +2,6 @@
 
 import sys
 
-from xmodal.cli import main
+from xmodal.cli.main import main
 
 sys.exit(main(['train', *sys.argv[1:]]))

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from xmodal import evaluate as ev, parallel
+from xmodal import evaluation as ev, sharding
 from xmodal.models import XModal
 
 
@@ -45,7 +45,7 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
     # process, no cross-host collectives.
     from jax.experimental import multihost_utils
     params = multihost_utils.process_allgather(params, tiled=True)
-    local_mesh = parallel.make_mesh((-1, 1, 1), jax.local_devices())
+    local_mesh = sharding.make_mesh((-1, 1, 1), jax.local_devices())
     with jax.set_mesh(local_mesh):
       return _evaluate(config, model, params, local_mesh, data, binding_split, k,
                        dict(process_index=0, process_count=1), cache, progress)
@@ -146,7 +146,8 @@ def _split_size(data: ml_collections.ConfigDict, split: str) -> int | None:
 def oracle_metrics(tfds_name: str, data_dir: str, split: str) -> dict[str, float] | None:
   """The oracle's expected recalls (xmodal.evaluation.oracle) on a split of xmodal_shapes, whose records carry their
   scenes; None for any other dataset. Cached: a run validates the same slice many times."""
-  from xmodal.data import shapes, sources
+  from xmodal.data import sources
+  from xmodal.data.shapes import builder as shapes
   from xmodal.evaluation import oracle
   builder = sources.tfds_builder(tfds_name, data_dir)
   if builder.name != 'xmodal_shapes':

@@ -1,11 +1,14 @@
 """`xmodal train`: the training loop, read top to bottom as one story.
 
-processes → workdir → mesh → model and optimizer → state (restored or born sharded) → input → update step →
-loop (metrics a step late, checkpoints, evals, preemption) → final checkpoint and evaluation.
+processes → workdir → mesh → model and optimizer → state (restored or born sharded) → input → update step → metrics →
+loop (metrics a step late, checkpoints, validation, preemption) → final checkpoint and evaluation. The steps that
+would hide the story (restore or init, the jitted update, reporting a step, validating, the final evaluation) are
+functions below it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import pathlib
@@ -18,11 +21,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xmodal import distributed, flops, parallel
-from xmodal.objective import LossWeights
+from xmodal import distributed, sharding
+from xmodal.models import flops
 from xmodal.train import evaluation, state as state_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
 from xmodal.train.metrics import MetricWriter
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 log = logging.getLogger('xmodal.train')
@@ -58,13 +62,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   total_steps = int(config.train.steps)
 
   # ------------------------------------------------------------------------------------------------------ mesh
-  mesh = parallel.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape)
   rules = [tuple(r) for r in config.mesh.rules]
   log.info('mesh %s over %d devices (%d processes)', dict(mesh.shape), mesh.size, jax.process_count())
 
   # -------------------------------------------------------------------------------------- model and optimizer
   built = state_lib.setup(config, mesh, total_steps)
-  model, tx, lr_schedule, shardings = built.model, built.tx, built.lr_schedule, built.shardings
+  model = built.model
 
   # ------------------------------------------------------------------------ state: restored, or born sharded
   from xmodal.data import pipeline  # TensorFlow stays out of the module import of the training code
@@ -72,78 +76,40 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     pipeline.prepare(config.data)
   checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
                               keep=config.train.keep_checkpoints)
-  data_state = None
-  if checkpointer.latest_step() is not None:
-    state, saved = checkpointer.restore(built.abstract_state())
-    data_state = saved['processes'][jax.process_index()]
-    log.info('resumed from step %d', int(state.step))
-  else:
-    state = state_lib.create_state(model, tx, jax.random.key(config.train.seed), shardings,
-                                   params=_pretrained_params(config, model))
+  state, data_state = _initial_state(config, built, checkpointer)
   start_step = int(state.step)
 
   # ----------------------------------------------------------------------------------------------------- input
   batches = pipeline.train_iterator(config.data, state=data_state)
-  batch_sharding = parallel.batch_sharding(mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------------------------------- update step
   weights = LossWeights.from_config(config.loss)
-  step_fn = make_train_step(model, tx, lr_schedule, weights, grad_accum=config.train.grad_accum,
-                            skip_nonfinite=config.train.nan_policy == 'skip')
+  jit_step = _update_step(config, built, weights, mesh, batch_sharding)
   rng = jax.random.key(config.train.seed + 1)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, batch_sharding, parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
+  # --------------------------------------------------------------------------------------------------- metrics
   step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
-
-  def report(step: int, metrics: dict, seconds: float) -> None:
-    """Fetches a step's metrics (already computed: the next step is in flight) and writes them."""
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    if not values.pop('finite'):
-      message = f'non-finite loss or gradient at step {step}: loss={values["loss"]}, grad_norm={values["grad_norm"]}'
-      if config.train.nan_policy == 'stop':
-        raise NonFiniteLossError(message + ' (train.nan_policy=stop)')
-      log.warning('%s; update skipped (train.nan_policy=skip)', message)
-    values['step_time'] = seconds
-    values['examples_per_sec'] = config.data.batch_size / seconds
-    values['tflops_per_device'] = step_flops / seconds / jax.device_count() / 1e12
-    if peak:
-      values['mfu'] = values['tflops_per_device'] * 1e12 / peak
-    if step % config.train.log_every == 0 or step == total_steps:
-      writer.write(step, values)
-      writer.write(step, batches.stats(), prefix='data/')
-    if progress is not None:
-      progress.set_postfix(loss=f'{values["loss"]:.3f}', itc=f'{values["itc_loss"]:.3f}', refresh=False)
-      progress.update(step - progress.n)
-
+  report = functools.partial(_report_step, config=config, step_flops=step_flops, peak=peak, writer=writer,
+                             batches=batches, progress=progress)
   validating = bool(config.train.eval_every and config.eval.validation_split)
   validation_batches = {}  # host batches of the validation slice, read once per run
 
-  def validate(step: int) -> None:
-    """Validation metrics of the current parameters, written under 'val/' (the curves' source)."""
-    start = time.perf_counter()
-    results = evaluation.validate(config, model, state.params, mesh, cache=validation_batches)
-    writer.write(step, evaluation.flatten(results), prefix='val/')
-    log.info('step %d validation (%.1f s): ITC R@1 t2i %.2f i2t %.2f%s', step, time.perf_counter() - start,
-             results['itc']['t2i_r1'], results['itc']['i2t_r1'],
-             f", binding ITC {results['binding']['itc']:.1f} ITM {results['binding']['itm']:.1f}"
-             if 'binding' in results else '')
-
   # ------------------------------------------------------------------------------------------------------ loop
-  pending = None  # (step, metrics, dispatch time) of the step whose metrics are not fetched yet
+  pending = None  # (step, metrics) of the step whose metrics are not fetched yet
   last_time = time.perf_counter()
   stopped_early = False
   with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start_step + 1, total_steps + 1):
-      batch = parallel.host_to_global(next(batches), mesh, batch_sharding)
+      batch = sharding.host_to_global(next(batches), mesh, batch_sharding)
       state, metrics = jit_step(state, batch, rng)
       if pending is not None:
         now = time.perf_counter()
-        report(pending[0], pending[1], now - last_time)
+        report(*pending, now - last_time)
         last_time = now
       pending = (step, metrics)
       if step % config.train.checkpoint_every == 0:
@@ -151,29 +117,98 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
         pending, last_time = None, time.perf_counter()
         checkpointer.save(step, state, gather_data_states(batches.state()))
       if validating and (step % config.train.eval_every == 0 or step == total_steps):
-        validate(step)
+        _validate(config, model, state.params, mesh, step, writer, validation_batches)
       if guard.should_stop(step):
         log.warning('stopping at step %d on request; checkpointing', step)
         stopped_early = True
         break
     if pending is not None:
-      report(pending[0], pending[1], time.perf_counter() - last_time)
+      report(*pending, time.perf_counter() - last_time)
     if progress is not None:
       progress.close()  # the final checkpoint and evaluation are not training steps: they get their own bars
+
+    # ------------------------------------------------------------------------ final checkpoint and evaluation
     final_step = int(state.step)
     checkpointer.save(final_step, state, gather_data_states(batches.state()), force=True)
     checkpointer.wait()
     results = {}
     if not stopped_early:
-      results = evaluation.evaluate(config, model, state.params, mesh, progress=primary and config.train.progress)
-      writer.write(final_step, evaluation.flatten(results), prefix='eval/')
-      if primary:
-        (workdir / 'eval.json').write_text(json.dumps(results, indent=2) + '\n')
-        print(evaluation.format_table(results), flush=True)
+      results = _evaluate_final(config, model, state.params, mesh, final_step, writer, workdir, primary)
   writer.close()
   if primary and not stopped_early:
     _write_curves(workdir)
   checkpointer.close()
+  return results
+
+
+def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup,
+                   checkpointer: Checkpointer) -> tuple[state_lib.TrainState, dict | None]:
+  """(state, this process's data-iterator state) of the latest checkpoint, else a state born sharded and None."""
+  if checkpointer.latest_step() is not None:
+    state, saved = checkpointer.restore(built.abstract_state())
+    log.info('resumed from step %d', int(state.step))
+    return state, saved['processes'][jax.process_index()]
+  state = state_lib.create_state(built.model, built.tx, jax.random.key(config.train.seed), built.shardings,
+                                 params=_pretrained_params(config, built.model))
+  return state, None
+
+
+def _update_step(config: ml_collections.ConfigDict, built: state_lib.Setup, weights: LossWeights, mesh,
+                 batch_sharding):
+  """The jitted (state, batch, rng) -> (state, metrics): state donated and kept in its shardings."""
+  step_fn = make_train_step(built.model, built.tx, built.lr_schedule, weights, grad_accum=config.train.grad_accum,
+                            skip_nonfinite=config.train.nan_policy == 'skip')
+  return jax.jit(step_fn, in_shardings=(built.shardings, batch_sharding, sharding.replicated(mesh)),
+                 out_shardings=(built.shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+
+def _report_step(step: int, metrics: dict, seconds: float, *, config: ml_collections.ConfigDict, step_flops: float,
+                 peak: float | None, writer: MetricWriter, batches, progress) -> None:
+  """Fetches a step's metrics (already computed: the next step is in flight), checks and writes them.
+
+  A non-finite loss or gradient raises NonFiniteLossError (train.nan_policy='stop') or is logged ('skip': the step
+  dropped its update). Every train.log_every steps and at the last, the metrics with step time, throughput and MFU
+  go to the writer beside the input pipeline's counters; the progress bar moves on every step.
+  """
+  values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  if not values.pop('finite'):
+    message = f'non-finite loss or gradient at step {step}: loss={values["loss"]}, grad_norm={values["grad_norm"]}'
+    if config.train.nan_policy == 'stop':
+      raise NonFiniteLossError(message + ' (train.nan_policy=stop)')
+    log.warning('%s; update skipped (train.nan_policy=skip)', message)
+  values['step_time'] = seconds
+  values['examples_per_sec'] = config.data.batch_size / seconds
+  values['tflops_per_device'] = step_flops / seconds / jax.device_count() / 1e12
+  if peak:
+    values['mfu'] = values['tflops_per_device'] * 1e12 / peak
+  if step % config.train.log_every == 0 or step == int(config.train.steps):
+    writer.write(step, values)
+    writer.write(step, batches.stats(), prefix='data/')
+  if progress is not None:
+    progress.set_postfix(loss=f'{values["loss"]:.3f}', itc=f'{values["itc_loss"]:.3f}', refresh=False)
+    progress.update(step - progress.n)
+
+
+def _validate(config: ml_collections.ConfigDict, model, params, mesh, step: int, writer: MetricWriter,
+              cache: dict) -> None:
+  """Validation metrics of `params`, written under 'val/' (the curves' source); `cache` keeps the split's batches."""
+  start = time.perf_counter()
+  results = evaluation.validate(config, model, params, mesh, cache=cache)
+  writer.write(step, evaluation.flatten(results), prefix='val/')
+  log.info('step %d validation (%.1f s): ITC R@1 t2i %.2f i2t %.2f%s', step, time.perf_counter() - start,
+           results['itc']['t2i_r1'], results['itc']['i2t_r1'],
+           f", binding ITC {results['binding']['itc']:.1f} ITM {results['binding']['itm']:.1f}"
+           if 'binding' in results else '')
+
+
+def _evaluate_final(config: ml_collections.ConfigDict, model, params, mesh, step: int, writer: MetricWriter,
+                    workdir: pathlib.Path, primary: bool) -> dict[str, Any]:
+  """The final evaluation on the test split: written under 'eval/', to WORKDIR/eval.json and as the table."""
+  results = evaluation.evaluate(config, model, params, mesh, progress=primary and config.train.progress)
+  writer.write(step, evaluation.flatten(results), prefix='eval/')
+  if primary:
+    (workdir / 'eval.json').write_text(json.dumps(results, indent=2) + '\n')
+    print(evaluation.format_table(results), flush=True)
   return results
 
 

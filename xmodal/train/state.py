@@ -14,7 +14,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from xmodal import parallel
+from xmodal import sharding
 from xmodal.models import XModal, build, dummy_inputs
 from xmodal.train import optim
 
@@ -37,13 +37,13 @@ def state_shardings(model: XModal, tx: optax.GradientTransformation, mesh: Mesh,
   `boxed`: the model's `abstract_params`, when the caller has them already (tracing init is not free).
   """
   boxed = abstract_params(model) if boxed is None else boxed
-  param_shardings = parallel.logical_shardings(boxed, mesh, rules)
+  param_shardings = sharding.logical_shardings(boxed, mesh, rules)
   opt_shapes = jax.eval_shape(tx.init, nn.unbox(boxed))
   # Frozen parameters have no moments: their place holds an empty optax.MaskedNode, which stays as it is.
   masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_shardings = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, opt_shapes, param_shardings,
-                                        transform_non_params=lambda _: parallel.replicated(mesh), is_leaf=masked)
-  return TrainState(step=parallel.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+                                        transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
+  return TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
 
 
 def create_state(model: XModal, tx: optax.GradientTransformation, rng: jax.Array, shardings: TrainState,

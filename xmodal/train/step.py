@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 
 from xmodal.models import XModal
-from xmodal.objective import LossWeights, compute_loss
+from xmodal.train.objective import LossWeights, compute_loss
 from xmodal.train.state import TrainState
 
 

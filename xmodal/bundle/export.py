@@ -1,4 +1,4 @@
-"""`xmodal export`: a trained model as an inference bundle that runs without the model code (see inference/bundle.py).
+"""`xmodal export`: a trained model as an inference bundle that runs without the model code (see bundle/format.py).
 
   xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16] [--platforms cpu,cuda]
 
@@ -13,7 +13,7 @@ stores bfloat16 weights and runs its matmuls in bfloat16 (model.dtype), casting 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -30,10 +30,9 @@ import numpy as np
 from flax import traverse_util
 
 import xmodal
-from xmodal.data.tokenizer import Tokenizer, load_tokenizer
-from xmodal.inference import bundle as bundle_lib
-from xmodal.inference import preprocess as preprocess_lib
+from xmodal.bundle import format as bundle_lib
 from xmodal.models.model import XModal, build
+from xmodal.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = ('float32', 'bfloat16')
 DEFAULT_PLATFORMS = ('cpu',)
@@ -113,7 +112,7 @@ def export_functions(model: XModal, flat_params: dict[str, np.ndarray],
 def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenizer | str, out_dir: str | pathlib.Path,
                   dtype: str = 'float32', platforms: Sequence[str] = DEFAULT_PLATFORMS,
                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Writes an inference bundle of `params` (see inference/bundle.py for the layout); returns its manifest.
+  """Writes an inference bundle of `params` (see bundle/format.py for the layout); returns its manifest.
 
   Args:
     config: the experiment config (its `model` and `data` sections are used).
@@ -130,6 +129,23 @@ def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenize
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
     raise FileExistsError(f'{out_dir} exists and is not an empty directory')
+  return write_bundle(stage_bundle(config, params, tokenizer, dtype, platforms, extra), out_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedBundle:
+  """A bundle complete and checked in memory: each file's content by its path in the bundle."""
+  params: dict[str, np.ndarray]  # params.safetensors: flat names, in the bundle's dtype
+  texts: dict[str, str]  # the JSON files: model config, preprocessing, tokenizer spec
+  blobs: dict[str, bytes]  # the serialized functions
+  copies: dict[str, str]  # files copied as they are (the tokenizer's), from their source path
+  manifest: dict[str, Any]  # the manifest's fields; writing adds the size and sha256 of every file
+
+
+def stage_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenizer | str, dtype: str = 'float32',
+                 platforms: Sequence[str] = DEFAULT_PLATFORMS,
+                 extra: dict[str, Any] | None = None) -> StagedBundle:
+  """Everything a bundle holds, exported and checked, with nothing written yet (arguments as `export_bundle`'s)."""
   tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
   model_config = ml_collections.ConfigDict(config.model.to_dict())
   model_config.dtype = dtype
@@ -139,34 +155,50 @@ def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenize
   model = build(model_config)
   flat = {k: v.astype(jnp.dtype(dtype)) for k, v in flatten_params(params).items()}
   functions = export_functions(model, flat, platforms)
+  data = config.data
+  preprocess = bundle_lib.preprocess_spec(data.image_size, data.mean, data.std)
+  if preprocess['image_size'] != model_config.image_size:
+    raise ValueError(f'data.image_size {data.image_size} != model.image_size {model_config.image_size}')
+  names = [pathlib.Path(source).name for source in tokenizer.files]
+  tokenizer_spec = {'file': names[0], 'max_text_len': int(model_config.max_text_len),
+                    'vocab_size': int(tokenizer.vocab_size)}
+  return StagedBundle(
+      params=flat,
+      texts={bundle_lib.MODEL_CONFIG: model_config.to_json_best_effort(indent=2, sort_keys=True) + '\n',
+             bundle_lib.PREPROCESS: json.dumps(preprocess, indent=2) + '\n',
+             bundle_lib.TOKENIZER_SPEC: json.dumps(tokenizer_spec, indent=2) + '\n'},
+      blobs={entry['file']: blob for blob, entry in functions.values()},
+      copies={f'{bundle_lib.TOKENIZER_DIR}/{name}': source for name, source in zip(names, tokenizer.files)},
+      manifest={
+          'xmodal_version': xmodal.__version__, 'jax_version': jax.__version__,
+          'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'dtype': dtype, 'parameters': {'count': int(sum(v.size for v in flat.values())), 'tensors': len(flat),
+                                         'passed_as_argument': True},
+          'functions': {name: entry for name, (_, entry) in functions.items()},
+          'embed_dim': int(model_config.embed_dim), **(extra or {})})
 
+
+def write_bundle(staged: StagedBundle, out_dir: pathlib.Path) -> dict[str, Any]:
+  """Writes `staged` into a folder beside `out_dir` and renames it into place; returns the manifest.
+
+  A failure removes the half-written folder, so `out_dir` is either a whole bundle or as it was.
+  """
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.parent))
+
+  def path(name: str) -> pathlib.Path:
+    (staging / name).parent.mkdir(parents=True, exist_ok=True)
+    return staging / name
+
   try:
-    bundle_lib.save_safetensors(flat, staging / bundle_lib.PARAMS)
-    (staging / bundle_lib.MODEL_CONFIG).write_text(model_config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-    data = config.data
-    preprocess = preprocess_lib.spec_from_data_config(data.image_size, data.mean, data.std)
-    if preprocess['image_size'] != model_config.image_size:
-      raise ValueError(f'data.image_size {data.image_size} != model.image_size {model_config.image_size}')
-    (staging / bundle_lib.PREPROCESS).write_text(json.dumps(preprocess, indent=2) + '\n')
-    (staging / bundle_lib.TOKENIZER_DIR).mkdir()
-    names = []
-    for source in tokenizer.files:
-      names.append(pathlib.Path(source).name)
-      shutil.copyfile(source, staging / bundle_lib.TOKENIZER_DIR / names[-1])
-    tokenizer_spec = {'file': names[0], 'max_text_len': int(model_config.max_text_len),
-                      'vocab_size': int(tokenizer.vocab_size)}
-    (staging / bundle_lib.TOKENIZER_SPEC).write_text(json.dumps(tokenizer_spec, indent=2) + '\n')
-    for blob, entry in functions.values():
-      (staging / entry['file']).write_bytes(blob)
-    manifest = bundle_lib.write_manifest(staging, {
-        'xmodal_version': xmodal.__version__, 'jax_version': jax.__version__,
-        'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-        'dtype': dtype, 'parameters': {'count': int(sum(v.size for v in flat.values())), 'tensors': len(flat),
-                                       'passed_as_argument': True},
-        'functions': {name: entry for name, (_, entry) in functions.items()},
-        'embed_dim': int(model_config.embed_dim), **(extra or {})})
+    bundle_lib.save_safetensors(staged.params, path(bundle_lib.PARAMS))
+    for name, text in staged.texts.items():
+      path(name).write_text(text)
+    for name, source in staged.copies.items():
+      shutil.copyfile(source, path(name))
+    for name, blob in staged.blobs.items():
+      path(name).write_bytes(blob)
+    manifest = bundle_lib.write_manifest(staging, staged.manifest)
     staging.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
     if out_dir.exists():
       out_dir.rmdir()
@@ -180,30 +212,13 @@ def export_bundle(config: ml_collections.ConfigDict, params, tokenizer: Tokenize
 def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, step: int | None = None,
                    dtype: str = 'float32', platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict[str, Any]:
   """Restores a checkpoint of a training workdir (the latest, or `step`) and exports it with `export_bundle`."""
-  from xmodal import parallel  # pylint: disable=g-import-not-at-top
-  from xmodal.train.eval_cli import load_run_config, restore_state  # pylint: disable=g-import-not-at-top
+  from xmodal import sharding  # pylint: disable=g-import-not-at-top
+  from xmodal.train.run import load_run_config, restore_state  # pylint: disable=g-import-not-at-top
 
   workdir = pathlib.Path(workdir)
   config = load_run_config(workdir, None, [])
   # One device holds everything: export traces unsharded functions, whatever mesh the run trained on.
-  mesh = parallel.make_mesh((1, 1, 1), jax.devices()[:1])
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   _, state, _ = restore_state(config, workdir, step, mesh)
   return export_bundle(config, state.params, config.data.tokenizer, out_dir, dtype=dtype, platforms=platforms,
                        extra={'source': {'workdir': str(workdir.resolve()), 'step': int(state.step)}})
-
-
-def main(argv: Sequence[str]) -> int:
-  parser = argparse.ArgumentParser(prog='xmodal export', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--workdir', required=True, help='a training workdir (config.json + checkpoints/)')
-  parser.add_argument('--out', required=True, help='the bundle directory to write (must not exist)')
-  parser.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
-  parser.add_argument('--dtype', choices=DTYPES, default='float32')
-  parser.add_argument('--platforms', default=','.join(DEFAULT_PLATFORMS),
-                      help='comma-separated jax.export platforms, e.g. cpu,cuda')
-  args = parser.parse_args(argv)
-  manifest = export_workdir(args.workdir, args.out, args.step, args.dtype, args.platforms.split(','))
-  size = sum(f['bytes'] for f in manifest['files'].values())
-  print(f'bundle {args.out}: step {manifest["source"]["step"]}, {manifest["parameters"]["count"]:,} parameters '
-        f'({manifest["dtype"]}), {len(manifest["files"])} files, {size / 1e6:.1f} MB')
-  return 0

@@ -3,7 +3,7 @@
   BUNDLE/
     manifest.json          format version, xmodal/jax versions, dtype, function signatures, sha256 of every file
     model_config.json      the `model` config section the bundle was exported from
-    preprocess.json        image_size, mean, std, resize and crop method (see `preprocess.py`)
+    preprocess.json        image_size, mean, std, resize and crop method (see inference/preprocess.py)
     params.safetensors     parameters only, flat names 'vision/.../kernel' (no optimizer state)
     tokenizer/             the tokenizer files, copied; tokenizer.json names the one to load and max_text_len
     encode_image.stablehlo jax.export, symbolic batch 'b'; parameters are the first argument (not baked in)
@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_dtypes  # noqa: F401  registers 'bfloat16' with numpy: safetensors.numpy looks bfloat16 up by name
@@ -36,6 +36,10 @@ PARAMS = 'params.safetensors'
 TOKENIZER_DIR = 'tokenizer'
 TOKENIZER_SPEC = 'tokenizer/tokenizer_spec.json'
 FUNCTIONS = ('encode_image', 'encode_text', 'match')
+# What the training pipeline's evaluation preprocessing (xmodal.data.preprocess.eval_image) does, by name: the values
+# of preprocess.json's 'resize' and 'crop', which a reader (xmodal.inference.preprocess) implements.
+RESIZE = 'shorter_side_bilinear_antialias'
+CROP = 'center'
 
 class BundleError(ValueError):
   """A bundle file is missing, corrupted, fails its checksum or comes from an incompatible format version."""
@@ -67,6 +71,12 @@ def load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     return safetensors.numpy.load_file(str(path))
   except safetensors.SafetensorError as e:
     raise BundleError(f'{path}: not a readable safetensors file ({e})') from e
+
+
+def preprocess_spec(image_size: int, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+  """The preprocess.json of a bundle: every number the model's inputs were prepared with."""
+  return {'image_size': int(image_size), 'mean': [float(m) for m in mean], 'std': [float(s) for s in std],
+          'resize': RESIZE, 'crop': CROP, 'pixel_range': [0, 255], 'channels': 'RGB'}
 
 
 # ---------------------------------------------------------------------------------------------------- manifest

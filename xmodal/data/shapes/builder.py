@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
-from xmodal.data import shapes_captions, shapes_render
+from xmodal.data.shapes import captions as shapes_captions, render as shapes_render
 
 # Split codes seed the per-example generators; they never change, so image i of a split is the same in every build.
 _SPLIT_CODES = {'train': 0, 'validation': 1, 'test': 2, 'test_hard': 3, 'validation_hard': 4}

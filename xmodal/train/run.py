@@ -1,4 +1,7 @@
-"""`xmodal eval`: restore a checkpoint of a workdir and print the retrieval table (also written as JSON)."""
+"""A training run's workdir read back: the config it ran with and a checkpoint restored onto a mesh.
+
+What `xmodal eval` and `xmodal export` (xmodal/cli/eval.py, xmodal/bundle/export.py) start from.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +9,10 @@ import json
 import pathlib
 from collections.abc import Sequence
 
-import flax.linen as nn
-import jax
 import ml_collections
 
-from xmodal import config as config_lib, distributed, parallel
-from xmodal.train import evaluation, state as state_lib
+from xmodal import config as config_lib
+from xmodal.train import state as state_lib
 from xmodal.train.checkpoint import Checkpointer
 
 
@@ -49,25 +50,3 @@ def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, step
   with Checkpointer(workdir / 'checkpoints', save_every=1, keep=1_000_000) as checkpointer:
     state, data_state = checkpointer.restore(built.abstract_state(), step=step)
   return model, state, data_state
-
-
-def main(workdir: str, spec: str | None, overrides: Sequence[str], split: str | None = None,
-         step: int | None = None) -> int:
-  distributed.initialize()
-  workdir = pathlib.Path(workdir)
-  config = load_run_config(workdir, spec, overrides)
-  mesh = parallel.make_mesh(config.mesh.shape)
-  model, state, _ = restore_state(config, workdir, step, mesh)
-  restored_step = int(state.step)
-  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.mesh.rules]):
-    results = evaluation.evaluate(config, model, state.params, mesh, split=split,
-                                  progress=jax.process_index() == 0 and config.train.progress)
-  results['step'] = restored_step
-  if jax.process_index() == 0:
-    print(f'step {restored_step}, split {results["split"]}: {results["num_images"]} images, '
-          f'{results["num_texts"]} captions')
-    print(evaluation.format_table(results))
-    out = workdir / f'eval_{results["split"]}_{restored_step}.json'
-    out.write_text(json.dumps(results, indent=2) + '\n')
-    print(f'written to {out}')
-  return 0

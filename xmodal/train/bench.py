@@ -1,13 +1,13 @@
-"""`xmodal bench`: the jitted train step alone, on synthetic batches of the config's shapes (no input pipeline).
+"""The jitted train step alone, on synthetic batches of the config's shapes (no input pipeline): `xmodal bench`.
 
 Reports compile time, median steady-state step time, examples/s, model TFLOP/s per device and MFU, peak memory,
-parameter count and FLOPs per step. MFU divides by the device table's peak (xmodal/flops.py) on accelerators, and by
-a jitted matmul timed in the same run on CPUs (whose peak no table knows). The last line printed is one JSON object.
+parameter count and FLOPs per step. MFU divides by the device table's peak (xmodal/models/flops.py) on accelerators,
+and by a jitted matmul timed in the same run on CPUs (whose peak no table knows). `run` returns them as one dict;
+`xmodal bench` (xmodal/cli/bench.py) prints it, the last line as JSON.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -17,9 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from xmodal import flops, parallel
-from xmodal.objective import LossWeights
+from xmodal import sharding
+from xmodal.models import flops
 from xmodal.train import state as state_lib
+from xmodal.train.objective import LossWeights
 from xmodal.train.step import make_train_step
 
 
@@ -70,15 +71,15 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
-  mesh = parallel.make_mesh(config.mesh.shape)
+  mesh = sharding.make_mesh(config.mesh.shape)
   rules = [tuple(r) for r in config.mesh.rules]
   built = state_lib.setup(config, mesh, max(steps, 2))
   model, tx, lr_schedule, shardings = built.model, built.tx, built.lr_schedule, built.shardings
   batch_size = config.data.batch_size
   step_fn = make_train_step(model, tx, lr_schedule, LossWeights.from_config(config.loss),
                             grad_accum=config.train.grad_accum)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, parallel.batch_sharding(mesh), parallel.replicated(mesh)),
-                     out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+  jit_step = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
   device_kind = jax.devices()[0].device_kind
   peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
   # On a CPU the peak is matmuls timed after every step, so that both see the same load (shared machines).
@@ -88,7 +89,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch = parallel.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
+    batch = sharding.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key)), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
@@ -132,11 +133,3 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
       'mfu': per_device / peak, 'peak_memory_bytes': memory, 'loss': float(metrics['loss']), 'steps': steps,
       'compiler_options': options or {},
   }
-
-
-def main(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
-  result = run(config, steps)
-  for key, value in result.items():
-    print(f'{key:>24}: {value:.4g}' if isinstance(value, float) else f'{key:>24}: {value}')
-  print(json.dumps(result))
-  return result

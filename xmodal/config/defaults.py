@@ -8,21 +8,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from xmodal.data.config import data_config
-from xmodal.models.presets import model_config
-
-# Logical axis → mesh axes. Batch over data and fsdp; parameters sharded over fsdp on their width ('embed') and over
-# tensor on heads/mlp/vocab (Megatron-style). The stacked 'layers' axis of scanned parameters is never sharded.
-DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
-    ('embed', 'fsdp'),
-    ('mlp', 'tensor'),
-    ('heads', 'tensor'),
-    ('vocab', 'tensor'),
-    ('kv', None),
-    ('length', None),
-    ('layers', None),
-)
+from xmodal.config.data import data_config
+from xmodal.config.model import model_config
+from xmodal.sharding import DEFAULT_RULES
 
 
 def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
@@ -45,7 +33,7 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # ITC's image-to-text softmax also sees the written negatives as columns (NegCLIP; needs data.negatives_key,
       # not with `chunked`).
       'itc_written_negatives': False,
-      # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses_chunked.py): same values, memory per device
+      # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses/ring.py): same values, memory per device
       # linear in the local batch. (ITM's hard-negative sampling still forms the (B, B) similarity.)
       'chunked': False,
   })
@@ -82,7 +70,7 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'grad_accum': 1,  # micro-batches per step; see xmodal/train/step.py for what it does to negatives
       'nan_policy': 'stop',  # 'stop': a non-finite loss ends the run naming the step; 'skip': drop that update
       'compilation_cache_dir': '',  # persistent XLA compilation cache ('' = off)
-      'peak_flops_per_device': 0.0,  # for MFU; 0 = from the device table (xmodal/flops.py)
+      'peak_flops_per_device': 0.0,  # for MFU; 0 = from the device table (xmodal/models/flops.py)
       'progress': True,  # tqdm progress bar on process 0
       # XLA options for `xmodal bench`'s compile of the step, (name, value) pairs, e.g. (('xla_cpu_use_onednn', True),)
       'compiler_options': (),

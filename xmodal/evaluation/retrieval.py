@@ -1,6 +1,5 @@
-"""Retrieval evaluation: ITC recalls, ITC top-k + ITM re-ranking (ALBEF), binding accuracy, zero-shot, the table.
-
-The public entry of `xmodal.evaluation`; the CLI calls, in order:
+"""Retrieval evaluation of an embedded split: ITC recalls, ITC top-k + ITM re-ranking (ALBEF), binding accuracy, the
+table. The run-level step of `xmodal.evaluation`, whose __init__ names the public API; a run calls, in order:
 
   embedded = embed_dataset(model, variables, batches, mesh)            # towers once per image and caption
   results = evaluate_retrieval(embedded, match_fn_for(model, variables), k=..., chunk_size=..., score=...,
@@ -18,17 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.evaluation.embed import Embedded, Texts, batch_sharding, embed_dataset
-from xmodal.evaluation.metrics import METRIC_KEYS, pairwise_accuracy, retrieval_metrics
-from xmodal.evaluation.rerank import ITM_SCORES, MatchFn, Progress, match_fn_for, rerank, score_pairs, top_k_indices
-from xmodal.evaluation.zero_shot import class_embeddings, embed_prompts, zero_shot_accuracy
-
-__all__ = [
-    'BindingSet', 'Embedded', 'ITM_SCORES', 'METRIC_KEYS', 'MatchFn', 'Texts', 'batch_sharding', 'binding_accuracy',
-    'binding_set_from_pairs', 'class_embeddings', 'embed_dataset', 'embed_prompts', 'evaluate_retrieval',
-    'format_table', 'match_fn_for', 'pairwise_accuracy', 'rerank', 'retrieval_metrics', 'score_pairs',
-    'top_k_indices', 'zero_shot_accuracy',
-]
+from xmodal.evaluation.embed import Embedded, Texts
+from xmodal.evaluation.metrics import pairwise_accuracy, retrieval_metrics
+from xmodal.evaluation.rerank import MatchFn, Progress, rerank, score_pairs
 
 
 @dataclasses.dataclass(frozen=True)

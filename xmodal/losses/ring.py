@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
-from xmodal.data.device import BATCH_AXES
+from xmodal.sharding import BATCH_AXES
 
 __all__ = ['contrastive_loss', 'sigmoid_loss']
 

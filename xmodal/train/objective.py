@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xmodal import losses, losses_chunked
+from xmodal import losses
+from xmodal.losses import ring as losses_chunked
 from xmodal.models.model import XModal
 
 
@@ -26,7 +27,7 @@ class LossWeights:
   itc: float = 1.0
   itm: float = 1.0
   sigmoid: float = 0.0
-  chunked: bool = False  # ring form of the contrastive losses (xmodal/losses_chunked.py)
+  chunked: bool = False  # ring form of the contrastive losses (xmodal/losses/ring.py)
   # Steps over which ITM's negatives go from uniform (over the non-positives) to ALBEF's softmax(similarity); 0 =
   # hard from the start. Hard negatives chosen by a still-random ITC are the hardest pairs there are, and a fusion
   # encoder trained from scratch on them alone stays at the prior (docs/shapes_recipe.md).

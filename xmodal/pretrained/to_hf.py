@@ -1,9 +1,10 @@
-"""Exports XModal's towers as Hugging Face directories: the text tower as a BertModel, the image tower as a ViTModel.
+"""XModal's towers as Hugging Face directories: the text tower as a BertModel, the image tower as a ViTModel.
 
-The same `Rule`s as the loader run backwards, so loading an export gives back the same parameters and exporting a
-load gives back the same tensors. What has no place in a BertModel or ViTModel is not written: the fusion layers'
-cross-attention, the projections, the ITM head and the temperature (export the full model with xmodal.export).
-HF's poolers are not written either; `from_pretrained` initialises them afresh and says so.
+The same `Rule`s as the loader run backwards, so loading what this writes gives back the same parameters and writing
+what was loaded gives back the same tensors. What has no place in a BertModel or ViTModel is not written: the fusion
+layers' cross-attention, the projections, the ITM head and the temperature (the whole model goes into an inference
+bundle: xmodal.bundle.export). HF's poolers are not written either; `from_pretrained` initialises them afresh and says
+so.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from xmodal.pretrained.rules import Rule
 PyTree = Any
 
 
-def export_text(params: PyTree, model_config: ml_collections.ConfigDict | ModelSpec, out_dir: str | pathlib.Path,
+def text_to_hf(params: PyTree, model_config: ml_collections.ConfigDict | ModelSpec, out_dir: str | pathlib.Path,
                 *, include_fusion: bool = True, tokenizer: str | pathlib.Path | None = None) -> pathlib.Path:
   """Writes the text tower as a BertModel directory (config.json, model.safetensors[, tokenizer file]).
 
@@ -48,7 +49,7 @@ def export_text(params: PyTree, model_config: ml_collections.ConfigDict | ModelS
   return out
 
 
-def export_image(params: PyTree, model_config: ml_collections.ConfigDict | ModelSpec,
+def image_to_hf(params: PyTree, model_config: ml_collections.ConfigDict | ModelSpec,
                  out_dir: str | pathlib.Path) -> pathlib.Path:
   """Writes the image tower as a ViTModel directory (config.json, model.safetensors) at the model's image size."""
   spec = _spec(model_config)

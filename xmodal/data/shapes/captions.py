@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from xmodal.data.shapes_render import COLORS, INVERSE, Obj, Scene, perturbations, relation_holds
+from xmodal.data.shapes.render import COLORS, INVERSE, Obj, Scene, perturbations, relation_holds
 
 # Synonyms; the first is the canonical name used in the metadata.
 COLOR_WORDS: dict[str, tuple[str, ...]] = {c: (c,) for c in COLORS} | {'gray': ('gray', 'grey')}

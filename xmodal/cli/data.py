@@ -1,4 +1,4 @@
-"""`xmodal data {build,bench,train-tokenizer}`: the data commands (xmodal/cli.py dispatches `xmodal data ...` here)."""
+"""`xmodal data {build,bench,train-tokenizer}`: the data commands (xmodal/cli/main.py dispatches `xmodal data ...` here)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs one data command; returns the exit status."""
   args, unknown = _parser().parse_known_args(sys.argv[1:] if argv is None else list(argv))
   if args.command == 'build':
-    from xmodal.data import shapes  # pylint: disable=g-import-not-at-top
+    from xmodal.data.shapes import builder as shapes  # pylint: disable=g-import-not-at-top
     values = dict(seed=args.seed, image_size=args.image_size, train_size=args.train_size,
                   validation_size=args.validation_size, test_size=args.test_size, test_hard_size=args.test_hard_size,
                   validation_hard_size=args.validation_hard_size)
@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(json.dumps(result))
     return 0
   if args.command == 'train-tokenizer':
-    from xmodal.data import tokenizer  # pylint: disable=g-import-not-at-top
+    from xmodal import tokenizer  # pylint: disable=g-import-not-at-top
     if unknown:
       raise SystemExit(f'unknown arguments: {unknown}')
     path = tokenizer.train_tokenizer(args.input, args.vocab_size, args.out_dir, kind=args.kind)

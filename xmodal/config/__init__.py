@@ -3,6 +3,10 @@
 A config file is Python with `get_config(arg: str | None) -> ConfigDict` (the ml_collections idiom). The command line
 names it as `configs/NAME.py[:arg]` and changes single values with `--config.a.b=value`. Every failure here is a
 `ConfigError` whose message names the offending key, so that a typo costs a second, not a compile.
+
+The settings themselves: `defaults.py` (the full default config, every section and knob), `model.py` (the size table
+and the model section it fills), `data.py` (the data section). Those three import nothing of xmodal beyond
+`xmodal.sharding`'s rules; the validation here imports each allowed-value list from the code that implements it.
 """
 
 from __future__ import annotations
@@ -14,10 +18,10 @@ from collections.abc import Iterable, Sequence
 
 import ml_collections
 
-from xmodal import objective
 from xmodal.evaluation import rerank
 from xmodal.models import attention, layers, vit
 from xmodal.models import model as model_lib
+from xmodal.train import objective
 
 
 class ConfigError(ValueError):

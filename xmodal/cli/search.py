@@ -17,8 +17,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from xmodal.inference import Index, Retriever, bench as bench_lib, contact_sheet
-from xmodal.inference.bundle import BundleError
+from xmodal.inference import BundleError, Index, Retriever, bench as bench_lib, contact_sheet
 from xmodal.inference.index import list_images
 
 
@@ -42,9 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _index(retriever: Retriever, images: str, index_dir: str | None, progress: bool) -> Index:
   if index_dir and (pathlib.Path(index_dir) / 'index.json').exists():
-    index = Index.load(index_dir, retriever)
+    index = retriever.load_index(index_dir)
     known = set(index.names)
-    index.add([p for p in list_images(images) if p not in known], progress=progress)
+    retriever.add(index, [p for p in list_images(images) if p not in known], progress=progress)
   else:
     index = retriever.index(images, progress=progress)
   if index_dir:

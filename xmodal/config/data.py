@@ -46,7 +46,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     crop_ratio: (min, max) aspect ratio of that crop.
     hflip: random horizontal flip for training. Off by default: captions say 'left of'/'right of'.
     mean / std: per-channel normalisation on [0, 255] pixels; output = (pixel - mean) / std, float32.
-    tokenizer: spec for `xmodal.data.tokenizer.load_tokenizer` ('shapes' = the shipped vocabulary, or a path).
+    tokenizer: spec for `xmodal.tokenizer.load_tokenizer` ('shapes' = the shipped vocabulary, or a path).
     max_text_len: token length L of `text_ids`; longer captions are truncated (in a full config, model.max_text_len).
     max_captions: C, captions kept per image by the evaluation pipeline (COCO and shapes have 5).
     pairs: read examples 2m and 2m+1 of the training split as a unit, side by side in one batch (xmodal_shapes'

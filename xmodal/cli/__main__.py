@@ -1,0 +1,7 @@
+"""`python -m xmodal.cli ARGS` is `xmodal ARGS`."""
+
+import sys
+
+from xmodal.cli.main import main
+
+sys.exit(main())

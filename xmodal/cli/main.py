@@ -1,0 +1,92 @@
+"""The `xmodal` command: train, eval, bench, data, config.
+
+  xmodal train --config configs/shapes.py[:size=tiny] --workdir DIR [--verbose] [--config.optim.lr=3e-4 ...]
+  xmodal eval  --config configs/shapes.py --workdir DIR [--split test] [--step N] [--verbose]
+  xmodal bench --config configs/bench_cpu.py [--steps 20] [--verbose]
+  xmodal data  build|bench|train-tokenizer ...
+  xmodal config --config configs/shapes.py [--config.a.b=v]   (prints the resolved config)
+  xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16]
+  xmodal search --bundle BUNDLE --images FOLDER --query TEXT [--k 10] [--rerank 64] [--out DIR] | bench ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from xmodal.cli import bench, config as show_config, console, eval as evaluate, train
+
+# The commands whose arguments this parser reads, in the order `xmodal --help` lists them. data, export and search
+# parse their own (their modules are imported only when called: search must run from a bundle alone).
+_COMMANDS = {'train': train, 'eval': evaluate, 'bench': bench, 'config': show_config}
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates `--config.a.b=v` / `--config.a.b v` overrides from the other arguments."""
+  from xmodal.config import ConfigError  # pylint: disable=g-import-not-at-top  # the config imports the models
+  rest, overrides = [], []
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith('--config.'):
+      if '=' in arg:
+        overrides.append(arg[len('--'):])
+      elif i + 1 < len(argv):
+        overrides.append(f'{arg[len("--"):]}={argv[i + 1]}')
+        i += 1
+      else:
+        raise ConfigError(f'override {arg} has no value')
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='xmodal', description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest='command', required=True)
+  for command in _COMMANDS.values():
+    command.add_parser(sub)
+  sub.add_parser('data', help='xmodal data build|bench|train-tokenizer (see `xmodal data --help`)', add_help=False)
+  sub.add_parser('export', help='a checkpoint as an inference bundle (see `xmodal export --help`)', add_help=False)
+  sub.add_parser('search', help='search images with a bundle, or bench it (see `xmodal search --help`)',
+                 add_help=False)
+  return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == 'data':
+    from xmodal.cli import data  # pylint: disable=g-import-not-at-top
+    return data.main(argv[1:]) or 0
+  if argv and argv[0] == 'export':
+    from xmodal.cli import export  # pylint: disable=g-import-not-at-top
+    return export.main(argv[1:])
+  if argv and argv[0] == 'search':  # imports no model or training code: runs from the bundle alone
+    from xmodal.cli import search  # pylint: disable=g-import-not-at-top
+    return search.main(argv[1:])
+  from xmodal.config import ConfigError  # pylint: disable=g-import-not-at-top  # not before: search needs no models
+  try:
+    rest, overrides = _split_overrides(argv)
+  except ConfigError as e:
+    print(f'xmodal: config error: {e}', file=sys.stderr)
+    return 2
+  args = _parser().parse_args(rest)
+  with console.logging_to(_log_file(args), verbose=getattr(args, 'verbose', False)):
+    try:
+      return _COMMANDS[args.command].run(args, overrides)
+    except ConfigError as e:
+      print(f'xmodal: config error: {e}', file=sys.stderr)
+      return 2
+
+
+def _log_file(args: argparse.Namespace) -> pathlib.Path | None:
+  """WORKDIR/log.txt for the commands with a workdir (eval's only when the workdir exists: a typo makes no folder)."""
+  workdir = getattr(args, 'workdir', None)
+  if workdir is None or (args.command == 'eval' and not pathlib.Path(workdir).is_dir()):
+    return None
+  return pathlib.Path(workdir) / console.LOG_FILE

@@ -1,0 +1,28 @@
+"""`xmodal train`: train (or resume) the run in a workdir from a config file.
+
+  xmodal train --config configs/NAME.py[:arg] --workdir DIR [--verbose] [--config.a.b=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from xmodal.cli import console
+
+
+def add_parser(sub) -> None:
+  """Adds the command to `sub`, the `xmodal` parser's subparsers."""
+  train = sub.add_parser('train', help='train (or resume) a model')
+  train.add_argument('--config', required=True, help='configs/NAME.py[:args]')
+  train.add_argument('--workdir', required=True)
+  train.add_argument('--verbose', action='store_true', help=f'libraries\' INFO on the console too (always in '
+                     f'WORKDIR/{console.LOG_FILE})')
+
+
+def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
+  # Imported here, not above: building the parser of every command must not load the model and training code.
+  from xmodal import config as config_lib  # pylint: disable=g-import-not-at-top
+  from xmodal.train import loop  # pylint: disable=g-import-not-at-top
+  loop.train(config_lib.load(args.config, overrides), args.workdir)
+  return 0

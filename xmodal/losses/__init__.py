@@ -1,0 +1,12 @@
+"""Losses as pure functions of arrays; they take embeddings and logits, never a model.
+
+  contrastive.py  ITC: softmax (InfoNCE, shared-id positives, optional written-negative columns) and sigmoid (SigLIP)
+  matching.py     ITM: hard negatives sampled from the ITC similarity, and the matching cross-entropy
+  ring.py         the ring (`shard_map`) form of both contrastive losses (`loss.chunked`): same values, memory per
+                  device linear in the local batch
+
+The package names the single-device functions, e.g. `losses.contrastive_loss`; the ring ones are `losses.ring.*`.
+"""
+
+from xmodal.losses.contrastive import contrastive_loss, positives, sigmoid_loss
+from xmodal.losses.matching import HardNegatives, matching_loss, sample_hard_negatives
