@@ -21,7 +21,7 @@ from xmodal import sharding
 from xmodal.models import flops
 from xmodal.train import state as state_lib
 from xmodal.train.objective import LossWeights
-from xmodal.train.step import make_train_step
+from xmodal.train.step import jit_train_step
 
 
 def matmul_timer(size: int = 2048, dtype=jnp.float32):
@@ -74,12 +74,10 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = [tuple(r) for r in config.mesh.rules]
   built = state_lib.setup(config, mesh, max(steps, 2))
-  model, tx, lr_schedule, shardings = built.model, built.tx, built.lr_schedule, built.shardings
+  model = built.model
   batch_size = config.data.batch_size
-  step_fn = make_train_step(model, tx, lr_schedule, LossWeights.from_config(config.loss),
-                            grad_accum=config.train.grad_accum)
-  jit_step = jax.jit(step_fn, in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+  weights = LossWeights.from_config(config.loss)
+  jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum)
   device_kind = jax.devices()[0].device_kind
   peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
   # On a CPU the peak is matmuls timed after every step, so that both see the same load (shared machines).
@@ -87,7 +85,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   time_matmul = matmul_timer() if peak is None else None
   peaks = []
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
-  state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
+  state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = sharding.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key)), mesh)
@@ -113,7 +111,6 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   if time_matmul is not None:
     peak = statistics.median(peaks)
   step_time = statistics.median(times)
-  weights = LossWeights.from_config(config.loss)
   step_flops = flops.train_flops(model.spec, batch_size, weights.itm_pairs, weights.extra_texts)
   per_device = step_flops / step_time / jax.device_count()
   memory = None

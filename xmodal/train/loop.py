@@ -27,7 +27,7 @@ from xmodal.train import evaluation, state as state_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
 from xmodal.train.metrics import MetricWriter
 from xmodal.train.objective import LossWeights
-from xmodal.train.step import make_train_step
+from xmodal.train.step import jit_train_step
 
 log = logging.getLogger('xmodal.train')
 
@@ -85,7 +85,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
 
   # ----------------------------------------------------------------------------------------------- update step
   weights = LossWeights.from_config(config.loss)
-  jit_step = _update_step(config, built, weights, mesh, batch_sharding)
+  jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum,
+                            skip_nonfinite=config.train.nan_policy == 'skip')
   rng = jax.random.key(config.train.seed + 1)
 
   # --------------------------------------------------------------------------------------------------- metrics
@@ -151,15 +152,6 @@ def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup,
   state = state_lib.create_state(built.model, built.tx, jax.random.key(config.train.seed), built.shardings,
                                  params=_pretrained_params(config, built.model))
   return state, None
-
-
-def _update_step(config: ml_collections.ConfigDict, built: state_lib.Setup, weights: LossWeights, mesh,
-                 batch_sharding):
-  """The jitted (state, batch, rng) -> (state, metrics): state donated and kept in its shardings."""
-  step_fn = make_train_step(built.model, built.tx, built.lr_schedule, weights, grad_accum=config.train.grad_accum,
-                            skip_nonfinite=config.train.nan_policy == 'skip')
-  return jax.jit(step_fn, in_shardings=(built.shardings, batch_sharding, sharding.replicated(mesh)),
-                 out_shardings=(built.shardings, sharding.replicated(mesh)), donate_argnums=0)
 
 
 def _report_step(step: int, metrics: dict, seconds: float, *, config: ml_collections.ConfigDict, step_flops: float,

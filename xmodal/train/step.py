@@ -1,7 +1,7 @@
 """The update step: loss and gradients (optionally accumulated over micro-batches), clipping, AdamW, metrics.
 
-Pure: `train_step(state, batch, rng) -> (state, metrics)`; the loop jits it with explicit shardings and donates the
-state.
+Pure: `train_step(state, batch, rng) -> (state, metrics)`; `jit_train_step` compiles it the one way the loop and the
+benchmark run it: explicit shardings, the state donated.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xmodal import sharding
 from xmodal.models import XModal
 from xmodal.train.objective import LossWeights, compute_loss
-from xmodal.train.state import TrainState
+from xmodal.train.state import Setup, TrainState
 
 
 def make_train_step(model: XModal, tx: optax.GradientTransformation, lr_schedule: optax.Schedule,
@@ -64,3 +65,13 @@ def make_train_step(model: XModal, tx: optax.GradientTransformation, lr_schedule
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def jit_train_step(built: Setup, weights: LossWeights, mesh, *, grad_accum: int = 1, skip_nonfinite: bool = False
+                   ) -> Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]:
+  """`make_train_step` of a `state.setup`, jitted: (state, global batch, rng) -> (state, metrics), the state kept in
+  its shardings and donated, the batch split over the mesh's batch axes, the rng and metrics replicated."""
+  step_fn = make_train_step(built.model, built.tx, built.lr_schedule, weights, grad_accum=grad_accum,
+                            skip_nonfinite=skip_nonfinite)
+  return jax.jit(step_fn, in_shardings=(built.shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(built.shardings, sharding.replicated(mesh)), donate_argnums=0)
