@@ -12,15 +12,22 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import pathlib
 import sys
 from collections.abc import Sequence
 
 from xmodal.cli import bench, config as show_config, console, eval as evaluate, train
 
-# The commands whose arguments this parser reads, in the order `xmodal --help` lists them. data, export and search
-# parse their own (their modules are imported only when called: search must run from a bundle alone).
+# The commands whose arguments this parser reads, in the order `xmodal --help` lists them.
 _COMMANDS = {'train': train, 'eval': evaluate, 'bench': bench, 'config': show_config}
+# The commands that parse their own arguments (`main(argv) -> int`), by module and help line. Their modules are
+# imported only when called: search must run from a bundle alone, with no model or training code.
+_SELF_PARSED = {
+    'data': ('xmodal.cli.data', 'xmodal data build|bench|train-tokenizer (see `xmodal data --help`)'),
+    'export': ('xmodal.cli.export', 'a checkpoint as an inference bundle (see `xmodal export --help`)'),
+    'search': ('xmodal.cli.search', 'search images with a bundle, or bench it (see `xmodal search --help`)'),
+}
 
 
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -51,24 +58,15 @@ def _parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', required=True)
   for command in _COMMANDS.values():
     command.add_parser(sub)
-  sub.add_parser('data', help='xmodal data build|bench|train-tokenizer (see `xmodal data --help`)', add_help=False)
-  sub.add_parser('export', help='a checkpoint as an inference bundle (see `xmodal export --help`)', add_help=False)
-  sub.add_parser('search', help='search images with a bundle, or bench it (see `xmodal search --help`)',
-                 add_help=False)
+  for name, (_, help_line) in _SELF_PARSED.items():
+    sub.add_parser(name, help=help_line, add_help=False)
   return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] == 'data':
-    from xmodal.cli import data  # pylint: disable=g-import-not-at-top
-    return data.main(argv[1:]) or 0
-  if argv and argv[0] == 'export':
-    from xmodal.cli import export  # pylint: disable=g-import-not-at-top
-    return export.main(argv[1:])
-  if argv and argv[0] == 'search':  # imports no model or training code: runs from the bundle alone
-    from xmodal.cli import search  # pylint: disable=g-import-not-at-top
-    return search.main(argv[1:])
+  if argv and argv[0] in _SELF_PARSED:
+    return importlib.import_module(_SELF_PARSED[argv[0]][0]).main(argv[1:]) or 0
   from xmodal.config import ConfigError  # pylint: disable=g-import-not-at-top  # not before: search needs no models
   try:
     rest, overrides = _split_overrides(argv)
