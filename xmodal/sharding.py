@@ -22,7 +22,7 @@ BATCH_AXES = ('data', 'fsdp')  # the mesh axes a batch's leading axis is split o
 # Logical axis → mesh axes. Batch over data and fsdp; parameters sharded over fsdp on their width ('embed') and over
 # tensor on heads/mlp/vocab (Megatron-style). The stacked 'layers' axis of scanned parameters is never sharded.
 DEFAULT_RULES = (
-    ('batch', ('data', 'fsdp')),
+    ('batch', BATCH_AXES),
     ('embed', 'fsdp'),
     ('mlp', 'tensor'),
     ('heads', 'tensor'),

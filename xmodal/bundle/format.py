@@ -41,6 +41,7 @@ FUNCTIONS = ('encode_image', 'encode_text', 'match')
 RESIZE = 'shorter_side_bilinear_antialias'
 CROP = 'center'
 
+
 class BundleError(ValueError):
   """A bundle file is missing, corrupted, fails its checksum or comes from an incompatible format version."""
 

@@ -1,4 +1,4 @@
-"""`xmodal data {build,bench,train-tokenizer}`: the data commands (xmodal/cli/main.py dispatches `xmodal data ...` here)."""
+"""`xmodal data {build,bench,train-tokenizer}`: the data commands (xmodal/cli/main.py dispatches `xmodal data` here)."""
 
 from __future__ import annotations
 

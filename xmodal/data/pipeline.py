@@ -194,8 +194,9 @@ def _checked_chunks(records: tf.data.Dataset, initial_counts: tuple[int, int], c
 
   Per chunk, vectorised: each record's status, `captions(texts (k, None) ragged, chunk, negatives (k, None) ragged
   or None)` (a dict of caption fields), and running counts of truncated records and records without a usable
-  caption, which are dropped here, before anything is decoded. A tf.data element costs tens of microseconds of scheduling whatever it does, so these steps as
-  per-example maps cost more than decoding a small image. STATUS_END markers pass through.
+  caption, which are dropped here, before anything is decoded. A tf.data element costs tens of microseconds of
+  scheduling whatever it does, so these steps as per-example maps cost more than decoding a small image. STATUS_END
+  markers pass through.
   """
   def ragged(x):  # ragged_batch keeps a dimension of static size dense
     return x if isinstance(x, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(x)
