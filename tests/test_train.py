@@ -44,21 +44,26 @@ def test_flop_count_matches_a_hand_count():
 
 
 @pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis
-@pytest.mark.parametrize('written, stem', [('off', 'patch'), ('add', 'conv'), ('replace', 'patch')])
-def test_flop_count_is_close_to_xla_cost_analysis(written, stem):
+@pytest.mark.parametrize('written, stem, mlm', [('off', 'patch', False), ('add', 'conv', False),
+                                                ('replace', 'patch', True)])
+def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs."""
   from xmodal.train.objective import compute_loss
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
   config.model.vision.stem = stem
+  config.model.mlm_head = mlm
   model = build(config.model)
   params = nn.unbox(state_lib.abstract_params(model))
-  weights = LossWeights(itm_written_negatives=written)
+  weights = LossWeights(itm_written_negatives=written, mlm=float(mlm), mlm_mask_id=4,
+                        mlm_vocab_size=config.model.text.vocab_size)
   batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True))
   lowered = jax.jit(lambda p, b: compute_loss(model, p, b, jax.random.key(0), weights)[0]).lower(params, batch)
   xla = lowered.compile().cost_analysis()['flops']
-  ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts).values())
-  assert 0.75 * xla <= ours <= 1.05 * xla, (ours, xla)
+  ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts, mlm).values())
+  # At width 32 the elementwise work (LayerNorm, softmax, GELU; with MLM a log-softmax over the vocabulary at every
+  # position) is a quarter of XLA's count; a missed matmul part (a tower, the fusion pairs) would cost far more.
+  assert 0.7 * xla <= ours <= 1.05 * xla, (ours, xla)
 
 
 def _params(config):

@@ -164,7 +164,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if 'data' in config:
         _require(loss.itm_written_negatives == 'off' or config.data.negatives_key, 'loss.itm_written_negatives',
                  f'{loss.itm_written_negatives!r} needs negatives from the data: set data.negatives_key')
-    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight'):
+    if loss.get('mlm_weight', 0) > 0:
+      if 'model' in config:
+        _require(config.model.get('mlm_head', False), 'loss.mlm_weight', 'needs the MLM head: set model.mlm_head=True')
+      _require(0 < loss.mlm_probability < 1, 'loss.mlm_probability', f'must be in (0, 1), got {loss.mlm_probability}')
+    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight'):
       if name in loss:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
 

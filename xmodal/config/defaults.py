@@ -33,6 +33,10 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # ITC's image-to-text softmax also sees the written negatives as columns (NegCLIP; needs data.negatives_key,
       # not with `chunked`).
       'itc_written_negatives': False,
+      # MLM (ALBEF, BERT): the fusion encoder predicts the caption's masked words from the rest and the image; needs
+      # model.mlm_head. `mlm_probability` of the word tokens are chosen (80 % [MASK], 10 % random, 10 % kept).
+      'mlm_weight': 0.0,
+      'mlm_probability': 0.15,
       # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses/ring.py): same values, memory per device
       # linear in the local batch. (ITM's hard-negative sampling still forms the (B, B) similarity.)
       'chunked': False,

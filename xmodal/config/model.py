@@ -94,4 +94,6 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'remat': p.remat,
       # nn.scan over layers: compile time flat in depth.
       'scan_layers': True,
+      # BERT's masked-token prediction head on the fusion encoder (needed by loss.mlm_weight > 0).
+      'mlm_head': False,
   })

@@ -2,6 +2,7 @@
 
   contrastive.py  ITC: softmax (InfoNCE, shared-id positives, optional written-negative columns) and sigmoid (SigLIP)
   matching.py     ITM: hard negatives sampled from the ITC similarity, and the matching cross-entropy
+  masked_lm.py    MLM: BERT's corruption of the captions, and the cross-entropy at the corrupted positions
   ring.py         the ring (`shard_map`) form of both contrastive losses (`loss.chunked`): same values, memory per
                   device linear in the local batch
 
@@ -9,4 +10,5 @@ The package names the single-device functions, e.g. `losses.contrastive_loss`; t
 """
 
 from xmodal.losses.contrastive import contrastive_loss, positives, sigmoid_loss
+from xmodal.losses.masked_lm import MaskedTokens, mask_tokens, masked_lm_loss, word_positions
 from xmodal.losses.matching import HardNegatives, matching_loss, sample_hard_negatives

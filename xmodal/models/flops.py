@@ -56,12 +56,15 @@ def _stem_flops(spec: ModelSpec) -> int:
   return total + 2 * patches * channels_in * v.width
 
 
-def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0) -> dict[str, int]:
+def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False
+                  ) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
   `LossWeights.itm_pairs`); its cross-attention projects the image tokens to keys and values once per pair.
-  `extra_texts` x B more captions go through the text tower (the data's written negatives).
+  `extra_texts` x B more captions go through the text tower (the data's written negatives). With `mlm`, each
+  corrupted caption goes through the text tower and the fusion encoder once more, and the MLM head scores every
+  position against the vocabulary.
   """
   v, t = spec.vision, spec.text
   n = 1 + (spec.image_size // v.patch_size) ** 2
@@ -70,13 +73,17 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   text = (1 + extra_texts) * t.depth * _layer(length, t.width, t.mlp_dim)
   cross = (2 * length * t.width * t.width + 2 * n * v.width * (2 * t.width)  # Q; K and V from image tokens
            + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output
-  fusion = itm_pairs * spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
+  fusion_pair = spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
+  fusion = itm_pairs * fusion_pair
   heads = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim + itm_pairs * 2 * t.width * 2
   similarity = 2 * batch * spec.embed_dim  # one row of the (B, B) similarity matrix per example
   parts = {'vision': vision, 'text': text, 'fusion': fusion, 'heads': heads + similarity}
+  if mlm:
+    mlm_head = 2 * length * t.width * t.width + 2 * length * t.width * t.vocab_size
+    parts['mlm'] = t.depth * _layer(length, t.width, t.mlp_dim) + fusion_pair + mlm_head
   return {part: int(round(batch * value)) for part, value in parts.items()}
 
 
-def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0) -> int:
+def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False) -> int:
   """Model FLOPs of one training step (forward + backward = 3 x forward); arguments as `forward_flops`."""
-  return 3 * sum(forward_flops(spec, batch, itm_pairs, extra_texts).values())
+  return 3 * sum(forward_flops(spec, batch, itm_pairs, extra_texts, mlm).values())

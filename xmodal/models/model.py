@@ -3,6 +3,7 @@
   images ─ViT─► image tokens ─[CLS]→proj→L2─► image_emb
   ids    ─BERT─► text tokens ─[CLS]→proj→L2─► text_emb
   (text tokens, text mask, image tokens) ─fusion─► fused [CLS] ─ITM head─► match logits (B, 2)
+                                                  └► fused tokens ─MLM head (tied to the word embeddings)─► (B, L, V)
 
 All methods are pure and reachable through `model.apply(variables, ..., method=XModal.encode_image)`.
 """
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xmodal.models import layers
+from xmodal.models import activations, layers
 from xmodal.models.fusion import FusionEncoder
 from xmodal.models.text import TextEncoder
 from xmodal.models.vit import VisionEncoder
@@ -65,6 +66,7 @@ class ModelSpec:
   attention: str = 'xla'
   remat: str = 'none'
   scan_layers: bool = True
+  mlm_head: bool = False
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> ModelSpec:
@@ -93,6 +95,14 @@ class XModal(nn.Module):
     self.image_proj = dense(s.embed_dim, 'image_proj')
     self.text_proj = dense(s.embed_dim, 'text_proj')
     self.itm_head = dense(2, 'itm_head')
+    if s.mlm_head:
+      # BERT's prediction head: dense, GELU, LayerNorm, then the word embeddings transposed plus a bias.
+      self.mlm_transform = nn.Dense(
+          s.text.width, dtype=jnp.float32, param_dtype=jnp.float32, name='mlm_transform',
+          kernel_init=layers.with_names(layers.default_kernel_init, 'embed', None),
+          bias_init=layers.with_names(nn.initializers.zeros, None))
+      self.mlm_norm = layers.LayerNorm(s.text.layer_norm_eps, jnp.float32, name='mlm_norm')
+      self.mlm_bias = self.param('mlm_bias', layers.with_names(nn.initializers.zeros, 'vocab'), (s.text.vocab_size,))
     self.raw_temperature = self.param('temperature', layers.with_names(nn.initializers.constant(s.temperature_init)),
                                       ())
     # SigLIP's learnable log-scale and bias (init log 10 and -10), used only by the sigmoid loss.
@@ -130,6 +140,15 @@ class XModal(nn.Module):
     fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
 
+  def predict_masked(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    """(text tokens (B, L, Dt) of a corrupted caption, its mask (B, L), image tokens (B, N, Dv)) -> float32 logits
+    (B, L, V) of each position's original token (MLM; needs spec.mlm_head)."""
+    fused = self.fusion(text_tokens, text_mask, image_tokens).astype(jnp.float32)
+    hidden = self.mlm_norm(activations.gelu(self.mlm_transform(fused)))
+    # Tied to the input word embeddings, as BERT's decoder is.
+    table = nn.unbox(self.text.variables['params']['embeddings']['word']['embedding'])
+    return jnp.einsum('bld,vd->blv', hidden, table.astype(jnp.float32)) + self.mlm_bias
+
   def temperature(self) -> jax.Array:
     """The contrastive temperature, kept in [0.001, 0.5]."""
     return jnp.clip(self.raw_temperature, *TEMPERATURE_RANGE)
@@ -144,6 +163,8 @@ class XModal(nn.Module):
     text_tokens, text_emb = self.encode_text(ids, mask)
     self.temperature()
     self.sigmoid_params()
+    if self.spec.mlm_head:
+      self.predict_masked(text_tokens, mask, image_tokens)
     return image_emb, text_emb, self.match(text_tokens, mask, image_tokens)
 
 

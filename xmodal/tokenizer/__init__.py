@@ -29,10 +29,12 @@ KINDS = ('wordpiece', 'sentencepiece')
 class Tokenizer(abc.ABC):
   """Turns texts into fixed-length id and mask arrays; subclasses only split a text into vocabulary ids."""
 
-  def __init__(self, files: list[str], vocab_size: int, pad_id: int, cls_id: int, sep_id: int, unk_id: int):
+  def __init__(self, files: list[str], vocab_size: int, pad_id: int, cls_id: int, sep_id: int, unk_id: int,
+               mask_id: int = -1):
     self.files = files
     self.vocab_size = vocab_size
     self.pad_id, self.cls_id, self.sep_id, self.unk_id = pad_id, cls_id, sep_id, unk_id
+    self.mask_id = mask_id  # [MASK] (or <mask>), for masked-language modelling; -1 when the vocabulary has none
 
   @abc.abstractmethod
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
@@ -70,8 +72,9 @@ class HFTokenizer(Tokenizer):
     missing = [t for t in (cls, sep, pad) if ids[t] is None]
     if missing:
       raise ValueError(f'{files[0]}: vocabulary lacks special tokens {missing}')
+    mask = next((i for i in map(tok.token_to_id, ('[MASK]', '<mask>')) if i is not None), -1)
     super().__init__(files, tok.get_vocab_size(with_added_tokens=True), ids[pad], ids[cls], ids[sep],
-                     ids[unk] if ids[unk] is not None else -1)
+                     ids[unk] if ids[unk] is not None else -1, mask)
     # A tokenizer.json may carry its own padding/truncation settings: they would count pads as real tokens.
     tok.no_padding()
     tok.no_truncation()
@@ -102,7 +105,7 @@ class SentencePieceTokenizer(Tokenizer):
       raise ValueError(f'{path}: model has neither [CLS]/[SEP] pieces nor bos/eos ids')
     pad = piece_or('[PAD]', sp.pad_id())
     # Without a pad piece any id will do: the mask, not the id, marks padding.
-    super().__init__([path], sp.get_piece_size(), pad if pad >= 0 else 0, cls, sep, sp.unk_id())
+    super().__init__([path], sp.get_piece_size(), pad if pad >= 0 else 0, cls, sep, sp.unk_id(), piece_or('[MASK]', -1))
     self._sp = sp
 
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:

@@ -76,7 +76,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   built = state_lib.setup(config, mesh, max(steps, 2))
   model = built.model
   batch_size = config.data.batch_size
-  weights = LossWeights.from_config(config.loss)
+  weights = LossWeights.from_config(config.loss, config.data.tokenizer)
   jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum)
   device_kind = jax.devices()[0].device_kind
   peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
@@ -111,7 +111,8 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   if time_matmul is not None:
     peak = statistics.median(peaks)
   step_time = statistics.median(times)
-  step_flops = flops.train_flops(model.spec, batch_size, weights.itm_pairs, weights.extra_texts)
+  step_flops = flops.train_flops(model.spec, batch_size, weights.itm_pairs, weights.extra_texts,
+                                 weights.mlm > 0)
   per_device = step_flops / step_time / jax.device_count()
   memory = None
   stats = jax.devices()[0].memory_stats() or {}

@@ -84,13 +84,14 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------------------------------- update step
-  weights = LossWeights.from_config(config.loss)
+  weights = LossWeights.from_config(config.loss, config.data.tokenizer)
   jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum,
                             skip_nonfinite=config.train.nan_policy == 'skip')
   rng = jax.random.key(config.train.seed + 1)
 
   # --------------------------------------------------------------------------------------------------- metrics
-  step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts)
+  step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts,
+                                 weights.mlm > 0)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)

@@ -1,4 +1,4 @@
-"""The training objective: ITC (+ optional sigmoid ITC) and ITM on hard negatives, as one pure function.
+"""The training objective: ITC (+ optional sigmoid ITC), ITM on hard negatives and MLM, as one pure function.
 
 ITM reuses the tower outputs of the ITC pass: the hard negatives are gathered from the tokens already computed, and
 only the fusion encoder runs again, on 3B pairs (B positives, B texts with a negative image, B images with a negative
@@ -41,13 +41,31 @@ class LossWeights:
   itm_subsample: int = 1
   # ITC's image-to-text softmax also sees the batch's written negatives as columns (NegCLIP); not with `chunked`.
   itc_written_negatives: bool = False
+  # MLM through the fusion encoder: its weight, the share of word tokens chosen, and the vocabulary's [MASK] id and
+  # size (random replacements are drawn below it), which come from the tokenizer.
+  mlm: float = 0.0
+  mlm_probability: float = 0.15
+  mlm_mask_id: int = -1
+  mlm_vocab_size: int = 0
 
   @classmethod
-  def from_config(cls, loss: ml_collections.ConfigDict) -> LossWeights:
+  def from_config(cls, loss: ml_collections.ConfigDict, tokenizer: str | None = None) -> LossWeights:
+    """The `loss` section's weights; `tokenizer` (data.tokenizer) is read only when MLM is on, for [MASK]."""
+    mlm = float(loss.get('mlm_weight', 0.0))
+    mask_id, vocab_size = -1, 0
+    if mlm > 0:
+      from xmodal.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
+      tok = load_tokenizer(tokenizer)
+      if tok.mask_id < 0:
+        raise ValueError(f'loss.mlm_weight={mlm} needs a [MASK] token; tokenizer {tokenizer!r} ({tok.files[0]}) '
+                         'has none')
+      mask_id, vocab_size = tok.mask_id, tok.vocab_size
     return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight),
                chunked=bool(loss.chunked), itm_hard_warmup=int(loss.itm_hard_warmup_steps),
                itm_written_negatives=str(loss.itm_written_negatives), itm_subsample=int(loss.itm_subsample),
-               itc_written_negatives=bool(loss.itc_written_negatives))
+               itc_written_negatives=bool(loss.itc_written_negatives), mlm=mlm,
+               mlm_probability=float(loss.get('mlm_probability', 0.15)), mlm_mask_id=mask_id,
+               mlm_vocab_size=vocab_size)
 
   @property
   def itm_pairs(self) -> float:
@@ -106,8 +124,26 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     metrics.update(itm_metrics)
     total += weights.itm * itm
 
+  if weights.mlm > 0:
+    # Its own key, so that turning MLM on leaves ITM's negatives as they were.
+    mlm, mlm_metrics = _masked_lm(batch, image_tokens, jax.random.fold_in(rng, 1), weights, module)
+    metrics.update(mlm_metrics)
+    total += weights.mlm * mlm
+
   metrics['loss'] = total
   return total, metrics
+
+
+def _masked_lm(batch: dict[str, jax.Array], image_tokens: jax.Array, rng: jax.Array, weights: LossWeights,
+               module: XModal) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """MLM on every caption of the batch with its own image: the corrupted caption goes through the text tower
+  again (ALBEF), the fusion encoder attends to the image tokens of the ITC pass, and the head predicts the originals.
+  """
+  masked = losses.mask_tokens(rng, batch['text_ids'], batch['text_mask'], mask_id=weights.mlm_mask_id,
+                              vocab_size=weights.mlm_vocab_size, probability=weights.mlm_probability)
+  tokens = module.text(masked.ids, batch['text_mask'])
+  logits = module.predict_masked(tokens, batch['text_mask'], image_tokens)
+  return losses.masked_lm_loss(logits, batch['text_ids'], masked.chosen)
 
 
 class WrittenNegatives(NamedTuple):
