@@ -74,12 +74,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'xmodal: config error: {e}', file=sys.stderr)
     return 2
   args = _parser().parse_args(rest)
+  from xmodal.train.errors import RunError  # pylint: disable=g-import-not-at-top  # a class, no training code
   with console.logging_to(_log_file(args), verbose=getattr(args, 'verbose', False)):
     try:
       return _COMMANDS[args.command].run(args, overrides)
     except ConfigError as e:
       print(f'xmodal: config error: {e}', file=sys.stderr)
       return 2
+    except RunError as e:  # e.g. no checkpoint that restores: the message says what and what to do
+      print(f'xmodal: error: {e}', file=sys.stderr)
+      return 1
 
 
 def _log_file(args: argparse.Namespace) -> pathlib.Path | None:

@@ -31,6 +31,8 @@ from xmodal.train.step import jit_train_step
 
 log = logging.getLogger('xmodal.train')
 
+DAMAGED_CHECKPOINTS = 'damaged_checkpoints'  # in the workdir: checkpoints that failed to restore, moved aside
+
 
 class NonFiniteLossError(FloatingPointError):
   """The loss or gradient became NaN or infinite (train.nan_policy='stop')."""
@@ -76,7 +78,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
     pipeline.prepare(config.data)
   checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
                               keep=config.train.keep_checkpoints)
-  state, data_state = _initial_state(config, built, checkpointer)
+  state, data_state = _initial_state(config, built, checkpointer, workdir / DAMAGED_CHECKPOINTS)
   start_step = int(state.step)
 
   # ----------------------------------------------------------------------------------------------------- input
@@ -142,11 +144,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   return results
 
 
-def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup,
-                   checkpointer: Checkpointer) -> tuple[state_lib.TrainState, dict | None]:
-  """(state, this process's data-iterator state) of the latest checkpoint, else a state born sharded and None."""
+def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup, checkpointer: Checkpointer,
+                   damaged_dir: pathlib.Path) -> tuple[state_lib.TrainState, dict | None]:
+  """(state, this process's data-iterator state) of the newest checkpoint that restores (newer, damaged ones are
+  moved to `damaged_dir`), else a state born sharded and None."""
   if checkpointer.latest_step() is not None:
-    state, saved = checkpointer.restore(built.abstract_state())
+    state, saved = checkpointer.restore(built.abstract_state(), damaged_dir=damaged_dir)
     log.info('resumed from step %d', int(state.step))
     return state, saved['processes'][jax.process_index()]
   state = state_lib.create_state(built.model, built.tx, jax.random.key(config.train.seed), built.shardings,

@@ -44,7 +44,12 @@ def _as_tuples(value):
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int | None, mesh):
-  """(model, train state, data iterator state) of a checkpoint, restored onto `mesh`."""
+  """(model, train state, data iterator state) of a checkpoint, restored onto `mesh`.
+
+  `step` None: the newest checkpoint that restores; newer ones that do not are named in a warning and left in place
+  (a reader does not move what the training run owns). A named step that is missing or damaged is an error listing
+  the steps there are.
+  """
   built = state_lib.setup(config, mesh, config.train.steps)
   model = built.model
   with Checkpointer(workdir / 'checkpoints', save_every=1, keep=1_000_000) as checkpointer:
