@@ -1,5 +1,5 @@
 """Checkpointer: restore onto other meshes, retention, shape errors, killed saves, preemption signals, damaged
-checkpoints (checksums, fallback)."""
+checkpoints (checksums, fallback) and failed saves."""
 
 import os
 import shutil
@@ -207,7 +207,7 @@ def test_a_relative_directory_works(tmp_path, monkeypatch):
   assert data == {'position': 3}
 
 
-# ------------------------------------------------------------------------------------------ damaged checkpoints
+# ------------------------------------------------------------------------------- damaged checkpoints, failed saves
 
 def _random_state(step: int) -> dict:
   # Random values: zstd stores them as raw blocks, so a changed byte is still a valid array on disk.
@@ -297,3 +297,36 @@ def test_a_missing_step_lists_the_steps_there_are(tmp_path):
   with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
     with pytest.raises(CheckpointNotFoundError, match=r'No checkpoint of step 7 .*the steps there are \[1, 2\]'):
       ckpt.restore(_TARGET, step=7)
+
+
+_SAVE_ON_A_FULL_DISK = textwrap.dedent('''
+  import resource, sys
+  import jax.numpy as jnp, numpy as np
+  from xmodal.train.checkpoint import Checkpointer, CheckpointSaveError
+  ckpt = Checkpointer(sys.argv[1], save_every=1, keep=1)
+  ckpt.save(1, {'w': jnp.ones(16)}, {'position': 1})
+  ckpt.wait()
+  # Files may no longer grow past 64 kB (what a full disk does to the next write); the next step's array is 4 MB.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+  ckpt.save(2, {'w': jnp.asarray(np.random.default_rng(0).normal(size=1 << 20), jnp.float32)}, {'position': 2})
+  try:
+    ckpt.wait()
+  except CheckpointSaveError as e:
+    print(e)
+    sys.exit(3)
+''')
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_partial_one(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  child = subprocess.run([sys.executable, '-c', _SAVE_ON_A_FULL_DISK, str(tmp_path)], env=env, timeout=120,
+                         capture_output=True, text=True)
+  assert child.returncode == 3, child.stderr[-3000:]
+  assert child.stdout.startswith(f'Saving checkpoint step 2 to {tmp_path} failed: ')
+  assert 'File too large' in child.stdout
+  assert 'The last complete checkpoint, step 1, is kept' in child.stdout
+  assert sorted(os.listdir(tmp_path)) == ['1']  # keep=1, yet step 1 stays; no partial step 2 on the full disk
+  with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+    state, data_state = ckpt.restore({'w': jax.ShapeDtypeStruct((16,), jnp.float32)})
+  np.testing.assert_array_equal(state['w'], np.ones(16))
+  assert data_state == {'position': 1}

@@ -6,7 +6,9 @@ A checkpoint step directory holds two items:
   data: a small JSON dict, the input iterator's state, so that a resumed run does not repeat or skip examples.
 
 Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it (or, on GCS, writes `commit_success.txt`) only
-when every process has finished, so a run killed mid-save leaves the previous step as the latest one.
+when every process has finished, so a run killed mid-save leaves the previous step as the latest one. A save that
+fails (a full disk, a filesystem refusing writes) raises `CheckpointSaveError` naming the step and the cause, and
+its partial directory is removed; the steps already committed stay (orbax deletes the oldest only after a commit).
 
 Integrity: orbax notices a truncated, missing or unparsable file, but reads a data file whose bytes changed in place
 (a bad copy, bit rot) without complaint, and the run would train on wrong weights. So process 0 writes the sha256 of
@@ -74,6 +76,11 @@ class NoRestorableCheckpointError(RunError):
   """Every checkpoint in the directory failed to restore; the message has one line per checkpoint."""
 
 
+class CheckpointSaveError(RunError):
+  """A save failed (a full disk, a filesystem refusing writes); the message names the step, the cause and the last
+  complete checkpoint, which is kept."""
+
+
 class _Unreadable(Exception):
   """One step failed to restore (internal: `restore` turns it into one of the errors above)."""
 
@@ -136,17 +143,25 @@ class Checkpointer:
       state: a pytree of jax.Arrays (the train state), sharded in any way.
       data_state: a JSON-serializable dict, the input iterator's state after this step's batch.
       force: save even when the step is not a multiple of `save_every`.
+
+    Raises:
+      CheckpointSaveError: this save, or the one before it still in flight, failed.
     """
     if not force and step % self.save_every:
       return False
-    self.wait()  # the checksum hook of the save in flight reads `_saving`: it must finish before that changes
+    # orbax waits for the save in flight anyway; waiting here names its failure by its own step, and its checksum
+    # hook, which reads `_saving`, finishes before that changes.
+    self.wait()
     latest = self.latest_step()
     if latest is not None and step <= latest:
       return False
     args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state), _DATA: ocp.args.JsonSave(data_state)})
     self._saving = step
-    # `force=True`: the decision is ours; orbax's own interval policy would second-guess it.
-    return self._manager.save(step, args=args, force=True)
+    try:
+      # `force=True`: the decision is ours; orbax's own interval policy would second-guess it.
+      return self._manager.save(step, args=args, force=True)
+    except Exception as e:  # pylint: disable=broad-except  # whatever the filesystem raised, reported by step
+      self._save_failed(step, e)
 
   def restore(self, abstract_state: PyTree, step: int | None = None, *,
               damaged_dir: str | os.PathLike | None = None) -> tuple[PyTree, dict[str, Any]]:
@@ -268,13 +283,47 @@ class Checkpointer:
     self._manager.reload()
     return moved
 
+  def _save_failed(self, step: int, error: BaseException) -> None:
+    """Removes the step's partial directory (process 0) and raises CheckpointSaveError naming what is kept."""
+    self._saving = None
+    partial = epath.Path(self.directory) / f'{step}{ocp.path.atomicity.TMP_DIR_SUFFIX}'
+    if jax.process_index() == 0 and partial.exists():
+      try:
+        partial.rmtree()  # never committed, so no restore reads it; on a full disk its space is what is missing
+      except OSError as e:
+        log.warning('could not remove the partial checkpoint %s: %s', partial, e)
+    self._manager.reload()  # orbax listed the step when the save started
+    latest = self.latest_step()
+    kept = (f'The last complete checkpoint, step {latest}, is kept: rerunning the command resumes from it.'
+            if latest is not None else 'There is no complete checkpoint yet: rerunning the command starts afresh.')
+    raise CheckpointSaveError(f'Saving checkpoint step {step} to {self.directory} failed: {_one_line(error)}\n'
+                              f'{kept} Free space or fix the filesystem first.') from error
+
   def wait(self) -> None:
-    """Blocks until the save in flight (if any) is committed."""
-    self._manager.wait_until_finished()
+    """Blocks until the save in flight (if any) is committed.
+
+    Raises:
+      CheckpointSaveError: it failed.
+    """
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except  # whatever the filesystem raised, reported by step
+      self._save_failed(self._saving, e)
+    self._saving = None
 
   def close(self) -> None:
-    """Waits for the save in flight and releases the manager's threads."""
-    self._manager.close()
+    """Waits for the save in flight and releases the manager's threads.
+
+    Raises:
+      CheckpointSaveError: the save in flight failed.
+    """
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception as e:  # pylint: disable=broad-except  # the failed save, already reported by wait()
+        log.info('closing the checkpoint manager after a failed save: %s', _one_line(e))
 
   def __enter__(self) -> Checkpointer:
     return self
@@ -332,7 +381,7 @@ def _one_line(error: BaseException, limit: int = 400) -> str:
 
   orbax wraps tensorstore's precise error ('OUT_OF_RANGE: Error reading "params.vision.pos_embedding/0.0.0" ...') in a
   generic one that prints the whole TensorStore spec; the cause is the line worth reading. A long one keeps its
-  start (what failed) and its end (the system's reason).
+  start (what failed) and its end (the system's reason: 'File too large', 'No space left on device').
   """
   while (inner := error.__cause__ or (None if error.__suppress_context__ else error.__context__)) is not None:
     error = inner
