@@ -1,6 +1,7 @@
 """The `xmodal` command: train, eval, bench, data, config.
 
-  xmodal train --config configs/shapes.py[:size=tiny] --workdir DIR [--verbose] [--config.optim.lr=3e-4 ...]
+  xmodal train --config configs/shapes.py[:size=tiny] --workdir DIR [--allow-config-change] [--verbose]
+               [--config.optim.lr=3e-4 ...]
   xmodal eval  --config configs/shapes.py --workdir DIR [--split test] [--step N] [--verbose]
   xmodal bench --config configs/bench_cpu.py [--steps 20] [--verbose]
   xmodal data  build|bench|train-tokenizer ...
@@ -81,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
       print(f'xmodal: config error: {e}', file=sys.stderr)
       return 2
-    except RunError as e:  # e.g. no checkpoint that restores: the message says what and what to do
+    except RunError as e:  # a damaged checkpoint, a workdir in use, a failed save: the message says it all
       print(f'xmodal: error: {e}', file=sys.stderr)
       return 1
 

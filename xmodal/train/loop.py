@@ -23,7 +23,7 @@ import numpy as np
 
 from xmodal import distributed, sharding
 from xmodal.models import flops
-from xmodal.train import evaluation, state as state_lib
+from xmodal.train import evaluation, state as state_lib, workdir as workdir_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
 from xmodal.train.metrics import MetricWriter
 from xmodal.train.objective import LossWeights
@@ -45,20 +45,35 @@ def _progress(total: int, initial: int, enabled: bool):
   return tqdm(total=total, initial=initial, desc='train', unit='step', dynamic_ncols=True)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """The resolved config, as JSON, beside the checkpoints (process 0)."""
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation results (or {} when stopped early).
 
-
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation results (or {} when stopped early)."""
+  The run holds the workdir's lock from start to end (another live run on it is refused, see workdir.py); resuming
+  with a config that changes more than `workdir.FREE_ON_RESUME` needs `allow_config_change`.
+  """
   # ------------------------------------------------------------------------------------------ processes, workdir
   distributed.initialize()
-  primary = jax.process_index() == 0
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if primary:
-    write_config(config, workdir)
+  checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
+                              keep=config.train.keep_checkpoints)
+  try:
+    lock = workdir_lib.claim(workdir, config, resuming=checkpointer.latest_step() is not None,
+                             allow_config_change=allow_config_change)
+  except Exception:
+    checkpointer.close()
+    raise
+  try:
+    return _train(config, workdir, checkpointer)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointer: Checkpointer) -> dict[str, Any]:
+  """The run, once it holds its workdir."""
+  primary = jax.process_index() == 0
   if config.train.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', config.train.compilation_cache_dir)
   total_steps = int(config.train.steps)
@@ -76,10 +91,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   from xmodal.data import pipeline  # TensorFlow stays out of the module import of the training code
   if primary:
     pipeline.prepare(config.data)
-  checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
-                              keep=config.train.keep_checkpoints)
   state, data_state = _initial_state(config, built, checkpointer, workdir / DAMAGED_CHECKPOINTS)
   start_step = int(state.step)
+  if primary:
+    workdir_lib.record_config(workdir, config, start_step)
 
   # ----------------------------------------------------------------------------------------------------- input
   batches = pipeline.train_iterator(config.data, state=data_state)
