@@ -109,7 +109,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   # --------------------------------------------------------------------------------------------------- metrics
   step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
-  writer = MetricWriter(workdir, enabled=primary)
+  writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
   report = functools.partial(_report_step, config=config, step_flops=step_flops, peak=peak, writer=writer,
