@@ -1,5 +1,5 @@
-"""Helpers shared by the tests (no test here): the repository root, the micro model, paired embeddings for the loss
-tests, and tiny on-disk datasets with a stand-in tokenizer for the data tests.
+"""Helpers shared by the tests (no test here): the repository root, the micro model and `xmodal train` runs of it,
+paired embeddings for the loss tests, and tiny on-disk datasets with a stand-in tokenizer for the data tests.
 
 Fixtures live in conftest.py; this module holds plain functions and constants, imported as `from helpers import ...`.
 """
@@ -42,6 +42,22 @@ def micro_config(batch_size: int = 16):
   config.optim.warmup_steps = 2
   config.train.steps = 4
   return config
+
+
+def train_command(workdir, shapes_dir, steps, extra=()):
+  """`xmodal train`'s arguments for the micro model on a prepared shapes dataset (tests/micro_config.py); `extra`
+  overrides come last and win."""
+  overrides = [f'--config.data.tfds_name={shapes_dir}', '--config.data.image_size=32', '--config.data.batch_size=8',
+               '--config.data.eval_batch_size=8', '--config.data.eval_split=test', '--config.train.log_every=1',
+               f'--config.train.steps={steps}', '--config.train.checkpoint_every=1000', '--config.train.progress=false',
+               '--config.eval.k=4', *extra]
+  return ['--config', str(ROOT / 'tests' / 'micro_config.py'), '--workdir', str(workdir), *overrides]
+
+
+def logged_losses(workdir):
+  """The training-step lines of a run's metrics.jsonl (those with a loss), in order."""
+  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+  return [json.loads(l) for l in lines if '"loss"' in l]
 
 
 # ---------------------------------------------------------------------------------------------------------------

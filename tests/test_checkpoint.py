@@ -1,6 +1,8 @@
-"""Checkpointer: restore onto other meshes, retention, shape errors, killed saves, preemption signals."""
+"""Checkpointer: restore onto other meshes, retention, shape errors, killed saves, preemption signals, damaged
+checkpoints (checksums, fallback) and failed saves."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from xmodal.train.checkpoint import Checkpointer, CheckpointMismatchError, PreemptionGuard
+from xmodal.train.checkpoint import (Checkpointer, CheckpointDamagedError, CheckpointMismatchError,
+                                     CheckpointNotFoundError, NoRestorableCheckpointError, PreemptionGuard)
 
 OPTIMIZER = optax.adamw(1e-2, weight_decay=0.1)
 
@@ -202,3 +205,128 @@ def test_a_relative_directory_works(tmp_path, monkeypatch):
     restored, data = ckpt.restore(jax.eval_shape(lambda: state))
   np.testing.assert_array_equal(restored['w'], np.arange(4.0))
   assert data == {'position': 3}
+
+
+# ------------------------------------------------------------------------------- damaged checkpoints, failed saves
+
+def _random_state(step: int) -> dict:
+  # Random values: zstd stores them as raw blocks, so a changed byte is still a valid array on disk.
+  return {'w': jnp.asarray(np.random.default_rng(step).normal(size=4096), jnp.float32)}
+
+
+def _save_steps(directory, steps=(1, 2), keep=5) -> None:
+  with Checkpointer(directory, save_every=1, keep=keep) as ckpt:
+    for step in steps:
+      ckpt.save(step, _random_state(step), {'position': step})
+
+
+def _data_file(step_dir):
+  """The largest file of the step's array data (an OCDBT data file)."""
+  return max((p for p in (step_dir / 'state').rglob('*') if p.is_file() and p.parent.name == 'd'),
+             key=lambda p: p.stat().st_size)
+
+
+def _flip_bytes(path, n=16):
+  data = bytearray(path.read_bytes())
+  middle = len(data) // 2
+  data[middle:middle + n] = bytes(b ^ 0xFF for b in data[middle:middle + n])
+  path.write_bytes(bytes(data))
+
+
+_TARGET = {'w': jax.ShapeDtypeStruct((4096,), jnp.float32)}
+
+
+def test_a_byte_changed_in_place_is_caught_by_the_checksums_where_orbax_alone_reads_it_silently(tmp_path):
+  _save_steps(tmp_path / 'run')
+  _flip_bytes(_data_file(tmp_path / 'run' / '2'))
+  # Why xmodal writes checksums: without them, orbax restores the changed bytes as if nothing happened.
+  shutil.copytree(tmp_path / 'run', tmp_path / 'unchecked')
+  (tmp_path / 'unchecked' / '2' / 'checksums.sha256').unlink()
+  with Checkpointer(tmp_path / 'unchecked', save_every=1, keep=5) as ckpt:
+    silently_wrong, _ = ckpt.restore(_TARGET, step=2)
+  assert not np.array_equal(silently_wrong['w'], _random_state(2)['w'])
+
+  with Checkpointer(tmp_path / 'run', save_every=1, keep=5) as ckpt:
+    with pytest.raises(CheckpointDamagedError, match=r'step 2 .* state/.*/d/\w+ differs from its save-time '
+                                                     r'checksum(.|\n)*steps in .* are \[1, 2\]'):
+      ckpt.restore(_TARGET, step=2)
+
+
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous_one_and_is_moved_aside(tmp_path, caplog):
+  _save_steps(tmp_path / 'checkpoints')
+  damaged = _data_file(tmp_path / 'checkpoints' / '2')
+  os.truncate(damaged, damaged.stat().st_size // 2)
+  with Checkpointer(tmp_path / 'checkpoints', save_every=1, keep=5) as ckpt:
+    state, data_state = ckpt.restore(_TARGET, damaged_dir=tmp_path / 'damaged')
+    assert ckpt.all_steps() == [1]
+  np.testing.assert_array_equal(state['w'], _random_state(1)['w'])
+  assert data_state == {'position': 1}
+  assert f"checkpoint step 2 ({tmp_path / 'checkpoints' / '2'}) cannot be read" in caplog.text
+  assert f"restored step 1, the newest checkpoint that reads completely; skipped step 2 (moved to " \
+         f"{tmp_path / 'damaged' / '2'})" in caplog.text
+  assert (tmp_path / 'damaged' / '2' / 'checksums.sha256').exists()  # moved whole, not deleted
+  # A reader (xmodal eval) falls back the same way but moves nothing.
+  _save_steps(tmp_path / 'reader')
+  (tmp_path / 'reader' / '2' / 'state' / '_METADATA').write_text('{')
+  with Checkpointer(tmp_path / 'reader', save_every=1, keep=5) as ckpt:
+    state, _ = ckpt.restore(_TARGET)
+    assert ckpt.all_steps() == [1, 2]
+  np.testing.assert_array_equal(state['w'], _random_state(1)['w'])
+
+
+def test_when_no_checkpoint_restores_the_error_lists_each_failure_and_nothing_moves(tmp_path):
+  _save_steps(tmp_path / 'checkpoints')
+  _flip_bytes(_data_file(tmp_path / 'checkpoints' / '2'))
+  # Step 1 from before checksums were kept: orbax's own error, cut to its one useful line.
+  (tmp_path / 'checkpoints' / '1' / 'checksums.sha256').unlink()
+  os.truncate(_data_file(tmp_path / 'checkpoints' / '1'), 10)
+  with Checkpointer(tmp_path / 'checkpoints', save_every=1, keep=5) as ckpt:
+    with pytest.raises(NoRestorableCheckpointError) as info:
+      ckpt.restore(_TARGET, damaged_dir=tmp_path / 'damaged')
+    assert ckpt.all_steps() == [1, 2]
+  lines = str(info.value).splitlines()
+  assert lines[0] == f"No checkpoint in {tmp_path / 'checkpoints'} restores:"
+  assert lines[1].startswith(f"  step 2 ({tmp_path / 'checkpoints' / '2'}): state/") and 'checksum' in lines[1]
+  assert lines[2].startswith(f"  step 1 ({tmp_path / 'checkpoints' / '1'}): ValueError: OUT_OF_RANGE: Error reading")
+  assert 'tensorstore_spec' not in lines[2] and len(lines[2]) < 600
+  assert 'Nothing was moved' in lines[3] and not (tmp_path / 'damaged').exists()
+
+
+def test_a_missing_step_lists_the_steps_there_are(tmp_path):
+  _save_steps(tmp_path)
+  with Checkpointer(tmp_path, save_every=1, keep=5) as ckpt:
+    with pytest.raises(CheckpointNotFoundError, match=r'No checkpoint of step 7 .*the steps there are \[1, 2\]'):
+      ckpt.restore(_TARGET, step=7)
+
+
+_SAVE_ON_A_FULL_DISK = textwrap.dedent('''
+  import resource, sys
+  import jax.numpy as jnp, numpy as np
+  from xmodal.train.checkpoint import Checkpointer, CheckpointSaveError
+  ckpt = Checkpointer(sys.argv[1], save_every=1, keep=1)
+  ckpt.save(1, {'w': jnp.ones(16)}, {'position': 1})
+  ckpt.wait()
+  # Files may no longer grow past 64 kB (what a full disk does to the next write); the next step's array is 4 MB.
+  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+  ckpt.save(2, {'w': jnp.asarray(np.random.default_rng(0).normal(size=1 << 20), jnp.float32)}, {'position': 2})
+  try:
+    ckpt.wait()
+  except CheckpointSaveError as e:
+    print(e)
+    sys.exit(3)
+''')
+
+
+def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_partial_one(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  child = subprocess.run([sys.executable, '-c', _SAVE_ON_A_FULL_DISK, str(tmp_path)], env=env, timeout=120,
+                         capture_output=True, text=True)
+  assert child.returncode == 3, child.stderr[-3000:]
+  assert child.stdout.startswith(f'Saving checkpoint step 2 to {tmp_path} failed: ')
+  assert 'File too large' in child.stdout
+  assert 'The last complete checkpoint, step 1, is kept' in child.stdout
+  assert sorted(os.listdir(tmp_path)) == ['1']  # keep=1, yet step 1 stays; no partial step 2 on the full disk
+  with Checkpointer(tmp_path, save_every=1, keep=1) as ckpt:
+    state, data_state = ckpt.restore({'w': jax.ShapeDtypeStruct((16,), jnp.float32)})
+  np.testing.assert_array_equal(state['w'], np.ones(16))
+  assert data_state == {'position': 1}

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, micro_model_config
+from helpers import ROOT, logged_losses, micro_model_config, train_command
 from xmodal.config.defaults import base_config
 
 # Every test trains the micro model on shapes for a few steps, most of them in subprocesses.
@@ -28,11 +28,6 @@ def loop_config(shapes_dir, steps=4):
   config.train.update(steps=steps, checkpoint_every=2, keep_checkpoints=5, log_every=1, progress=False)
   config.eval.update(k=4, chunk_size=16, binding_split='test_hard')
   return config
-
-
-def _metrics(workdir):
-  lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-  return [json.loads(l) for l in lines if '"loss"' in l]
 
 
 def _params(workdir, config):
@@ -54,7 +49,7 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(shapes_dir, tmp_path, 
   assert loop.train(config, tmp_path / 'resumed') == {}
   monkeypatch.undo()
   loop.train(config, tmp_path / 'resumed')  # same workdir: resumes from step 3
-  straight, resumed = _metrics(tmp_path / 'straight'), _metrics(tmp_path / 'resumed')
+  straight, resumed = logged_losses(tmp_path / 'straight'), logged_losses(tmp_path / 'resumed')
   assert [m['step'] for m in resumed] == [1, 2, 3, 4]
   for a, b in zip(straight, resumed):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
@@ -105,18 +100,10 @@ def test_nonfinite_loss_stops_the_run_naming_the_step(shapes_dir, tmp_path):
     loop.train(config, tmp_path / 'nan')
 
 
-def _train_command(workdir, shapes_dir, steps, extra=()):
-  overrides = [f'--config.data.tfds_name={shapes_dir}', '--config.data.image_size=32', '--config.data.batch_size=8',
-               '--config.data.eval_batch_size=8', '--config.data.eval_split=test', '--config.train.log_every=1',
-               f'--config.train.steps={steps}', '--config.train.checkpoint_every=1000', '--config.train.progress=false',
-               '--config.eval.k=4', *extra]
-  return ['--config', str(ROOT / 'tests' / 'micro_config.py'), '--workdir', str(workdir), *overrides]
-
-
 def test_sigterm_mid_run_leaves_a_restorable_checkpoint(shapes_dir, tmp_path):
   workdir = tmp_path / 'preempted'
   process = subprocess.Popen([sys.executable, '-m', 'xmodal.cli', 'train',
-                              *_train_command(workdir, shapes_dir, steps=100000)],
+                              *train_command(workdir, shapes_dir, steps=100000)],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
   try:
     deadline = time.time() + 240
@@ -128,7 +115,7 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(shapes_dir, tmp_path):
   finally:
     process.kill()
   assert process.returncode == 0, output
-  steps = [m['step'] for m in _metrics(workdir)]
+  steps = [m['step'] for m in logged_losses(workdir)]
   from xmodal.train.checkpoint import Checkpointer
   with Checkpointer(workdir / 'checkpoints', save_every=1, keep=1) as ckpt:
     assert ckpt.latest_step() >= max(steps) >= 2
@@ -137,15 +124,15 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(shapes_dir, tmp_path):
 def test_two_processes_give_the_losses_of_one(shapes_dir, tmp_path):
   single = tmp_path / 'single'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', *_train_command(single, shapes_dir, 3)],
+  subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', *train_command(single, shapes_dir, 3)],
                  check=True, cwd=ROOT, env=env, timeout=600, capture_output=True)
   double = tmp_path / 'double'
   # local.sh starts `xmodal` from PATH: the one installed beside this interpreter.
   env1 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
               PATH=f'{pathlib.Path(sys.executable).parent}:{os.environ["PATH"]}')
   result = subprocess.run(['bash', str(ROOT / 'launch' / 'local.sh'), '-n', '2', '-l', str(tmp_path / 'logs'), '--',
-                           *_train_command(double, shapes_dir, 3)], cwd=ROOT, env=env1, timeout=600,
+                           *train_command(double, shapes_dir, 3)], cwd=ROOT, env=env1, timeout=600,
                           capture_output=True, text=True)
   assert result.returncode == 0, result.stdout + result.stderr
-  for a, b in zip(_metrics(single), _metrics(double), strict=True):
+  for a, b in zip(logged_losses(single), logged_losses(double), strict=True):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)

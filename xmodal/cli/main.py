@@ -1,6 +1,7 @@
 """The `xmodal` command: train, eval, bench, data, config.
 
-  xmodal train --config configs/shapes.py[:size=tiny] --workdir DIR [--verbose] [--config.optim.lr=3e-4 ...]
+  xmodal train --config configs/shapes.py[:size=tiny] --workdir DIR [--allow-config-change] [--verbose]
+               [--config.optim.lr=3e-4 ...]
   xmodal eval  --config configs/shapes.py --workdir DIR [--split test] [--step N] [--verbose]
   xmodal bench --config configs/bench_cpu.py [--steps 20] [--verbose]
   xmodal data  build|bench|train-tokenizer ...
@@ -74,12 +75,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'xmodal: config error: {e}', file=sys.stderr)
     return 2
   args = _parser().parse_args(rest)
+  from xmodal.train.errors import RunError  # pylint: disable=g-import-not-at-top  # a class, no training code
   with console.logging_to(_log_file(args), verbose=getattr(args, 'verbose', False)):
     try:
       return _COMMANDS[args.command].run(args, overrides)
     except ConfigError as e:
       print(f'xmodal: config error: {e}', file=sys.stderr)
       return 2
+    except RunError as e:  # a damaged checkpoint, a workdir in use, a failed save: the message says it all
+      print(f'xmodal: error: {e}', file=sys.stderr)
+      return 1
 
 
 def _log_file(args: argparse.Namespace) -> pathlib.Path | None:

@@ -1,6 +1,6 @@
 """`xmodal train`: train (or resume) the run in a workdir from a config file.
 
-  xmodal train --config configs/NAME.py[:arg] --workdir DIR [--verbose] [--config.a.b=value ...]
+  xmodal train --config configs/NAME.py[:arg] --workdir DIR [--allow-config-change] [--verbose] [--config.a.b=value ...]
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ def add_parser(sub) -> None:
   train = sub.add_parser('train', help='train (or resume) a model')
   train.add_argument('--config', required=True, help='configs/NAME.py[:args]')
   train.add_argument('--workdir', required=True)
+  train.add_argument('--allow-config-change', action='store_true',
+                     help='resume even though the config differs from WORKDIR/config.json in keys that change the '
+                     'training (the changes go to WORKDIR/config_history.jsonl)')
   train.add_argument('--verbose', action='store_true', help=f'libraries\' INFO on the console too (always in '
                      f'WORKDIR/{console.LOG_FILE})')
 
@@ -24,5 +27,5 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   # Imported here, not above: building the parser of every command must not load the model and training code.
   from xmodal import config as config_lib  # pylint: disable=g-import-not-at-top
   from xmodal.train import loop  # pylint: disable=g-import-not-at-top
-  loop.train(config_lib.load(args.config, overrides), args.workdir)
+  loop.train(config_lib.load(args.config, overrides), args.workdir, allow_config_change=args.allow_config_change)
   return 0

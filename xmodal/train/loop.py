@@ -23,13 +23,15 @@ import numpy as np
 
 from xmodal import distributed, sharding
 from xmodal.models import flops
-from xmodal.train import evaluation, state as state_lib
+from xmodal.train import evaluation, state as state_lib, workdir as workdir_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
 from xmodal.train.metrics import MetricWriter
 from xmodal.train.objective import LossWeights
 from xmodal.train.step import jit_train_step
 
 log = logging.getLogger('xmodal.train')
+
+DAMAGED_CHECKPOINTS = 'damaged_checkpoints'  # in the workdir: checkpoints that failed to restore, moved aside
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -43,20 +45,35 @@ def _progress(total: int, initial: int, enabled: bool):
   return tqdm(total=total, initial=initial, desc='train', unit='step', dynamic_ncols=True)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """The resolved config, as JSON, beside the checkpoints (process 0)."""
-  (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+          allow_config_change: bool = False) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns the final evaluation results (or {} when stopped early).
 
-
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict[str, Any]:
-  """Trains (or resumes) the run in `workdir`; returns the final evaluation results (or {} when stopped early)."""
+  The run holds the workdir's lock from start to end (another live run on it is refused, see workdir.py); resuming
+  with a config that changes more than `workdir.FREE_ON_RESUME` needs `allow_config_change`.
+  """
   # ------------------------------------------------------------------------------------------ processes, workdir
   distributed.initialize()
-  primary = jax.process_index() == 0
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if primary:
-    write_config(config, workdir)
+  checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
+                              keep=config.train.keep_checkpoints)
+  try:
+    lock = workdir_lib.claim(workdir, config, resuming=checkpointer.latest_step() is not None,
+                             allow_config_change=allow_config_change)
+  except Exception:
+    checkpointer.close()
+    raise
+  try:
+    return _train(config, workdir, checkpointer)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointer: Checkpointer) -> dict[str, Any]:
+  """The run, once it holds its workdir."""
+  primary = jax.process_index() == 0
   if config.train.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', config.train.compilation_cache_dir)
   total_steps = int(config.train.steps)
@@ -74,10 +91,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   from xmodal.data import pipeline  # TensorFlow stays out of the module import of the training code
   if primary:
     pipeline.prepare(config.data)
-  checkpointer = Checkpointer(workdir / 'checkpoints', save_every=config.train.checkpoint_every,
-                              keep=config.train.keep_checkpoints)
-  state, data_state = _initial_state(config, built, checkpointer)
+  state, data_state = _initial_state(config, built, checkpointer, workdir / DAMAGED_CHECKPOINTS)
   start_step = int(state.step)
+  if primary:
+    workdir_lib.record_config(workdir, config, start_step)
 
   # ----------------------------------------------------------------------------------------------------- input
   batches = pipeline.train_iterator(config.data, state=data_state)
@@ -93,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts,
                                  weights.mlm > 0)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
-  writer = MetricWriter(workdir, enabled=primary)
+  writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
   report = functools.partial(_report_step, config=config, step_flops=step_flops, peak=peak, writer=writer,
@@ -143,11 +160,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dic
   return results
 
 
-def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup,
-                   checkpointer: Checkpointer) -> tuple[state_lib.TrainState, dict | None]:
-  """(state, this process's data-iterator state) of the latest checkpoint, else a state born sharded and None."""
+def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup, checkpointer: Checkpointer,
+                   damaged_dir: pathlib.Path) -> tuple[state_lib.TrainState, dict | None]:
+  """(state, this process's data-iterator state) of the newest checkpoint that restores (newer, damaged ones are
+  moved to `damaged_dir`), else a state born sharded and None."""
   if checkpointer.latest_step() is not None:
-    state, saved = checkpointer.restore(built.abstract_state())
+    state, saved = checkpointer.restore(built.abstract_state(), damaged_dir=damaged_dir)
     log.info('resumed from step %d', int(state.step))
     return state, saved['processes'][jax.process_index()]
   state = state_lib.create_state(built.model, built.tx, jax.random.key(config.train.seed), built.shardings,

@@ -14,16 +14,28 @@ import numpy as np
 class MetricWriter:
   """Appends `{"step": s, "time": t, **scalars}` lines to workdir/metrics.jsonl and scalars to TensorBoard."""
 
-  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True):
+  def __init__(self, workdir: str | pathlib.Path, enabled: bool = True, resume_step: int | None = None):
+    """`resume_step`: the step a resumed run restored; what an earlier run logged after it (steps whose state was
+    lost: a run stopped between checkpoints, or a damaged checkpoint skipped) is dropped, as the resumed run logs
+    those steps again."""
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
     if enabled:
       workdir = pathlib.Path(workdir)
       workdir.mkdir(parents=True, exist_ok=True)
-      self._jsonl = open(workdir / 'metrics.jsonl', 'a', encoding='utf-8')
+      path = workdir / 'metrics.jsonl'
+      if resume_step is not None and path.exists():
+        lines = path.read_text(encoding='utf-8').splitlines(keepends=True)
+        kept = [line for line in lines if _step(line) <= resume_step]
+        if len(kept) < len(lines):
+          path.with_suffix('.tmp').write_text(''.join(kept), encoding='utf-8')
+          path.with_suffix('.tmp').replace(path)
+      self._jsonl = open(path, 'a', encoding='utf-8')
       from tensorboardX import SummaryWriter  # pure Python: no TensorFlow on the training host
-      self._tb = SummaryWriter(str(workdir / 'tensorboard'), flush_secs=30)
+      # purge_step: TensorBoard hides the events an earlier run wrote from that step on.
+      self._tb = SummaryWriter(str(workdir / 'tensorboard'), flush_secs=30,
+                               purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = '') -> None:
     if not self.enabled:
@@ -39,3 +51,11 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _step(line: str) -> float:
+  """A metrics.jsonl line's step; infinite for a line cut short (a run killed while writing it)."""
+  try:
+    return json.loads(line)['step']
+  except (ValueError, KeyError):
+    return float('inf')

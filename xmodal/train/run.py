@@ -5,7 +5,6 @@ What `xmodal eval` and `xmodal export` (xmodal/cli/eval.py, xmodal/bundle/export
 
 from __future__ import annotations
 
-import json
 import pathlib
 from collections.abc import Sequence
 
@@ -14,16 +13,17 @@ import ml_collections
 from xmodal import config as config_lib
 from xmodal.train import state as state_lib
 from xmodal.train.checkpoint import Checkpointer
+from xmodal.train.workdir import CONFIG_FILE, read_config
 
 
 def load_run_config(workdir: pathlib.Path, spec: str | None, overrides: Sequence[str]) -> ml_collections.ConfigDict:
   """The config given on the command line, else the one the run wrote into its workdir."""
   if spec:
     return config_lib.load(spec, overrides)
-  saved = workdir / 'config.json'
-  if not saved.exists():
-    raise config_lib.ConfigError(f'{saved} does not exist; pass --config')
-  config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  saved = read_config(workdir)
+  if saved is None:
+    raise config_lib.ConfigError(f'{workdir / CONFIG_FILE} does not exist; pass --config')
+  config = ml_collections.ConfigDict(saved)
   _restore_tuples(config)
   config_lib.apply_overrides(config, overrides)
   config_lib.validate(config)
@@ -44,7 +44,12 @@ def _as_tuples(value):
 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: pathlib.Path, step: int | None, mesh):
-  """(model, train state, data iterator state) of a checkpoint, restored onto `mesh`."""
+  """(model, train state, data iterator state) of a checkpoint, restored onto `mesh`.
+
+  `step` None: the newest checkpoint that restores; newer ones that do not are named in a warning and left in place
+  (a reader does not move what the training run owns). A named step that is missing or damaged is an error listing
+  the steps there are.
+  """
   built = state_lib.setup(config, mesh, config.train.steps)
   model = built.model
   with Checkpointer(workdir / 'checkpoints', save_every=1, keep=1_000_000) as checkpointer:
