@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ConfigError as e:
     print(f'xmodal: config error: {e}', file=sys.stderr)
     return 2
+  from xmodal.data.faults import DataError  # pylint: disable=g-import-not-at-top  # TensorFlow-free
   args = _parser().parse_args(rest)
   with console.logging_to(_log_file(args), verbose=getattr(args, 'verbose', False)):
     try:
@@ -80,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
       print(f'xmodal: config error: {e}', file=sys.stderr)
       return 2
+    except DataError as e:
+      # The message names the source, file, key or line; the traceback would only show where tf.data noticed.
+      print(f'xmodal: data error: {e}', file=sys.stderr)
+      return 1
 
 
 def _log_file(args: argparse.Namespace) -> pathlib.Path | None:
