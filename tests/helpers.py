@@ -8,6 +8,8 @@ import io
 import json
 import os
 import pathlib
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -18,6 +20,22 @@ from xmodal.config.defaults import base_config
 from xmodal.config.model import model_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root: configs/, launch/, README.md
+
+
+XMODAL = (sys.executable, '-m', 'xmodal.cli')  # the command line, run from ROOT, of the xmodal under test
+
+
+def one_device_env() -> dict:
+  """The environment of an `xmodal` subprocess: one device, since on a 2-core machine the 8 fake devices of the test
+  process would split each step eight ways."""
+  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+
+
+def xmodal_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+  """`xmodal ARGS` on one device, its output captured; killed after `timeout` seconds (subprocess.TimeoutExpired), so
+  that a hang fails its test instead of stalling the suite."""
+  return subprocess.run([*XMODAL, *args], cwd=ROOT, env=one_device_env(), capture_output=True, text=True,
+                        timeout=timeout)
 
 
 # ---------------------------------------------------------------------------------------------------------------

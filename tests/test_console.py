@@ -1,13 +1,10 @@
 """The console of `xmodal train` and `xmodal eval`: xmodal's own lines, the progress bars and the table; the
 libraries' INFO (absl, orbax, tfds, jax) goes to WORKDIR/log.txt, and back to the console with --verbose."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, xmodal_command
 
 pytestmark = pytest.mark.slow  # two subprocesses: a 4-step training run with its evaluation, then `xmodal eval`
 
@@ -17,16 +14,9 @@ LIBRARY_INFO = re.compile(r' INFO (?!xmodal\b)[\w.]+: ')
 LIBRARY_MARKERS = ('CheckpointManager', 'Load dataset info')
 
 
-def _xmodal(*args: str) -> subprocess.CompletedProcess:
-  # One device: on a 2-core machine the 8 fake devices of the test process would split each step eight ways.
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  return subprocess.run([sys.executable, '-m', 'xmodal.cli', *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
-
-
 def test_console_shows_xmodal_lines_and_bars_while_library_info_goes_to_log_txt_or_verbose(shapes_dir, tmp_path):
   workdir = tmp_path / 'run'
-  train = _xmodal('train', '--config', str(ROOT / 'tests' / 'micro_config.py'), '--workdir', str(workdir),
+  train = xmodal_command('train', '--config', str(ROOT / 'tests' / 'micro_config.py'), '--workdir', str(workdir),
                   f'--config.data.tfds_name={shapes_dir}', '--config.data.image_size=32',
                   '--config.data.eval_batch_size=8', '--config.data.eval_split=test', '--config.train.steps=4',
                   '--config.train.checkpoint_every=2', '--config.eval.k=4')
@@ -46,7 +36,8 @@ def test_console_shows_xmodal_lines_and_bars_while_library_info_goes_to_log_txt_
     assert marker in log
   assert LIBRARY_INFO.search(log)
 
-  evaluate = _xmodal('eval', '--workdir', str(workdir), '--verbose', '--config.eval.k=0')  # k=0: no ITM to compile
+  # k=0: no ITM to compile
+  evaluate = xmodal_command('eval', '--workdir', str(workdir), '--verbose', '--config.eval.k=0')
   console = evaluate.stdout + evaluate.stderr
   assert evaluate.returncode == 0, console[-3000:]
   assert LIBRARY_INFO.search(console)

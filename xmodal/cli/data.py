@@ -58,8 +58,13 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.command == 'bench':
     from xmodal import config as config_lib  # pylint: disable=g-import-not-at-top
     from xmodal.data import bench  # pylint: disable=g-import-not-at-top
+    from xmodal.data.faults import DataError  # pylint: disable=g-import-not-at-top
     config = config_lib.load(args.config, list(args.overrides) + unknown)
-    result = bench.bench_pipeline(config.data, batches=args.batches, warmup=args.warmup, repeats=args.repeats)
+    try:
+      result = bench.bench_pipeline(config.data, batches=args.batches, warmup=args.warmup, repeats=args.repeats)
+    except DataError as e:
+      print(f'xmodal: data error: {e}', file=sys.stderr)
+      return 1
     print(bench.format_result(result))
     print(json.dumps(result))
     return 0

@@ -74,6 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ConfigError as e:
     print(f'xmodal: config error: {e}', file=sys.stderr)
     return 2
+  from xmodal.data.faults import DataError  # pylint: disable=g-import-not-at-top  # TensorFlow-free
   args = _parser().parse_args(rest)
   from xmodal.train.errors import RunError  # pylint: disable=g-import-not-at-top  # a class, no training code
   with console.logging_to(_log_file(args), verbose=getattr(args, 'verbose', False)):
@@ -84,6 +85,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 2
     except RunError as e:  # a damaged checkpoint, a workdir in use, a failed save: the message says it all
       print(f'xmodal: error: {e}', file=sys.stderr)
+      return 1
+    except DataError as e:
+      # The message names the source, file, key or line; the traceback would only show where tf.data noticed.
+      print(f'xmodal: data error: {e}', file=sys.stderr)
       return 1
 
 

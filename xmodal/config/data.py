@@ -63,6 +63,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     seed: data seed; the order and every augmentation are a pure function of it.
     num_parallel_calls: threads for decoding and augmentation; -1 = tf.data AUTOTUNE.
     prefetch: batches prepared ahead of the consumer.
+    unusable_limit: N; training stops with an error naming the source when N records in a row yield no example
+      (no usable caption, an image that does not decode, truncated), as it does for a stream's whole epoch:
+      otherwise a wrong key or extension would be read for ever. Far above the runs of bad records a real dataset
+      has; the bigger, the later the error (reading N skipped records costs seconds).
   """
   config = ml_collections.ConfigDict(dict(
       source='tfds',
@@ -103,6 +107,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       seed=0,
       num_parallel_calls=-1,
       prefetch=2,
+      unusable_limit=10_000,
   ))
   for key, value in overrides.items():
     if key not in config:
@@ -134,6 +139,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.crop_scale: {tuple(config.crop_scale)} is not 0 < min <= max <= 1')
   if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
     raise ValueError('data.mean/data.std: need 3 channels and std > 0')
-  for name in ('image_size', 'max_text_len', 'max_captions', 'batch_size', 'eval_batch_size', 'cycle_length'):
+  for name in ('image_size', 'max_text_len', 'max_captions', 'batch_size', 'eval_batch_size', 'cycle_length',
+               'unusable_limit'):
     if config[name] <= 0:
       raise ValueError(f'data.{name}: must be positive, got {config[name]}')

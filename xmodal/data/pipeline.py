@@ -27,27 +27,39 @@ Augmentation keys are (seed, epoch, index) for indexed sources and (seed, epoch,
 crops and caption choices match too. Each process has its own state (its position differs with skipped records):
 save one per process.
 
-Bad input: records without a usable caption and truncated records are dropped per chunk of READ_BATCH records, before
-decoding; undecodable images are dropped by an `ignore_errors` that covers decoding alone (`_decoded`), so a failing
-reader still raises. `skipped` counts each reason exactly, up to the last example yielded.
+Bad input (the list is docs/data.md, "Bad data"): records without a usable caption and truncated records are dropped
+per chunk of READ_BATCH records, before decoding; undecodable images are dropped by an `ignore_errors` that covers
+decoding alone (`_decoded`), so a failing reader still raises. `skipped` counts each reason exactly, up to the last
+example yielded. A training source that yields no example in `data.unusable_limit` records in a row, or in a whole
+epoch of a stream, fails (`_guarded`) instead of being read for ever. The iterators wait for tf.data in a thread of
+their own (`_Feeder`): the main thread then runs signal handlers while it waits, and a pipeline's error reaches it as
+an `xmodal.data.faults` error that names the source, the shard and the record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import queue
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
-from xmodal.data import preprocess, sources
+from xmodal.data import faults, preprocess, sources
 from xmodal.config.data import validate_data_config
 
 STATE_VERSION = 2
 STATUS_EMPTY = 2   # No usable caption.
 STATUS_END = 3     # End-of-split marker of the evaluation pipeline: lets it count trailing skipped records.
+STATUS_EPOCH_END = 4  # End-of-epoch marker of a training stream: an epoch without records still shows up.
 READ_BATCH = 64  # Positions located and records read per step by index-addressable sources.
+UNUSABLE_RUN = 'xmodal:unusable-run'      # [records in a row without a usable example]
+UNUSABLE_EPOCH = 'xmodal:unusable-epoch'  # [an epoch of a stream without a usable example]
 
 
 def _threads(config: ml_collections.ConfigDict) -> int:
@@ -70,7 +82,11 @@ def source_name(config: ml_collections.ConfigDict, split: str) -> str:
 
 def build_source(config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int,
                  shuffle_shards: bool) -> sources.IndexedSource | sources.StreamSource:
-  """The source named by the config for `split` ('train' or 'eval'), sliced for this process if streaming."""
+  """The source named by the config for `split` ('train' or 'eval'), sliced for this process if streaming.
+
+  Its paths are checked, and the keys (or extensions) the config names are looked for in its first records: a wrong
+  `tfrecord_caption_key` fails here, naming the keys the records have, not after an epoch of skipped records.
+  """
   train = split == 'train'
   if config.source == 'folder':
     return sources.folder_source(config.folder, config.train_captions if train else config.eval_captions)
@@ -81,31 +97,65 @@ def build_source(config: ml_collections.ConfigDict, split: str, process_index: i
         config.tfds_access == 'auto' and sources.tfds_is_random_access(builder))
     keys = (config.image_key, config.captions_key, config.id_key)
     negatives_key = config.negatives_key if train else ''
+    named = {'data.image_key': config.image_key, 'data.captions_key': config.captions_key,
+             'data.id_key': config.id_key, 'data.negatives_key': negatives_key}
+    sources.check_tfds(builder, tfds_split, named)
+    schema = sources.tfds_schema(builder, tfds_split, named)
     if random:
-      return sources.tfds_indexed_source(builder, tfds_split, *keys, negatives_key=negatives_key)
+      source = sources.tfds_indexed_source(builder, tfds_split, *keys, negatives_key=negatives_key)
+      return dataclasses.replace(source, schema=schema)
     if negatives_key:
       raise ValueError(f'data.negatives_key: {negatives_key!r} is read by random access only, and '
                        f'{config.tfds_name} is read as a stream (data.tfds_access={config.tfds_access!r})')
     epoch_records = sources.tfds_stream_reader(builder, tfds_split, *keys, process_index, process_count)
-    return _SingleStream(epoch_records)
+    return _SingleStream(epoch_records, schema)
   what = 'data.train_shards' if train else 'data.eval_shards'
   pattern = config.train_shards if train else config.eval_shards
   shards = sources.process_shards(sources.expand_glob(pattern, what), process_index, process_count, pattern)
   if config.source == 'wds':
-    reader = sources.wds_reader(config.wds_image_exts, config.wds_text_exts, config.wds_json_caption_keys)
+    exts = (config.wds_image_exts, config.wds_text_exts, config.wds_json_caption_keys)
+    sources.check_wds(shards[0], *exts)
+    reader, schema = sources.wds_reader(*exts), sources.wds_schema(pattern, shards, *exts)
   elif config.source == 'tfrecord':
-    reader = sources.tfrecord_reader(config.tfrecord_image_key, config.tfrecord_caption_key, config.tfrecord_id_key)
+    keys = (config.tfrecord_image_key, config.tfrecord_caption_key, config.tfrecord_id_key)
+    sources.check_tfrecord(shards[0], *keys)
+    reader, schema = sources.tfrecord_reader(*keys), sources.tfrecord_schema(pattern, shards, *keys)
   else:
     raise ValueError(f'data.source: {config.source!r} is not one of {("tfds", "wds", "tfrecord", "folder")}')
   return sources.StreamSource(shards, reader, seed=config.seed, cycle_length=config.cycle_length,
-                              num_parallel_calls=config.num_parallel_calls, shuffle_shards=shuffle_shards)
+                              num_parallel_calls=config.num_parallel_calls, shuffle_shards=shuffle_shards,
+                              schema=schema)
 
 
+@dataclasses.dataclass
 class _SingleStream:
   """A stream with its own reader (tfds streaming): `epoch_records` as given."""
+  epoch_records: Callable[[tf.Tensor], tf.data.Dataset]
+  schema: sources.Schema
+  counts: dict = dataclasses.field(default_factory=dict)
 
-  def __init__(self, epoch_records):
-    self.epoch_records = epoch_records
+
+def check_inputs(config: ml_collections.ConfigDict, eval_splits: Sequence[str] = (),
+                 binding_splits: Sequence[str] = ()) -> None:
+  """Builds every source a run will read, so that each path and key is checked before the first step.
+
+  `eval_splits` / `binding_splits`: the splits evaluation will read (tfds split names; other sources read
+  data.eval_shards or data.eval_captions whatever the split). Raises what `build_source` raises: a missing evaluation
+  captions file fails now, not after training.
+  """
+  validate_data_config(config)
+  process_index, process_count = _process(None, None)
+  build_source(config, 'train', process_index, process_count, shuffle_shards=True)
+  for split in dict.fromkeys(eval_splits):
+    build_source(_with_split(config, split), 'eval', process_index, process_count, shuffle_shards=False)
+  for split in dict.fromkeys(binding_splits):
+    build_source(_binding_config(config, split), 'eval', process_index, process_count, shuffle_shards=False)
+
+
+def _with_split(config: ml_collections.ConfigDict, split: str) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(config.to_dict())
+  config.eval_split = split
+  return config
 
 
 # ---------------------------------------------------------------------------------------------------- ordering
@@ -143,8 +193,8 @@ def _indexed_order(source: sources.IndexedSource, seed: int, start: int, batch: 
     index = unit * tf.map_fn(lambda eq: tf.random.experimental.index_shuffle(
         eq[1] // unit, tf.stack([tf.constant(seed, tf.int64), eq[0]]),
         tf.constant(units - 1, tf.int64)), (epoch, q), fn_output_signature=tf.int64) + q % unit
-    return {'epoch': epoch, 'q': k, 'rel': k - start, 'key': preprocess.example_key(seed, epoch, index),
-            'index': index}
+    return {'epoch': epoch, 'q': k, 'rel': k - start, 'tick': k - start,
+            'key': preprocess.example_key(seed, epoch, index), 'index': index}
 
   positions = tf.data.Dataset.range(start, np.iinfo(np.int64).max).batch(READ_BATCH).map(locate)
   return source.read(positions)
@@ -174,29 +224,40 @@ def _window_shuffle(records: tf.data.Dataset, window: int, seed: int, epoch: tf.
 
 
 def _stream_order(source, seed: int, window: int, start_epoch: int, start_q: int) -> tf.data.Dataset:
-  """Records from (start_epoch, start_q) on, epoch after epoch, each epoch in a stateless order."""
+  """Records from (start_epoch, start_q) on, epoch after epoch, each epoch in a stateless order.
+
+  Each epoch ends with a STATUS_EPOCH_END marker (dropped with the unusable records), so that `_guarded` sees epochs
+  end even when they hold no record: shards that are all empty would otherwise be reopened for ever. 'tick' counts
+  records and markers, 'rel' records only (the state's `consumed`).
+  """
   def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
     records = _window_shuffle(source.epoch_records(epoch), window, seed, epoch)
     records = records.enumerate().map(lambda q, r: {**r, 'epoch': epoch, 'q': q,
                                                     'key': preprocess.example_key(seed, epoch, q)})
     # Resume: drop what was consumed before the save, before any decoding.
-    return records.skip(tf.where(epoch == start_epoch, tf.constant(start_q, tf.int64), 0))
+    records = records.skip(tf.where(epoch == start_epoch, tf.constant(start_q, tf.int64), 0))
+    marker = {'encoded': tf.constant(''), 'texts': tf.zeros([0], tf.string), 'image_id': tf.constant(-1, tf.int64),
+              'status': tf.constant(STATUS_EPOCH_END), 'epoch': epoch, 'q': tf.constant(-1, tf.int64),
+              'key': preprocess.example_key(seed, epoch, -1)}
+    return records.concatenate(tf.data.Dataset.from_tensors(marker))
 
   ds = tf.data.Dataset.range(start_epoch, np.iinfo(np.int64).max).flat_map(epoch_records)
-  return ds.enumerate().map(lambda rel, r: {**r, 'rel': rel})
+  # One marker ends each epoch before the record's: epoch - start_epoch of them precede it.
+  return ds.enumerate().map(lambda tick, r: {**r, 'tick': tick, 'rel': tick - (r['epoch'] - start_epoch)})
 
 
 # ---------------------------------------------------------------------------------------------------- examples
 
 
-def _checked_chunks(records: tf.data.Dataset, initial_counts: tuple[int, int], captions) -> tf.data.Dataset:
+def _checked_chunks(records: tf.data.Dataset, initial_counts: tuple[int, int], per_chunk) -> tf.data.Dataset:
   """Records → chunks of READ_BATCH with statuses and captions, skip counts, and only the usable records left.
 
-  Per chunk, vectorised: each record's status, `captions(texts (k, None) ragged, chunk, negatives (k, None) ragged
-  or None)` (a dict of caption fields), and running counts of truncated records and records without a usable
-  caption, which are dropped here, before anything is decoded. A tf.data element costs tens of microseconds of
-  scheduling whatever it does, so these steps as per-example maps cost more than decoding a small image. STATUS_END
-  markers pass through.
+  Per chunk, vectorised: each record's status, `per_chunk(texts (k, None) ragged, chunk, negatives (k, None) ragged
+  or None)` (a dict of fields to add: the chosen captions), and running counts of truncated records and records
+  without a usable caption, which are dropped here, before anything is decoded. A tf.data element costs tens of
+  microseconds of scheduling whatever it does, so these steps as per-example maps cost more than decoding a small
+  image. STATUS_END markers pass through. Training records (with a 'tick') also leave the chunk's summary for
+  `_guarded`: 'last_tick', the tick of its last record, and 'ended', the epochs whose end marker it held.
   """
   def ragged(x):  # ragged_batch keeps a dimension of static size dense
     return x if isinstance(x, tf.RaggedTensor) else tf.RaggedTensor.from_tensor(x)
@@ -207,7 +268,7 @@ def _checked_chunks(records: tf.data.Dataset, initial_counts: tuple[int, int], c
     usable = tf.reduce_any(tf.ragged.map_flat_values(preprocess.usable_captions, texts), axis=1)
     status = tf.where(chunk['status'] != sources.STATUS_OK, chunk['status'],
                       tf.where(usable, sources.STATUS_OK, STATUS_EMPTY))
-    return {**chunk, 'status': status, **captions(texts, chunk, negatives)}
+    return {**chunk, 'status': status, **per_chunk(texts, chunk, negatives)}
 
   def count(totals: tf.Tensor, chunk: dict):
     # Running (truncated, empty) counts up to and including each record, carried from chunk to chunk.
@@ -217,22 +278,67 @@ def _checked_chunks(records: tf.data.Dataset, initial_counts: tuple[int, int], c
 
   def usable_only(chunk: dict) -> dict:
     keep = (chunk['status'] == sources.STATUS_OK) | (chunk['status'] == STATUS_END)
-    return {k: tf.boolean_mask(v, keep) for k, v in chunk.items()}
+    kept = {k: tf.boolean_mask(v, keep) for k, v in chunk.items()}
+    if 'tick' in chunk:
+      kept.update(last_tick=chunk['tick'][-1],
+                  ended=tf.boolean_mask(chunk['epoch'], chunk['status'] == STATUS_EPOCH_END))
+    return kept
 
   chunks = records.ragged_batch(READ_BATCH).map(check)
   return chunks.scan(tf.constant(initial_counts, tf.int64), count).map(usable_only)
 
 
+_SUMMARY = ('last_tick', 'ended')  # a chunk's fields that are not per record
+
+
 def _decoded(chunks: tf.data.Dataset, decode, threads: int) -> tf.data.Dataset:
-  """The chunks' examples one by one through `decode`; those whose image fails to decode are dropped.
+  """Each chunk's records through `decode`, as a chunk of the examples whose image decoded (possibly none).
 
   Dropped examples count as records read but not yielded. `ignore_errors` sits on each chunk's own dataset so that
   it hides decoding errors only: over the whole pipeline it would also swallow the reader's errors, and a source
-  failing on every record would loop forever.
+  failing on every record would loop forever. A chunk comes out even when nothing in it decodes, so that `_guarded`
+  sees a source whose images never decode.
   """
-  return chunks.interleave(lambda chunk: tf.data.Dataset.from_tensor_slices(chunk).map(decode).ignore_errors(),
-                           cycle_length=threads, block_length=READ_BATCH, num_parallel_calls=threads,
-                           deterministic=True)
+  def decode_chunk(chunk: dict) -> dict:
+    summary = {k: chunk.pop(k) for k in _SUMMARY if k in chunk}
+    examples = tf.data.Dataset.from_tensor_slices(chunk).map(decode).ignore_errors().batch(READ_BATCH)
+    none = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+        lambda spec: tf.zeros([0, *spec.shape[1:]], spec.dtype), examples.element_spec))
+    return {**examples.concatenate(none).take(1).get_single_element(), **summary}
+
+  return chunks.map(decode_chunk, num_parallel_calls=threads, deterministic=True)
+
+
+def _examples(chunks: tf.data.Dataset) -> tf.data.Dataset:
+  """Chunks of examples → the examples one by one."""
+  return chunks.map(lambda chunk: {k: v for k, v in chunk.items() if k not in _SUMMARY}).unbatch()
+
+
+def _guarded(chunks: tf.data.Dataset, limit: int, first_full_epoch: int) -> tf.data.Dataset:
+  """Fails (an assertion marked UNUSABLE_RUN or UNUSABLE_EPOCH) when `limit` records in a row, or every record of an
+  epoch read from its start (a stream's: an epoch of an indexed source is a run of its size), yield no example.
+
+  Without it, a source whose every record is skipped (a wrong key, images that never decode, shards all empty) is
+  read for ever and the run waits on data that never comes. Checked per decoded chunk, on the ticks of the examples
+  that survived: the records between two of them are the run.
+  """
+  def check(state: tuple[tf.Tensor, tf.Tensor], chunk: dict):
+    last_good, good_epoch = state
+    ticks, epochs = chunk['tick'], chunk['epoch']
+    previous = tf.concat([[last_good], ticks], 0)
+    run = tf.reduce_max(tf.concat([ticks - previous[:-1] - 1, [chunk['last_tick'] - previous[-1]]], 0))
+    ended = chunk['ended']
+    had_example = tf.reduce_any(tf.equal(epochs[None, :], ended[:, None]), axis=1) | tf.equal(ended, good_epoch)
+    empty = tf.boolean_mask(ended, ~had_example & (ended >= first_full_epoch))
+    first_empty = tf.concat([empty, [-1]], 0)[0]  # epochs end in order
+    checks = [tf.debugging.Assert(run < limit, [UNUSABLE_RUN, run]),
+              tf.debugging.Assert(tf.size(empty) == 0, [UNUSABLE_EPOCH, first_empty])]
+    with tf.control_dependencies(checks):
+      state = (tf.identity(previous[-1]), tf.reduce_max(tf.concat([[good_epoch], epochs], 0)))
+    return state, chunk
+
+  initial = (tf.constant(-1, tf.int64), tf.constant(-1, tf.int64))
+  return chunks.scan(initial, check)
 
 
 def _train_example(config: ml_collections.ConfigDict, example: dict) -> dict:
@@ -276,6 +382,125 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options)
 
 
+# ------------------------------------------------------------------------------------------- waiting and failing
+
+
+_POLL_S = 0.1  # how often a wait for the next batch looks at its stop request (and lets signal handlers run)
+
+
+def _feed(dataset: tf.data.Dataset, requests: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
+  """The feeding thread: one element of `dataset` per True request, until a False one.
+
+  The tf.data iterator lives and dies here. After an error the thread parks for ever, keeping it: destroying a
+  failed pipeline whose threads still run Python (from_generator, numpy_function) deadlocks once the interpreter is
+  shutting down (the hang after a reader error: the main thread waited in the iterator's destructor at exit).
+  """
+  try:
+    iterator = dataset.as_numpy_iterator()
+    while requests.get():
+      try:
+        results.put(('element', next(iterator)))
+      except StopIteration:
+        results.put(('end', None))
+  except Exception as e:  # pylint: disable=broad-except  # every failure goes to the consumer
+    # Without its traceback: the frames it holds (this one, with the iterator) must not outlive the error's
+    # handling in the main thread, or the iterator would be destroyed with them, at exit.
+    results.put(('error', e.with_traceback(None)))
+    threading.Event().wait()
+
+
+class _Feeder:
+  """A tf.data iterator driven from a daemon thread (`_feed`), so that its consumer waits in Python.
+
+  Blocked inside tf.data's C++ GetNext, the main thread would run no Python signal handler: SIGTERM and SIGINT would
+  wait for data that may never come. Here it waits on a queue in slices of _POLL_S, and `get(stop)` gives up when
+  `stop()` says so.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._requests: queue.SimpleQueue = queue.SimpleQueue()
+    self._results: queue.SimpleQueue = queue.SimpleQueue()
+    self._pending = False
+    self._error: Exception | None = None
+    threading.Thread(target=_feed, args=(dataset, self._requests, self._results), name='xmodal-input',
+                     daemon=True).start()
+    # Dropped, the feeder lets its thread free the pipeline; not at exit, where freeing one can deadlock (see _feed).
+    weakref.finalize(self, self._requests.put, False).atexit = False
+
+  def get(self, stop: Callable[[], bool] | None = None):
+    """The next element; StopIteration at the end; the pipeline's error; InputInterrupted when `stop()` turns True
+    while waiting (the element still comes, to the next call)."""
+    if self._error is not None:
+      raise self._error
+    if not self._pending:
+      self._requests.put(True)
+      self._pending = True
+    while True:
+      try:
+        kind, value = self._results.get(timeout=_POLL_S)
+        break
+      except queue.Empty:
+        if stop is not None and stop():
+          raise faults.InputInterrupted('a stop was requested while waiting for the input pipeline') from None
+    self._pending = False
+    if kind == 'end':
+      raise StopIteration
+    if kind == 'error':
+      self._error = value
+      raise value
+    return value
+
+
+_MARKED = re.compile(r'\[?(xmodal:[\w-]+)\]?(?: \[(.*?)\])?(?: \[(-?\d+)\])?')
+
+
+def _data_error(error: Exception, source, limit: int | None = None) -> Exception:
+  """The pipeline's error `error` as the faults error that names what failed: the source, shard, record and keys.
+
+  Reads back the marked errors of `_guarded` and of the shard readers (sources.UNREADABLE, ...) and adds what the
+  source's schema can tell: the keys it looked for, what its first records hold, why a record did not parse.
+  """
+  text = getattr(error, 'message', None) or str(error)
+  schema = source.schema
+
+  def found(path: str | None) -> str:
+    try:
+      return schema.found(path)
+    except Exception as e:  # pylint: disable=broad-except  # a message must not fail for want of a detail
+      return f'(could not look at its records: {e})'
+
+  marked = _MARKED.search(text)
+  if marked is None:
+    return faults.ReaderError(f'{schema.name}: the input pipeline failed: {type(error).__name__}: '
+                              f'{sources.tf_message(error)}')
+  marker, path, number = marked.group(1), marked.group(2) or '', int(marked.group(3) or 0)
+  if marker == UNUSABLE_RUN:
+    return faults.UnusableSourceError(f'{schema.name}: no usable example in {int(path):,} records in a row '
+                                      f'(data.unusable_limit={limit:,}). Looked for {schema.wanted}; {found(None)}.')
+  if marker == UNUSABLE_EPOCH:
+    return faults.UnusableSourceError(f'{schema.name}: epoch {int(path)} had no usable example (or no record). '
+                                      f'Looked for {schema.wanted}; {found(None)}.')
+  if marker == sources.UNUSABLE_SHARD:
+    return faults.UnusableSourceError(f'{path}: none of its {number:,} records has both an image and a usable '
+                                      f'caption. Looked for {schema.wanted}; {found(path)}.')
+  if marker == sources.UNREADABLE:
+    try:
+      why = schema.explain(path, number)
+    except Exception as e:  # pylint: disable=broad-except
+      why = f'record {number} or one of the next few (could not read it again: {e})'
+    return faults.ReaderError(f'{path}: {why}')
+  # sources.READER_ERROR: the reader's own words, shard and offset included.
+  line = text[marked.start():].splitlines()[0]
+  return faults.ReaderError(line.replace(f'[{marker}] ', '', 1).replace(f'{marker} ', '', 1))
+
+
+def colliding_ids(image_ids: np.ndarray, fingerprints: np.ndarray) -> np.ndarray:
+  """The ids of (B,) `image_ids` shared by examples whose image bytes differ ((B,) `fingerprints`), sorted."""
+  pairs = np.unique(np.stack([image_ids, fingerprints], axis=1), axis=0)
+  ids, counts = np.unique(pairs[:, 0], return_counts=True)
+  return ids[counts > 1]
+
+
 # ---------------------------------------------------------------------------------------------------- training
 
 
@@ -294,16 +519,30 @@ def _check_state(state: dict, fresh: dict) -> None:
 
 
 class TrainIterator(Iterator[dict]):
-  """Infinite training batches (numpy) with a JSON-able `state()`; see the module docstring."""
+  """Infinite training batches (numpy) with a JSON-able `state()`; see the module docstring.
 
-  def __init__(self, dataset: tf.data.Dataset, state: dict, batch_size: int):
+  `next(batches)` waits for the next batch; `batches.next(stop)` gives up with faults.InputInterrupted when `stop()`
+  turns True while it waits. A failing pipeline raises a faults.DataError naming the source; so does a batch in
+  which different images share an image id.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, state: dict, batch_size: int, source, unusable_limit: int):
     self._state = {**state, 'skipped': dict(state['skipped'])}
     self._start = dict(self._state, skipped=dict(self._state['skipped']))
     self._batch_size = batch_size
-    self._iterator = dataset.as_numpy_iterator()
+    self._source = source
+    self._limit = unusable_limit
+    self._feeder = _Feeder(dataset)
 
   def __next__(self) -> dict:
-    batch = next(self._iterator)
+    return self.next()
+
+  def next(self, stop: Callable[[], bool] | None = None) -> dict:
+    """The next batch; see the class docstring."""
+    try:
+      batch = self._feeder.get(stop)
+    except tf.errors.OpError as e:
+      raise _data_error(e, self._source, self._limit) from None
     start, state = self._start, self._state
     state['epoch'] = int(batch['epoch'][-1])
     state['position'] = int(batch['q'][-1]) + 1
@@ -312,6 +551,12 @@ class TrainIterator(Iterator[dict]):
     truncated, empty = (int(c) for c in batch['counts'][-1])
     skipped = state['consumed'] - state['yielded']
     state['skipped'] = {'truncated': truncated, 'empty_caption': empty, 'bad_image': skipped - truncated - empty}
+    shared = colliding_ids(batch['image_ids'], batch['fingerprints'])
+    if shared.size:
+      raise faults.ImageIdCollisionError(
+          f'{self._source.schema.name}: image id {shared[0]} names different images (different bytes) in one batch '
+          f'({shared.size} such id(s)): they would be each other\'s ITC positives. Ids must identify images; '
+          f'the source reads {self._source.schema.wanted}')
     out = {'images': batch['images'], 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask'],
            'image_ids': batch['image_ids']}
     if 'negative_ids' in batch:
@@ -324,17 +569,19 @@ class TrainIterator(Iterator[dict]):
     return {**self._state, 'skipped': dict(self._state['skipped'])}
 
   def stats(self) -> dict:
-    """Records read, examples yielded and skipped by reason, for logging."""
-    return {'consumed': self._state['consumed'], 'yielded': self._state['yielded'], **self._state['skipped']}
+    """Records read, examples yielded and skipped by reason, and what the source found wrong when it was built (a
+    captions file's faults.FILE_COUNTS), for logging."""
+    return {'consumed': self._state['consumed'], 'yielded': self._state['yielded'], **self._state['skipped'],
+            **self._source.counts}
 
 
-def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, process_index: int,
-                  process_count: int) -> tf.data.Dataset:
+def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, process_index: int, process_count: int,
+                  source: sources.IndexedSource | sources.StreamSource | None = None) -> tf.data.Dataset:
   """The training tf.data pipeline from `state` on; elements are batches with bookkeeping fields."""
   if config.batch_size % process_count:
     raise ValueError(f'data.batch_size={config.batch_size} is not divisible by {process_count} processes')
   batch = config.batch_size // process_count
-  source = build_source(config, 'train', process_index, process_count, shuffle_shards=True)
+  source = source or build_source(config, 'train', process_index, process_count, shuffle_shards=True)
   if config.pairs and (batch % 2 or not isinstance(source, sources.IndexedSource)):
     raise ValueError(f'data.pairs keeps examples 2m and 2m+1 in one batch: it needs a random-access source and an '
                      f'even batch per process, got {type(source).__name__} and {batch}')
@@ -342,22 +589,30 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
     # 'position' is the local stream position (see _indexed_order); 'epoch' is informational.
     ds = _indexed_order(source, config.seed, state['position'], config.batch_size, process_index, process_count,
                         pairs=config.pairs)
+    first_full_epoch = 0  # unused: an indexed source has no epoch markers
   else:
     ds = _stream_order(source, config.seed, config.shuffle_buffer, state['epoch'], state['position'])
-  def choose(texts: tf.RaggedTensor, chunk: dict, negatives: tf.RaggedTensor | None) -> dict:
-    chosen = {'text': preprocess.choose_captions(texts, chunk['key'])}
+    first_full_epoch = state['epoch'] + (1 if state['position'] else 0)
+
+  def per_chunk(texts: tf.RaggedTensor, chunk: dict, negatives: tf.RaggedTensor | None) -> dict:
+    # The image bytes' fingerprint: examples sharing an id must share it (TrainIterator checks each batch).
+    fields = {'text': preprocess.choose_captions(texts, chunk['key']),
+              'fingerprint': tf.strings.to_hash_bucket_fast(chunk['encoded'], np.iinfo(np.int64).max)}
     if negatives is not None:  # '' where an example has none
-      chosen['negative'] = preprocess.choose_captions(negatives, preprocess.subkey(chunk['key'], 3))
-    return chosen
-  ds = _checked_chunks(ds, (state['skipped']['truncated'], state['skipped']['empty_caption']), choose)
+      fields['negative'] = preprocess.choose_captions(negatives, preprocess.subkey(chunk['key'], 3))
+    return fields
+
+  ds = _checked_chunks(ds, (state['skipped']['truncated'], state['skipped']['empty_caption']), per_chunk)
   ds = _decoded(ds, lambda e: _train_example(config, e), _threads(config))
+  ds = _examples(_guarded(ds, config.unusable_limit, first_full_epoch))
   ds = ds.batch(batch, drop_remainder=True)
   tokenize = _tokenize_fn(tokenizer, config.max_text_len)
 
   def finish(b: dict) -> dict:
     ids, mask = tokenize(b['text'])
     out = {'images': b['image'], 'text_ids': ids, 'text_mask': mask, 'image_ids': b['image_id'],
-           'epoch': b['epoch'], 'q': b['q'], 'rel': b['rel'], 'counts': b['counts']}
+           'fingerprints': b['fingerprint'], 'epoch': b['epoch'], 'q': b['q'], 'rel': b['rel'],
+           'counts': b['counts']}
     if config.negatives_key:
       out['negative_ids'], out['negative_mask'] = tokenize(b['negative'])
       out['negative_valid'] = tf.strings.length(b['negative']) > 0
@@ -378,8 +633,9 @@ def train_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, state: 
   else:
     _check_state(state, fresh)
   tokenizer = tokenizer or load_tokenizer(config)
-  dataset = train_dataset(config, tokenizer, state, process_index, process_count)
-  return TrainIterator(dataset, state, config.batch_size // process_count)
+  source = build_source(config, 'train', process_index, process_count, shuffle_shards=True)
+  dataset = train_dataset(config, tokenizer, state, process_index, process_count, source)
+  return TrainIterator(dataset, state, config.batch_size // process_count, source, config.unusable_limit)
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -405,12 +661,18 @@ def _padded_captions(count: int):
 
 
 class EvalIterator(Iterator[dict]):
-  """Every example of a split once, in batches of fixed size; the last padded with valid=False."""
+  """Every example of a split once, in batches of fixed size; the last padded with valid=False.
 
-  def __init__(self, dataset: tf.data.Dataset, batch_size: int, num_batches: int | None):
-    self._iterator = dataset.as_numpy_iterator()
+  A failing pipeline raises a faults.DataError naming the source; so does a split that yields no example.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, batch_size: int, num_batches: int | None, source,
+               must_yield: bool = True):
+    self._feeder = _Feeder(dataset)
     self._batch_size = batch_size
     self._num_batches = num_batches
+    self._source = source
+    self._must_yield = must_yield
     self._returned = 0
     self._yielded = 0
     self._consumed = 0
@@ -421,9 +683,11 @@ class EvalIterator(Iterator[dict]):
   def __next__(self) -> dict:
     if not self._done:
       try:
-        batch = next(self._iterator)
+        batch = self._feeder.get()
       except StopIteration:
-        self._done = True
+        self._finish()
+      except tf.errors.OpError as e:
+        raise _data_error(e, self._source) from None
       else:
         return self._emit(batch)
     if self._num_batches is not None and self._returned < self._num_batches and self._template is not None:
@@ -431,6 +695,13 @@ class EvalIterator(Iterator[dict]):
       self._returned += 1
       return {k: np.zeros_like(v) for k, v in self._template.items()}
     raise StopIteration
+
+  def _finish(self) -> None:
+    self._done = True
+    if self._must_yield and not self._yielded:
+      raise faults.UnusableSourceError(
+          f'{self._source.schema.name}: the evaluation split yielded no usable example ({self.stats()}). Looked for '
+          f'{self._source.schema.wanted}')
 
   def _emit(self, batch: dict) -> dict:
     status = batch.pop('status')
@@ -449,16 +720,17 @@ class EvalIterator(Iterator[dict]):
     self._returned += 1
     if not keep.any() and status[-1] == STATUS_END:
       # Only the end marker left: nothing to evaluate in this batch.
-      self._done = True
+      self._finish()
       return self.__next__()
     return out
 
   def stats(self) -> dict:
-    """Records read, examples yielded and skipped by reason; exact once the iterator is exhausted."""
+    """Records read, examples yielded and skipped by reason, and what the source found wrong when it was built;
+    exact once the iterator is exhausted."""
     records = self._consumed - (1 if self._done else 0)  # The end marker is not a record.
     truncated, empty = (int(c) for c in self._counts)
     return {'consumed': records, 'yielded': self._yielded, 'truncated': truncated, 'empty_caption': empty,
-            'bad_image': records - self._yielded - truncated - empty}
+            'bad_image': records - self._yielded - truncated - empty, **self._source.counts}
 
 
 def eval_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, process_index: int | None = None,
@@ -484,7 +756,7 @@ def eval_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, process_
   ds = ds.map(lambda r: {k: r[k] for k in end}).concatenate(tf.data.Dataset.from_tensors(end))
   ds = ds.enumerate().map(lambda rel, r: {**r, 'rel': rel})
   ds = _checked_chunks(ds, (0, 0), _padded_captions(config.max_captions))
-  ds = _decoded(ds, lambda e: _eval_example(config, e), _threads(config))
+  ds = _examples(_decoded(ds, lambda e: _eval_example(config, e), _threads(config)))
   ds = ds.batch(batch)
   tokenize = _tokenize_fn(tokenizer or load_tokenizer(config), config.max_text_len)
 
@@ -493,7 +765,17 @@ def eval_iterator(config: ml_collections.ConfigDict, *, tokenizer=None, process_
     return {**b, 'text_ids': ids, 'text_mask': mask * tf.cast(b['text_valid'][..., None], tf.int32)}
 
   ds = ds.map(finish)
-  return EvalIterator(_options(ds.prefetch(config.prefetch)), batch, num_batches)
+  # A process may own no example of a tiny split; with one process, a split that yields nothing is a fault.
+  return EvalIterator(_options(ds.prefetch(config.prefetch)), batch, num_batches, source,
+                      must_yield=process_count == 1)
+
+
+def _binding_config(config: ml_collections.ConfigDict, split: str) -> ml_collections.ConfigDict:
+  """The data config that reads `split` as (true caption, hard negative) pairs."""
+  config = _with_split(config, split)
+  config.captions_key = 'captions,negative_caption'
+  config.max_captions = 2
+  return config
 
 
 def binding_iterator(config: ml_collections.ConfigDict, split: str, *, tokenizer=None, process_index: int | None = None,
@@ -503,11 +785,8 @@ def binding_iterator(config: ml_collections.ConfigDict, split: str, *, tokenizer
   For xmodal_shapes' `test_hard` split, whose features hold the true caption in 'captions' and the hard negative in
   'negative_caption'.
   """
-  config = ml_collections.ConfigDict(config.to_dict())
-  config.eval_split = split
-  config.captions_key = 'captions,negative_caption'
-  config.max_captions = 2
-  return eval_iterator(config, tokenizer=tokenizer, process_index=process_index, process_count=process_count)
+  return eval_iterator(_binding_config(config, split), tokenizer=tokenizer, process_index=process_index,
+                       process_count=process_count)
 
 
 def prepare(config: ml_collections.ConfigDict) -> None:

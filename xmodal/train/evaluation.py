@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 
 from xmodal import evaluation as ev, sharding
+from xmodal.data import faults
 from xmodal.models import XModal
 
 
@@ -31,11 +32,7 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
   `progress`: tqdm bars on stderr while embedding each split and while ITM re-ranks.
   """
   split = split or config.data.eval_split
-  binding_split = {config.data.eval_split: config.eval.binding_split,
-                   _base_split(config.eval.validation_split): config.eval.validation_binding_split}.get(
-                       _base_split(split), '')
-  if binding_split and split != _base_split(split):
-    binding_split += split[len(_base_split(split)):]  # the same slice: 'validation[:500]' -> 'validation_hard[:500]'
+  binding_split = _binding_split(config, split)
   data = ml_collections.ConfigDict(config.data.to_dict())
   data.eval_split = split
   k = config.eval.k if k is None else k
@@ -55,10 +52,31 @@ def evaluate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None
 def validate(config: ml_collections.ConfigDict, model: XModal, params, mesh=None,
              cache: dict | None = None) -> dict[str, Any]:
   """`evaluate` on the first eval.validation_images images of eval.validation_split, re-ranking eval.validation_k."""
+  return evaluate(config, model, params, mesh, _validation_split(config), k=config.eval.validation_k, cache=cache)
+
+
+def splits_read(config: ml_collections.ConfigDict) -> tuple[list[str], list[str]]:
+  """(retrieval splits, binding splits) a training run evaluates on: the final evaluation's and, when it validates,
+  the validation slice's. For checking their data before the first step."""
+  splits = [config.data.eval_split]
+  if config.train.eval_every and config.eval.validation_split:
+    splits.append(_validation_split(config))
+  return splits, [b for b in (_binding_split(config, split) for split in splits) if b]
+
+
+def _validation_split(config: ml_collections.ConfigDict) -> str:
   split = config.eval.validation_split
-  if config.eval.validation_images:
-    split = f'{split}[:{config.eval.validation_images}]'
-  return evaluate(config, model, params, mesh, split, k=config.eval.validation_k, cache=cache)
+  return f'{split}[:{config.eval.validation_images}]' if config.eval.validation_images else split
+
+
+def _binding_split(config: ml_collections.ConfigDict, split: str) -> str:
+  """The binding split configured beside `split` (see `evaluate`), sliced like it; '' when there is none."""
+  binding_split = {config.data.eval_split: config.eval.binding_split,
+                   _base_split(config.eval.validation_split): config.eval.validation_binding_split}.get(
+                       _base_split(split), '')
+  if binding_split and split != _base_split(split):
+    binding_split += split[len(_base_split(split)):]  # the same slice: 'validation[:500]' -> 'validation_hard[:500]'
+  return binding_split
 
 
 def _base_split(split: str) -> str:
@@ -70,21 +88,25 @@ def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache,
   from xmodal.data import pipeline  # TensorFlow only when evaluation reads data
 
   def batches(key, read):
+    """(a split's batches, a function giving its input counts once they have been read)."""
     if cache is None:
-      return read()
+      iterator = read()
+      return iterator, iterator.stats
     if key not in cache:
-      cache[key] = list(read())
-    return cache[key]
+      iterator = read()
+      cache[key] = (list(iterator), iterator.stats())
+    split_batches, stats = cache[key]
+    return split_batches, lambda: stats
 
   def with_bar(split, split_batches):
     return _counted(split_batches, f'embed {split}', _split_size(data, split)) if progress else split_batches
 
   variables = {'params': params}
-  embedded = ev.embed_dataset(model, variables, with_bar(data.eval_split, batches(
-      ('retrieval', data.eval_split), lambda: pipeline.eval_iterator(data, **local))), mesh)
+  retrieval, input_stats = batches(('retrieval', data.eval_split), lambda: pipeline.eval_iterator(data, **local))
+  embedded = ev.embed_dataset(model, variables, with_bar(data.eval_split, retrieval), mesh)
   binding = None
   if binding_split:
-    pairs = batches(('binding', binding_split), lambda: pipeline.binding_iterator(data, binding_split, **local))
+    pairs, _ = batches(('binding', binding_split), lambda: pipeline.binding_iterator(data, binding_split, **local))
     binding = ev.binding_set_from_pairs(ev.embed_dataset(model, variables, with_bar(binding_split, pairs), mesh))
   rerank_bar = _Bar('ITM re-rank', 'pair') if progress and k > 0 else None
   try:
@@ -100,6 +122,8 @@ def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache,
   results['split'] = data.eval_split
   results['num_images'] = int(embedded.image_emb.shape[0])
   results['num_texts'] = int(embedded.text_emb.shape[0])
+  # What reading the split skipped (records, and a captions file's lines): why num_images may be below its rows.
+  results['input'] = input_stats()
   return results
 
 
@@ -166,4 +190,8 @@ def flatten(results: dict[str, Any]) -> dict[str, float]:
   return flat
 
 
-format_table = ev.format_table
+def format_table(results: dict[str, Any]) -> str:
+  """The retrieval table (xmodal.evaluation.format_table), headed by what reading the split skipped, if anything."""
+  table = ev.format_table(results)
+  skipped = faults.describe_skips(results.get('input', {}))
+  return f'{results.get("split", "evaluation")}: {skipped}\n{table}' if skipped else table

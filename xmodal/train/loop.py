@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from xmodal import distributed, sharding
+from xmodal.data import faults
 from xmodal.models import flops
 from xmodal.train import evaluation, state as state_lib, workdir as workdir_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
@@ -97,6 +98,9 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
     workdir_lib.record_config(workdir, config, start_step)
 
   # ----------------------------------------------------------------------------------------------------- input
+  # Every split the run will read, checked now: a wrong key or a missing evaluation file fails before the first
+  # step, not after training.
+  pipeline.check_inputs(config.data, *evaluation.splits_read(config))
   batches = pipeline.train_iterator(config.data, state=data_state)
   batch_sharding = sharding.batch_sharding(mesh)
 
@@ -124,7 +128,12 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   stopped_early = False
   with PreemptionGuard() as guard, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     for step in range(start_step + 1, total_steps + 1):
-      batch = sharding.host_to_global(next(batches), mesh, batch_sharding)
+      host_batch = _next_batch(batches, guard)
+      if host_batch is None:
+        log.warning('stop requested while waiting for the batch of step %d; checkpointing step %d', step, step - 1)
+        stopped_early = True
+        break
+      batch = sharding.host_to_global(host_batch, mesh, batch_sharding)
       state, metrics = jit_step(state, batch, rng)
       if pending is not None:
         now = time.perf_counter()
@@ -158,6 +167,21 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
     _write_curves(workdir)
   checkpointer.close()
   return results
+
+
+def _next_batch(batches, guard: PreemptionGuard) -> dict | None:
+  """The next host batch, or None when SIGTERM/SIGINT arrives while the input pipeline has none ready.
+
+  Waiting on data is where a stalled or empty source leaves a run; the signal must still end it. With one process
+  the loop then checkpoints the last step and stops, as at any step boundary. With several, the others may already
+  wait in the step's collectives for this one, so no checkpoint can be agreed: the process stops with the error.
+  """
+  try:
+    return batches.next(stop=lambda: guard.requested)
+  except faults.InputInterrupted:
+    if jax.process_count() > 1:
+      raise
+    return None
 
 
 def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup, checkpointer: Checkpointer,
@@ -194,7 +218,11 @@ def _report_step(step: int, metrics: dict, seconds: float, *, config: ml_collect
     values['mfu'] = values['tflops_per_device'] * 1e12 / peak
   if step % config.train.log_every == 0 or step == int(config.train.steps):
     writer.write(step, values)
-    writer.write(step, batches.stats(), prefix='data/')
+    stats = batches.stats()
+    writer.write(step, stats, prefix='data/')
+    skipped = faults.describe_skips(stats)
+    if skipped:
+      log.info('step %d input: %s', step, skipped)
   if progress is not None:
     progress.set_postfix(loss=f'{values["loss"]:.3f}', itc=f'{values["itc_loss"]:.3f}', refresh=False)
     progress.update(step - progress.n)
