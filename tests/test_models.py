@@ -195,6 +195,30 @@ def test_mean_pooling_embeds_the_mean_of_the_real_tokens():
   np.testing.assert_allclose(image_emb, projected / np.linalg.norm(projected, axis=-1, keepdims=True), atol=1e-5)
 
 
+def test_fc_norm_pooling_normalises_the_mean_of_the_patch_tokens_taken_before_the_final_norm():
+  config = micro_model_config()
+  config.pool = 'mean_fc_norm'
+  model = build(config)
+  params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  width = config.vision.width
+  scale, bias = np.linspace(0.5, 1.5, width), np.linspace(-0.1, 0.1, width)
+  params['vision']['fc_norm']['norm'] = {'scale': jnp.asarray(scale, jnp.float32), 'bias': jnp.asarray(bias, jnp.float32)}
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  final_norm_inputs = []
+
+  def record(next_fun, args, kwargs, context):
+    if context.module.name == 'ln_final' and context.method_name == '__call__':
+      final_norm_inputs.append(np.asarray(args[0], np.float64))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    _, emb = model.apply({'params': params}, images, method=XModal.encode_image)
+  pooled = final_norm_inputs[0][:, 1:].mean(axis=1)  # the patch tokens, not [CLS]
+  normed = (pooled - pooled.mean(-1, keepdims=True)) / np.sqrt(pooled.var(-1, keepdims=True) + 1e-6) * scale + bias
+  projected = normed @ np.asarray(params['image_proj']['kernel'], np.float64) + np.asarray(params['image_proj']['bias'])
+  np.testing.assert_allclose(emb, projected / np.linalg.norm(projected, axis=-1, keepdims=True), atol=1e-5)
+
+
 @pytest.mark.slow  # initialises and runs three micro image towers
 def test_layer_scale_of_one_is_the_plain_block_and_small_starts_near_the_identity():
   config = micro_model_config()

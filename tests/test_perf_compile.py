@@ -24,7 +24,7 @@ def _compile(depth: int, scan: bool, salt: float) -> tuple[float, int]:
   params = jax.eval_shape(model.init, jax.random.key(0), images)
 
   def loss(p, x):
-    return jnp.sum(jnp.square(model.apply(p, x))) * salt
+    return jnp.sum(jnp.square(model.apply(p, x)[0])) * salt
 
   start = time.perf_counter()
   compiled = jax.jit(jax.grad(loss)).lower(params, images).compile()

@@ -22,7 +22,7 @@ from xmodal.models.fusion import FusionEncoder
 from xmodal.models.text import TextEncoder
 from xmodal.models.vit import VisionEncoder
 
-POOLS = ('cls', 'mean')  # the values of `model.pool`
+POOLS = ('cls', 'mean', 'mean_fc_norm')  # the values of `model.pool`
 TEMPERATURE_RANGE = (0.001, 0.5)  # ALBEF clamps its learnable temperature to this range.
 
 
@@ -84,7 +84,8 @@ class XModal(nn.Module):
     common = dict(dtype=dtype, attention=s.attention, scan_layers=s.scan_layers, remat=s.remat)
     self.vision = VisionEncoder(s.vision.width, s.vision.depth, s.vision.heads, s.vision.mlp_dim, s.vision.patch_size,
                                 s.image_size, s.vision.layer_norm_eps, posemb_init=s.vision.posemb_init,
-                                stem=s.vision.stem, layer_scale_init=s.vision.layer_scale_init, **common)
+                                stem=s.vision.stem, layer_scale_init=s.vision.layer_scale_init,
+                                fc_norm=s.pool == 'mean_fc_norm', **common)
     self.text = TextEncoder(s.text.vocab_size, s.text.width, s.text.depth, s.text.heads, s.text.mlp_dim,
                             s.text.max_positions, s.text.type_vocab_size, s.text.layer_norm_eps, **common)
     self.fusion = FusionEncoder(s.fusion_depth, s.text.heads, s.text.mlp_dim, s.text.layer_norm_eps, **common)
@@ -113,10 +114,13 @@ class XModal(nn.Module):
   def encode_image(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     """images (B, H, W, 3) normalised floats -> (tokens (B, 1+N, Dv), emb (B, E) float32, unit norm).
 
-    The embedding projects the [CLS] token (ALBEF), or with spec.pool='mean' the mean of all tokens.
+    The embedding projects the [CLS] token (ALBEF), with spec.pool='mean' the mean of all tokens, with 'mean_fc_norm'
+    the LayerNorm of the patch tokens' mean taken before the tower's final LayerNorm (VisionEncoder.fc_norm).
     """
-    tokens = self.vision(images)
-    return tokens, _normalize(self.image_proj(self._pool(tokens, None)))
+    tokens, pooled = self.vision(images)
+    if pooled is None:
+      pooled = self._pool(tokens, None)
+    return tokens, _normalize(self.image_proj(pooled))
 
   def encode_text(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ids (B, L) int, mask (B, L) -> (tokens (B, L, Dt), emb (B, E) float32, unit norm)."""
@@ -124,7 +128,8 @@ class XModal(nn.Module):
     return tokens, _normalize(self.text_proj(self._pool(tokens, mask)))
 
   def _pool(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """(B, L, D) tokens -> (B, D) float32: the [CLS] token, or the mean of the real tokens (spec.pool)."""
+    """(B, L, D) tokens -> (B, D) float32: the [CLS] token, or the mean of the real tokens (spec.pool: 'mean', and
+    for text 'mean_fc_norm': BERT is post-LN, its tokens come out of a LayerNorm at every layer)."""
     tokens = tokens.astype(jnp.float32)
     if self.spec.pool == 'cls':
       return tokens[:, 0]

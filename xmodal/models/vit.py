@@ -88,7 +88,8 @@ class ConvStem(nn.Module):
 
 
 class VisionEncoder(nn.Module):
-  """images (B, H, W, 3) float -> tokens (B, 1 + N, D): [CLS] then one token per patch, final LayerNorm applied."""
+  """images (B, H, W, 3) float -> (tokens (B, 1 + N, D): [CLS] then one token per patch, final LayerNorm applied;
+  pooled (B, D) with `fc_norm`, else None)."""
   width: int
   depth: int
   heads: int
@@ -103,9 +104,13 @@ class VisionEncoder(nn.Module):
   posemb_init: str = 'normal'  # a key of POSEMB_INITS
   stem: str = 'patch'  # 'patch': ViT's linear patchify (what checkpoints hold); 'conv': ConvStem
   layer_scale_init: float = 0.0  # LayerScale of each block's branches (CaiT); 0 = none (ViT/DeiT checkpoints)
+  # Also return the mean of the patch tokens taken before the final LayerNorm, through a LayerNorm of its own (timm's
+  # average pool with `fc_norm`). The mean of normalised tokens weighs every patch alike, so a scene's many background
+  # patches drown its few object patches; before the norm, flat background has small activations.
+  fc_norm: bool = False
 
   @nn.compact
-  def __call__(self, images: jax.Array) -> jax.Array:
+  def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array | None]:
     p = self.patch_size
     if self.stem == 'conv':
       x = ConvStem(p, self.width, self.dtype, name='conv_stem')(images)
@@ -126,4 +131,8 @@ class VisionEncoder(nn.Module):
     x = layers.stack(layers.PreLNBlock, self.depth, scan=self.scan_layers, remat=self.remat,
                      heads=self.heads, mlp_dim=self.mlp_dim, eps=self.layer_norm_eps, dtype=self.dtype,
                      impl=self.attention, layer_scale_init=self.layer_scale_init)(x, None)
-    return layers.LayerNorm(self.layer_norm_eps, self.dtype, name='ln_final')(x)
+    tokens = layers.LayerNorm(self.layer_norm_eps, self.dtype, name='ln_final')(x)
+    if not self.fc_norm:
+      return tokens, None
+    pooled = jnp.mean(x[:, 1:].astype(jnp.float32), axis=1)
+    return tokens, layers.LayerNorm(self.layer_norm_eps, jnp.float32, name='fc_norm')(pooled)
