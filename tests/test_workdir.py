@@ -146,3 +146,19 @@ def test_a_workdir_from_before_the_history_starts_it_with_its_config_json(tmp_pa
   workdir_lib.record_config(tmp_path, config, 6)
   history = [json.loads(l) for l in (tmp_path / 'config_history.jsonl').read_text().splitlines()]
   assert [(h['step'], h['changes']) for h in history] == [(0, {}), (6, {'data.batch_size': [16, 32]})]
+
+
+def test_a_config_json_from_an_older_xmodal_reads_with_the_new_fields_at_their_defaults(tmp_path):
+  """Fields added since a run was written (here MLM's) take their defaults: the run evaluates and resumes as before,
+  and they are not changes. A field that the run did set keeps its value."""
+  from xmodal.train import run
+  config = micro_config()
+  old = json.loads(config.to_json_best_effort())
+  del old['loss']['mlm_weight'], old['model']['mlm_head']
+  old['optim']['lr'] = 3e-4
+  (tmp_path / 'config.json').write_text(json.dumps(old))
+  saved = workdir_lib.read_config(tmp_path)
+  assert saved['loss']['mlm_weight'] == 0.0 and saved['model']['mlm_head'] is False and saved['optim']['lr'] == 3e-4
+  config.optim.lr = 3e-4
+  workdir_lib.check_resumed_config(tmp_path, config, allow_change=False)  # raises on any change
+  assert run.load_run_config(tmp_path, None, []).model.mlm_head is False

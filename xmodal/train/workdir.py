@@ -227,9 +227,27 @@ def format_changes(changes: Mapping[str, tuple[Any, Any]]) -> str:
 
 
 def read_config(workdir: str | os.PathLike) -> dict[str, Any] | None:
-  """The workdir's config.json as a dict, None when there is none."""
+  """The workdir's config.json as a dict, None when there is none.
+
+  Fields added to xmodal since the run wrote it take their defaults, which are always the behaviour from before the
+  field existed (MLM off, ...): an older run then reads, evaluates and resumes as it ran, and its new fields are not
+  changes.
+  """
   path = pathlib.Path(workdir) / CONFIG_FILE
-  return json.loads(path.read_text()) if path.exists() else None
+  if not path.exists():
+    return None
+  from xmodal.config.defaults import base_config  # pylint: disable=g-import-not-at-top
+  return _with_defaults(json.loads(path.read_text()), base_config().to_dict())
+
+
+def _with_defaults(saved: dict[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+  out = dict(saved)
+  for key, default in defaults.items():
+    if key not in out:
+      out[key] = default
+    elif isinstance(default, Mapping) and isinstance(out[key], Mapping):
+      out[key] = _with_defaults(out[key], default)
+  return out
 
 
 def check_resumed_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict, *,
