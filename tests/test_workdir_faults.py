@@ -70,6 +70,9 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_resume_gives_the_losses_
   assert f"xmodal: error: Checkpoint step 4 ({workdir / 'checkpoints' / '4'}) cannot be read: state/" in named.stderr
   assert 'differs from its save-time checksum' in named.stderr and 'are [2, 4]' in named.stderr
   assert 'Traceback' not in named.stderr
+  exported = _xmodal('export', '--workdir', workdir, '--out', workdir.parent / 'bundle', '--step', 4)
+  assert exported.returncode == 1 and 'are [2, 4]' in exported.stderr, exported.stderr[-3000:]
+  assert 'Traceback' not in exported.stderr
 
   resumed = _train(workdir, shapes_dir, steps=4)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -66,30 +66,38 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  # Both are plain classes: catching them imports neither models nor TensorFlow (search stays light).
+  from xmodal.data.faults import DataError  # pylint: disable=g-import-not-at-top
+  from xmodal.train.errors import RunError  # pylint: disable=g-import-not-at-top
   if argv and argv[0] in _SELF_PARSED:
-    return importlib.import_module(_SELF_PARSED[argv[0]][0]).main(argv[1:]) or 0
+    try:
+      return importlib.import_module(_SELF_PARSED[argv[0]][0]).main(argv[1:]) or 0
+    except (RunError, DataError) as e:
+      return _report(e)
   from xmodal.config import ConfigError  # pylint: disable=g-import-not-at-top  # not before: search needs no models
   try:
     rest, overrides = _split_overrides(argv)
   except ConfigError as e:
     print(f'xmodal: config error: {e}', file=sys.stderr)
     return 2
-  from xmodal.data.faults import DataError  # pylint: disable=g-import-not-at-top  # TensorFlow-free
   args = _parser().parse_args(rest)
-  from xmodal.train.errors import RunError  # pylint: disable=g-import-not-at-top  # a class, no training code
   with console.logging_to(_log_file(args), verbose=getattr(args, 'verbose', False)):
     try:
       return _COMMANDS[args.command].run(args, overrides)
     except ConfigError as e:
       print(f'xmodal: config error: {e}', file=sys.stderr)
       return 2
-    except RunError as e:  # a damaged checkpoint, a workdir in use, a failed save: the message says it all
-      print(f'xmodal: error: {e}', file=sys.stderr)
-      return 1
-    except DataError as e:
-      # The message names the source, file, key or line; the traceback would only show where tf.data noticed.
-      print(f'xmodal: data error: {e}', file=sys.stderr)
-      return 1
+    except (RunError, DataError) as e:
+      return _report(e)
+
+
+def _report(error: Exception) -> int:
+  """A damaged checkpoint, a workdir in use, a failed save, bad input: the message names the step, file, key or line
+  and says what to do, so it is printed alone (a traceback would only show where tf.data or orbax noticed); exit 1."""
+  from xmodal.data.faults import DataError  # pylint: disable=g-import-not-at-top
+  kind = 'data error' if isinstance(error, DataError) else 'error'
+  print(f'xmodal: {kind}: {error}', file=sys.stderr)
+  return 1
 
 
 def _log_file(args: argparse.Namespace) -> pathlib.Path | None:
