@@ -51,7 +51,7 @@ class LossWeights:
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict, tokenizer: str | None = None) -> LossWeights:
     """The `loss` section's weights; `tokenizer` (data.tokenizer) is read only when MLM is on, for [MASK]."""
-    mlm = float(loss.get('mlm_weight', 0.0))
+    mlm = float(loss.mlm_weight)
     mask_id, vocab_size = -1, 0
     if mlm > 0:
       from xmodal.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
@@ -64,7 +64,7 @@ class LossWeights:
                chunked=bool(loss.chunked), itm_hard_warmup=int(loss.itm_hard_warmup_steps),
                itm_written_negatives=str(loss.itm_written_negatives), itm_subsample=int(loss.itm_subsample),
                itc_written_negatives=bool(loss.itc_written_negatives), mlm=mlm,
-               mlm_probability=float(loss.get('mlm_probability', 0.15)), mlm_mask_id=mask_id,
+               mlm_probability=float(loss.mlm_probability), mlm_mask_id=mask_id,
                mlm_vocab_size=vocab_size)
 
   @property
