@@ -5,7 +5,8 @@
   - xmodal/models/ reaches none of xmodal/train, xmodal/evaluation, xmodal/cli;
   - xmodal/losses/ reaches no xmodal/models;
   - no two modules import each other, directly or through others;
-  - every `xmodal` import names a module that exists.
+  - every `xmodal` import names a module that exists;
+  - nothing in xmodal imports benchmarks/ (its PyTorch reference is a test-extra dependency).
 
 Every import statement is an edge: at the top of a module, inside a function (it runs when the function is called)
 and under `if TYPE_CHECKING:` (the circle is there for a reader even if not at run time). "Reaches" follows edges
@@ -222,6 +223,14 @@ def test_xmodal_keeps_the_layout_import_rules():
   graph = import_graph(ROOT)
   assert len(graph.modules) > 60 and sum(map(len, graph.edges.values())) > 120  # the whole package was read
   assert violations(graph) == []
+
+
+def test_xmodal_imports_nothing_from_benchmarks():
+  # benchmarks/ (the PyTorch reference and the side-by-side comparison) stands outside the package and above it.
+  graph = import_graph(ROOT)
+  found = [f'{module} imports {name}' for module, names in sorted(graph.external.items())
+           for name, _ in names if name in ('benchmarks', 'torch_reference', 'compare')]
+  assert found == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

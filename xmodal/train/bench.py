@@ -8,8 +8,11 @@ and by a jitted matmul timed in the same run on CPUs (whose peak no table knows)
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import statistics
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -70,39 +73,83 @@ def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
   return {str(name): value for name, value in pairs} or None
 
 
-def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
+@dataclasses.dataclass
+class CompiledStep:
+  """The config's jitted train step, compiled, with its state, one synthetic batch and the context it runs in.
+
+  `xmodal bench` times it alone; benchmarks/compare.py alternates it with an eager PyTorch step. Call `run_one()`
+  inside `context()`: one step, waited for, its metrics returned (the state is donated and replaced).
+  """
+  built: state_lib.Setup
+  weights: LossWeights
+  mesh: jax.sharding.Mesh
+  rules: list
+  compiled: Any
+  state: state_lib.TrainState
+  batch: dict
+  rng: jax.Array
+  compile_seconds: float
+  options: dict | None
+
+  @property
+  def batch_size(self) -> int:
+    return int(self.batch['images'].shape[0])
+
+  @property
+  def flops_per_step(self) -> int:
+    return flops.train_flops(self.built.model.spec, self.batch_size, self.weights.itm_pairs,
+                             self.weights.extra_texts, self.weights.mlm > 0)
+
+  def context(self) -> contextlib.ExitStack:
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def run_one(self) -> dict:
+    self.state, metrics = self.compiled(self.state, self.batch, self.rng)
+    jax.block_until_ready(metrics)
+    return metrics
+
+
+def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> CompiledStep:
+  """Builds the config's model, optimizer (its schedule over `total_steps`) and state, a synthetic batch of the
+  config's shapes, and compiles the jitted step on them (`train.compiler_options` applied)."""
   mesh = sharding.make_mesh(config.mesh.shape)
   rules = [tuple(r) for r in config.mesh.rules]
-  built = state_lib.setup(config, mesh, max(steps, 2))
+  built = state_lib.setup(config, mesh, max(total_steps, 2))
   model = built.model
-  batch_size = config.data.batch_size
   weights = LossWeights.from_config(config.loss, config.data.tokenizer)
   jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum)
-  device_kind = jax.devices()[0].device_kind
-  peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
-  # On a CPU the peak is matmuls timed after every step, so that both see the same load (shared machines).
-  peak_source = 'table' if peak else 'measured matmul: best of 3 after each step, median over steps'
-  time_matmul = matmul_timer() if peak is None else None
-  peaks = []
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    batch = sharding.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
+    batch = sharding.host_to_global(synthetic_batch(model.spec, config.data.batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key)), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     options = compiler_options(config)
     compiled = jit_step.lower(state, batch, rng).compile(compiler_options=options)
     compile_seconds = time.perf_counter() - start
-    state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready(metrics)
+  return CompiledStep(built, weights, mesh, rules, compiled, state, batch, rng, compile_seconds, options)
+
+
+def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
+  step = compile_step(config, steps)
+  device_kind = jax.devices()[0].device_kind
+  peak = flops.peak_flops_per_device(device_kind, config.train.peak_flops_per_device)
+  # On a CPU the peak is matmuls timed after every step, so that both see the same load (shared machines).
+  peak_source = 'table' if peak else 'measured matmul: best of 3 after each step, median over steps'
+  time_matmul = matmul_timer() if peak is None else None
+  peaks = []
+  with step.context():
+    metrics = step.run_one()
     if time_matmul is not None:
       time_matmul()  # warm, in the same context as the timed calls (a new context may mean a new compile)
     times = []
     for _ in range(steps):
       start = time.perf_counter()
-      state, metrics = compiled(state, batch, rng)
-      jax.block_until_ready(metrics)
+      metrics = step.run_one()
       times.append(time.perf_counter() - start)
       if time_matmul is not None:
         # Best of three: the first matmul after a large step runs on cold caches (a 1-step bench of `base` read
@@ -111,23 +158,23 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   if time_matmul is not None:
     peak = statistics.median(peaks)
   step_time = statistics.median(times)
-  step_flops = flops.train_flops(model.spec, batch_size, weights.itm_pairs, weights.extra_texts,
-                                 weights.mlm > 0)
+  batch_size = step.batch_size
+  step_flops = step.flops_per_step
   per_device = step_flops / step_time / jax.device_count()
   memory = None
   stats = jax.devices()[0].memory_stats() or {}
   if 'peak_bytes_in_use' in stats:
     memory = int(stats['peak_bytes_in_use'])
   else:
-    analysis = compiled.memory_analysis()
+    analysis = step.compiled.memory_analysis()
     if analysis is not None:
       memory = int(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes + analysis.output_size_in_bytes)
   return {
       'device': device_kind, 'devices': jax.device_count(), 'batch': batch_size,
-      'params': built.num_params,
-      'flops_per_step': step_flops, 'compile_s': round(compile_seconds, 2), 'step_s': step_time,
+      'params': step.built.num_params,
+      'flops_per_step': step_flops, 'compile_s': round(step.compile_seconds, 2), 'step_s': step_time,
       'step_s_min': min(times), 'examples_per_s': batch_size / step_time,
       'tflops_per_device': per_device / 1e12, 'peak_tflops_per_device': peak / 1e12, 'peak_source': peak_source,
       'mfu': per_device / peak, 'peak_memory_bytes': memory, 'loss': float(metrics['loss']), 'steps': steps,
-      'compiler_options': options or {},
+      'compiler_options': step.options or {},
   }
