@@ -85,7 +85,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   time_matmul = matmul_timer() if peak is None else None
   peaks = []
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
-  state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings)
+  state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings, momentum=built.momentum)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = sharding.host_to_global(synthetic_batch(model.spec, batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key)), mesh)
@@ -111,8 +111,7 @@ def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:
   if time_matmul is not None:
     peak = statistics.median(peaks)
   step_time = statistics.median(times)
-  step_flops = flops.train_flops(model.spec, batch_size, weights.itm_pairs, weights.extra_texts,
-                                 weights.mlm > 0)
+  step_flops = weights.train_flops(model.spec, batch_size)
   per_device = step_flops / step_time / jax.device_count()
   memory = None
   stats = jax.devices()[0].memory_stats() or {}
