@@ -1,4 +1,5 @@
-"""ALBEF's recipe: ViT-B/16 + BERT-base (6 text + 6 fusion layers), ITC + ITM with hard negatives.
+"""ALBEF's recipe: ViT-B/16 + BERT-base (6 text + 6 fusion layers), ITC + ITM with hard negatives, and ALBEF's momentum
+model: ITC against a queue of 65,536 momentum embeddings, distilled from the momentum model's similarities.
 
 Fine-tuning for retrieval on COCO captions (tfds), starting from imported towers (DeiT-B/16 and BERT-base, local
 directories in Hugging Face layout; see xmodal/pretrained):
@@ -39,6 +40,13 @@ def get_config(arg=None):
     raise config_lib.ConfigError(f"config argument data={args.data!r} is not one of ('coco', 'shards')")
   config.init.text, config.init.image = args.text_init, args.image_init
   config.optim.update(lr=1e-5, warmup_steps=1000, weight_decay=0.02)
-  config.train.update(steps=5 * 113_287 // 256, checkpoint_every=2000, eval_every=0, log_every=50)
+  epoch = 113_287 // 256  # steps per epoch of COCO's Karpathy train split at batch 256
+  config.train.update(steps=5 * epoch, checkpoint_every=2000, eval_every=0, log_every=50)
+  config.loss.update(
+      momentum=0.995,  # ALBEF's momentum model: m <- 0.995 m + 0.005 p after every step
+      queue_size=65_536,  # ALBEF's queue of momentum embeddings: 256 global batches of 256 as ITC's extra negatives
+      distill_alpha=0.4,  # ALBEF's targets: 0.4 the momentum model's softmax + 0.6 the ground truth
+      distill_warmup_steps=epoch,  # ALBEF ramps alpha from 0 over the first epoch
+  )
   config.eval.update(k=256, score='itm')
   return config

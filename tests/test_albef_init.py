@@ -33,7 +33,8 @@ def test_albef_config_trains_from_imported_bert_and_vit(shapes_dir, tmp_path):
                 'model.text.max_positions=16', 'model.fusion_depth=2', 'model.max_text_len=12', 'model.dtype=float32',
                 'model.remat=none', f'data.tfds_name={shapes_dir}', 'data.captions_key=captions',
                 'data.id_key=image_id', 'data.eval_split=test', 'data.max_text_len=12', 'data.batch_size=8',
-                'data.eval_batch_size=8', 'train.steps=1', 'train.progress=false', 'eval.k=4']
+                'data.eval_batch_size=8', 'train.steps=1', 'train.progress=false', 'eval.k=4',
+                'loss.queue_size=64']  # ALBEF's 65,536 would be 128 MB of checkpoint here
   config = config_lib.load(spec, overrides)
   results = loop.train(config, tmp_path / 'run')
   assert 'itc' in results
@@ -46,5 +47,8 @@ def test_albef_config_trains_from_imported_bert_and_vit(shapes_dir, tmp_path):
                              bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=0, atol=2e-5)
   np.testing.assert_allclose(params['vision']['pos_embedding'][0],
                              vit.embeddings.position_embeddings.detach().numpy()[0], rtol=0, atol=2e-5)
+  # The momentum model starts as a copy of the imported towers (ALBEF), and one step at 0.995 leaves it there.
+  np.testing.assert_allclose(np.asarray(state.momentum_params['text']['embeddings']['word']['embedding']),
+                             bert.embeddings.word_embeddings.weight.detach().numpy(), rtol=0, atol=2e-5)
   fusion_fc1 = params['fusion']['layers']['mlp']['fc1']['kernel'][1]  # fusion layer 1 = BERT layer 3
   np.testing.assert_allclose(fusion_fc1, bert.encoder.layer[3].intermediate.dense.weight.detach().numpy().T, rtol=0, atol=2e-5)

@@ -37,6 +37,14 @@ def test_flop_count_matches_a_hand_count():
   assert flops.train_flops(spec, batch=2, itm_pairs=0) == 3 * 2 * (per_example - 3 * (text_layer + cross + itm_head))
   assert flops.train_flops(spec, batch=2, itm_pairs=4, extra_texts=1) == 3 * 2 * (
       per_example + 2 * text_layer + cross + itm_head)
+  # The momentum model with a queue of 6: ITC's two directions score B + 6 momentum keys (trained: forward and
+  # backward), and the momentum towers and projections run forward once; distillation adds its similarities once.
+  keys = 2 * 2 * (2 + 6) * 4
+  momentum_forward = patch + vit_layer + text_layer + 2 * 8 * 4 * 2
+  assert flops.train_flops(spec, batch=2, momentum=True, queue_size=6) == 2 * (
+      3 * (per_example + keys) + momentum_forward)
+  assert flops.train_flops(spec, batch=2, momentum=True, queue_size=6, distill=True) == 2 * (
+      3 * (per_example + keys) + momentum_forward + keys)
   # A conv stem instead of the patchify: 3x3 stride-2 convolutions 8x8x3 -> 4x4x8 -> 2x2x8, then 1x1 to width 8.
   config.vision.stem = 'conv'
   stem = 2 * 16 * 9 * 3 * 8 + 2 * 4 * 9 * 8 * 8 + 2 * 4 * 8 * 8
@@ -44,23 +52,36 @@ def test_flop_count_matches_a_hand_count():
 
 
 @pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis
-@pytest.mark.parametrize('written, stem, mlm', [('off', 'patch', False), ('add', 'conv', False),
-                                                ('replace', 'patch', True)])
-def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm):
-  """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs."""
-  from xmodal.train.objective import compute_loss
+@pytest.mark.parametrize('written, stem, mlm, momentum', [('off', 'patch', False, False), ('add', 'conv', False, False),
+                                                          ('replace', 'patch', True, False),
+                                                          ('off', 'patch', True, True)])
+def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum):
+  """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs (with the
+  momentum model: its forward, a queue of 32 and distillation of ITC and MLM, beside the loss's)."""
+  from xmodal.losses import QueuedKeys
+  from xmodal.train.objective import compute_loss, momentum_outputs
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
   config.model.vision.stem = stem
   config.model.mlm_head = mlm
   model = build(config.model)
   params = nn.unbox(state_lib.abstract_params(model))
+  queue_size = 32 if momentum else 0
   weights = LossWeights(itm_written_negatives=written, mlm=float(mlm), mlm_mask_id=4,
-                        mlm_vocab_size=config.model.text.vocab_size)
+                        mlm_vocab_size=config.model.text.vocab_size, momentum=0.995 * momentum,
+                        queue_size=queue_size, distill_alpha=0.4 * momentum)
   batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True))
-  lowered = jax.jit(lambda p, b: compute_loss(model, p, b, jax.random.key(0), weights)[0]).lower(params, batch)
-  xla = lowered.compile().cost_analysis()['flops']
-  ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts, mlm).values())
+
+  def forward(p, m, b):  # m: the momentum parameters, an argument of their own (XLA would fold a second use of p)
+    rng = jax.random.key(0)
+    if not momentum:
+      return compute_loss(model, p, b, rng, weights)[0]
+    keys = jnp.zeros((queue_size, config.model.embed_dim))
+    queue = QueuedKeys(keys, keys, jnp.zeros((queue_size,), jnp.int32), jnp.ones((queue_size,), bool))
+    return compute_loss(model, p, b, rng, weights, teacher=momentum_outputs(model, m, b, rng, weights), queue=queue)[0]
+  xla = jax.jit(forward).lower(params, params, batch).compile().cost_analysis()['flops']
+  ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts, mlm, momentum, queue_size,
+                                 momentum).values())
   # At width 32 the elementwise work (LayerNorm, softmax, GELU; with MLM a log-softmax over the vocabulary at every
   # position) is a quarter of XLA's count; a missed matmul part (a tower, the fusion pairs) would cost far more.
   assert 0.7 * xla <= ours <= 1.05 * xla, (ours, xla)

@@ -168,9 +168,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if 'model' in config:
         _require(config.model.get('mlm_head', False), 'loss.mlm_weight', 'needs the MLM head: set model.mlm_head=True')
       _require(0 < loss.mlm_probability < 1, 'loss.mlm_probability', f'must be in (0, 1), got {loss.mlm_probability}')
+    _validate_momentum(config)
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight'):
       if name in loss:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
+
+
+def _validate_momentum(config: ml_collections.ConfigDict) -> None:
+  """loss.momentum, queue_size, distill_alpha, distill_warmup_steps and what they combine with."""
+  loss = config.loss
+  momentum = loss.get('momentum', 0.0)
+  _require(0 <= momentum < 1, 'loss.momentum', f'must be in [0, 1) (0 = off, ALBEF 0.995), got {momentum}')
+  queue_size, alpha = loss.get('queue_size', 0), loss.get('distill_alpha', 0.0)
+  _require(queue_size >= 0, 'loss.queue_size', f'must be >= 0, got {queue_size}')
+  _require(0 <= alpha <= 1, 'loss.distill_alpha', f'must be in [0, 1], got {alpha}')
+  _require(loss.get('distill_warmup_steps', 0) >= 0, 'loss.distill_warmup_steps',
+           f"must be >= 0, got {loss.get('distill_warmup_steps')}")
+  for name, value in (('queue_size', queue_size), ('distill_alpha', alpha)):
+    _require(not value or momentum > 0, f'loss.{name}',
+             f'{value} needs the momentum model: set loss.momentum (ALBEF 0.995)')
+  if momentum > 0:
+    _require(not loss.get('chunked'), 'loss.chunked',
+             'the ring form has no momentum ITC (its keys, queue and distilled targets); set loss.momentum=0')
+    _require(not loss.get('itc_written_negatives'), 'loss.itc_written_negatives',
+             'has no columns in the momentum form of ITC (loss.momentum > 0); use loss.itm_written_negatives')
+  if queue_size and 'data' in config:
+    _require(queue_size % config.data.batch_size == 0, 'loss.queue_size',
+             f'{queue_size} is not a multiple of data.batch_size={config.data.batch_size} (the queue takes one global '
+             f'batch per step)')
 
 
 # Allowed values are owned by the code that implements them; validation reads them from there.

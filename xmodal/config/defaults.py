@@ -40,6 +40,20 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # ITC / sigmoid ITC as a ring over the batch axes (xmodal/losses/ring.py): same values, memory per device
       # linear in the local batch. (ITM's hard-negative sampling still forms the (B, B) similarity.)
       'chunked': False,
+      # ALBEF's momentum model (xmodal/train/momentum.py): a moving average of the parameters, m <- mu m + (1 - mu) p
+      # after each update, with mu this (ALBEF 0.995; 0 = off). When on, ITC scores each embedding against the
+      # momentum model's embeddings of the other modality (not with `chunked` or `itc_written_negatives`).
+      'momentum': 0.0,
+      # Queues of the momentum model's image and text embeddings and image ids: the last queue_size / B global
+      # batches become ITC's extra negatives (a queued copy of the same image is a positive). A multiple of
+      # data.batch_size; ALBEF 65536; 0 = none. Needs `momentum`.
+      'queue_size': 0,
+      # ITC's targets become alpha softmax(momentum similarities) + (1 - alpha) ground truth, and with MLM on its
+      # loss (1 - alpha) cross-entropy + alpha cross-entropy against the momentum model's predictions. ALBEF 0.4;
+      # 0 = off. Needs `momentum`.
+      'distill_alpha': 0.0,
+      # alpha rises linearly from 0 over these steps (ALBEF: the first epoch); 0 = full alpha from the start.
+      'distill_warmup_steps': 0,
   })
   config.mesh = ml_collections.ConfigDict({
       # Sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the devices that are left.

@@ -1,10 +1,13 @@
-"""Contrastive (ITC) losses on embeddings: the softmax form (CLIP/ALBEF InfoNCE) and the sigmoid form (SigLIP).
+"""Contrastive (ITC) losses on embeddings: the softmax form (CLIP/ALBEF InfoNCE), ALBEF's momentum form (keys from the
+momentum model, a queue of past keys, distilled targets) and the sigmoid form (SigLIP).
 
 Pure functions of global arrays. Under `jax.jit` with a batch sharded over many devices, XLA partitions them and every
 example still meets the whole global batch as negatives: the result equals the single-device value.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +67,65 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax
   loss = 0.5 * (_soft_cross_entropy(i2t_logits, i2t_targets) + _soft_cross_entropy(logits.T, targets.T))
   return loss, {'itc_loss': loss, 'itc_i2t_acc': _accuracy(i2t_logits, i2t_positive),
                 'itc_t2i_acc': _accuracy(logits.T, positive.T)}
+
+
+class QueuedKeys(NamedTuple):
+  """Past keys of the momentum model: image and text embeddings (Q, E), their image ids (Q,) int (-1 = none) and
+  valid (Q,) bool (False for the queue's entries not written yet)."""
+  image: jax.Array
+  text: jax.Array
+  ids: jax.Array
+  valid: jax.Array
+
+
+def momentum_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array,
+                              image_emb_m: jax.Array, text_emb_m: jax.Array, ids: jax.Array | None = None,
+                              queue: QueuedKeys | None = None, alpha: jax.Array | None = None
+                              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """ALBEF's ITC: each embedding is scored against the other modality's momentum embeddings, of the batch and of
+  the queue, with targets optionally distilled from the momentum model's own similarities.
+
+    i2t = image_emb @ [text_emb_m; queue.text]^T / T     t2i = text_emb @ [image_emb_m; queue.image]^T / T
+    ground truth: uniform over the columns whose image id equals the row's (without ids: the row's own pair)
+    targets = alpha * softmax(momentum i2t (t2i) similarities) + (1 - alpha) * ground truth   (alpha None: 0)
+
+  Gradients reach the online embeddings and the temperature, never the momentum keys or the targets.
+
+  Args:
+    image_emb, text_emb: (B, E) unit-norm online embeddings; row i describes image i.
+    temperature: scalar.
+    image_emb_m, text_emb_m: (B, E) the momentum model's embeddings of the same batch.
+    ids: (B,) image ids or None; a queued key with the row's id is a positive too.
+    queue: the momentum keys of past batches, or None; entries that are not `valid` are left out of the softmax.
+    alpha: scalar distillation weight in [0, 1], or None (no distillation, and no momentum similarities computed).
+
+  Returns:
+    (loss, metrics) with metrics 'itc_loss', 'itc_i2t_acc', 'itc_t2i_acc' (top column a positive, over the batch
+    and the queue).
+  """
+  f32 = lambda x: jax.lax.stop_gradient(x.astype(jnp.float32))
+  image_keys, text_keys = f32(image_emb_m), f32(text_emb_m)
+  positive = positives(ids, image_emb.shape[0])
+  valid = jnp.ones(image_keys.shape[:1], bool)
+  if queue is not None:
+    image_keys = jnp.concatenate([image_keys, f32(queue.image)])
+    text_keys = jnp.concatenate([text_keys, f32(queue.text)])
+    queued = ((ids[:, None] == queue.ids[None, :]) if ids is not None
+              else jnp.zeros((positive.shape[0], queue.ids.shape[0]), bool))
+    positive = jnp.concatenate([positive, queued & queue.valid[None, :]], axis=1)
+    valid = jnp.concatenate([valid, queue.valid])
+  targets = positive / jnp.sum(positive, axis=-1, keepdims=True)
+  # Finite, not -inf: a zero target times log(0) would be NaN.
+  scores = lambda queries, keys: jnp.where(valid[None, :], jnp.einsum(
+      'ie,ke->ik', queries.astype(jnp.float32), keys) / temperature, _ABSENT)
+  i2t, t2i = scores(image_emb, text_keys), scores(text_emb, image_keys)
+  i2t_targets = t2i_targets = targets
+  if alpha is not None:
+    soft = lambda queries, keys: jax.nn.softmax(jax.lax.stop_gradient(scores(f32(queries), keys)), axis=-1)
+    i2t_targets = alpha * soft(image_emb_m, text_keys) + (1 - alpha) * targets
+    t2i_targets = alpha * soft(text_emb_m, image_keys) + (1 - alpha) * targets
+  loss = 0.5 * (_soft_cross_entropy(i2t, i2t_targets) + _soft_cross_entropy(t2i, t2i_targets))
+  return loss, {'itc_loss': loss, 'itc_i2t_acc': _accuracy(i2t, positive), 'itc_t2i_acc': _accuracy(t2i, positive)}
 
 
 def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, bias: jax.Array,

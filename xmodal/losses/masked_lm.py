@@ -51,14 +51,21 @@ def mask_tokens(rng: jax.Array, ids: jax.Array, mask: jax.Array, *, mask_id: int
   return MaskedTokens(jnp.where(chosen, corrupted, ids), chosen)
 
 
-def masked_lm_loss(logits: jax.Array, targets: jax.Array, chosen: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def masked_lm_loss(logits: jax.Array, targets: jax.Array, chosen: jax.Array, teacher_logits: jax.Array | None = None,
+                   alpha: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean cross-entropy of `targets` (B, L) under `logits` (B, L, V) over the `chosen` (B, L) positions.
+
+  With `teacher_logits` (B, L, V) (the momentum model's, ALBEF's distillation) the loss is
+  (1 - alpha) * that cross-entropy + alpha * the cross-entropy against softmax(teacher_logits), at the same positions.
 
   Returns (loss, {'mlm_loss', 'mlm_acc'}); both are 0 when nothing was chosen.
   """
   logits = logits.astype(jnp.float32)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  if teacher_logits is not None:
+    soft = jax.nn.softmax(jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)), axis=-1)
+    nll = (1 - alpha) * nll - alpha * jnp.sum(soft * log_probs, axis=-1)
   weights = chosen.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(weights), 1.0)
   loss = jnp.sum(nll * weights) / count

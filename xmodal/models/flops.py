@@ -56,8 +56,8 @@ def _stem_flops(spec: ModelSpec) -> int:
   return total + 2 * patches * channels_in * v.width
 
 
-def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False
-                  ) -> dict[str, int]:
+def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
+                  momentum: bool = False, queue_size: int = 0, distill: bool = False) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
@@ -65,25 +65,38 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   `extra_texts` x B more captions go through the text tower (the data's written negatives). With `mlm`, each
   corrupted caption goes through the text tower and the fusion encoder once more, and the MLM head scores every
   position against the vocabulary.
+
+  With `momentum` (ALBEF's momentum model, loss.momentum > 0), ITC scores every image and every text against the B +
+  `queue_size` momentum keys of the other modality, and part 'momentum' is the momentum model's own forward pass
+  (no backward): both towers and projections on the batch, and with `distill` its similarities over the batch and
+  the queue and, with `mlm`, its MLM pass.
   """
   v, t = spec.vision, spec.text
   n = 1 + (spec.image_size // v.patch_size) ** 2
   length = spec.max_text_len
   vision = _stem_flops(spec) + v.depth * _layer(n, v.width, v.mlp_dim)
-  text = (1 + extra_texts) * t.depth * _layer(length, t.width, t.mlp_dim)
+  text_one = t.depth * _layer(length, t.width, t.mlp_dim)
+  text = (1 + extra_texts) * text_one
   cross = (2 * length * t.width * t.width + 2 * n * v.width * (2 * t.width)  # Q; K and V from image tokens
            + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output
   fusion_pair = spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
   fusion = itm_pairs * fusion_pair
-  heads = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim + itm_pairs * 2 * t.width * 2
+  projections = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim
+  heads = projections + itm_pairs * 2 * t.width * 2
   similarity = 2 * batch * spec.embed_dim  # one row of the (B, B) similarity matrix per example
-  parts = {'vision': vision, 'text': text, 'fusion': fusion, 'heads': heads + similarity}
+  keys = 2 * 2 * (batch + queue_size) * spec.embed_dim  # one row of i2t and of t2i against the momentum keys
+  parts = {'vision': vision, 'text': text, 'fusion': fusion, 'heads': heads + similarity + (keys if momentum else 0)}
+  mlm_pass = text_one + fusion_pair + 2 * length * t.width * t.width + 2 * length * t.width * t.vocab_size
   if mlm:
-    mlm_head = 2 * length * t.width * t.width + 2 * length * t.width * t.vocab_size
-    parts['mlm'] = t.depth * _layer(length, t.width, t.mlp_dim) + fusion_pair + mlm_head
+    parts['mlm'] = mlm_pass
+  if momentum:
+    parts['momentum'] = vision + text_one + projections + (keys + (mlm_pass if mlm else 0) if distill else 0)
   return {part: int(round(batch * value)) for part, value in parts.items()}
 
 
-def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False) -> int:
-  """Model FLOPs of one training step (forward + backward = 3 x forward); arguments as `forward_flops`."""
-  return 3 * sum(forward_flops(spec, batch, itm_pairs, extra_texts, mlm).values())
+def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
+                momentum: bool = False, queue_size: int = 0, distill: bool = False) -> int:
+  """Model FLOPs of one training step: forward + backward = 3 x forward for what trains, forward alone for the
+  momentum model; arguments as `forward_flops`."""
+  parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill)
+  return 3 * sum(parts.values()) - 2 * parts.get('momentum', 0)

@@ -97,8 +97,7 @@ class CompiledStep:
 
   @property
   def flops_per_step(self) -> int:
-    return flops.train_flops(self.built.model.spec, self.batch_size, self.weights.itm_pairs,
-                             self.weights.extra_texts, self.weights.mlm > 0)
+    return self.weights.train_flops(self.built.model.spec, self.batch_size)
 
   def context(self) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
@@ -122,7 +121,7 @@ def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> Compile
   weights = LossWeights.from_config(config.loss, config.data.tokenizer)
   jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum)
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
-  state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings)
+  state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings, momentum=built.momentum)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     batch = sharding.host_to_global(synthetic_batch(model.spec, config.data.batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key)), mesh)

@@ -111,8 +111,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   rng = jax.random.key(config.train.seed + 1)
 
   # --------------------------------------------------------------------------------------------------- metrics
-  step_flops = flops.train_flops(model.spec, config.data.batch_size, weights.itm_pairs, weights.extra_texts,
-                                 weights.mlm > 0)
+  step_flops = weights.train_flops(model.spec, config.data.batch_size)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
@@ -193,7 +192,7 @@ def _initial_state(config: ml_collections.ConfigDict, built: state_lib.Setup, ch
     log.info('resumed from step %d', int(state.step))
     return state, saved['processes'][jax.process_index()]
   state = state_lib.create_state(built.model, built.tx, jax.random.key(config.train.seed), built.shardings,
-                                 params=_pretrained_params(config, built.model))
+                                 params=_pretrained_params(config, built.model), momentum=built.momentum)
   return state, None
 
 

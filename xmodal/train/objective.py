@@ -3,6 +3,11 @@
 ITM reuses the tower outputs of the ITC pass: the hard negatives are gathered from the tokens already computed, and
 only the fusion encoder runs again, on 3B pairs (B positives, B texts with a negative image, B images with a negative
 text).
+
+With ALBEF's momentum model (loss.momentum > 0), `momentum_outputs` runs it on the batch first, outside the gradient
+(the `Teacher`); `compute_loss` then scores ITC against its embeddings and the queue of past ones
+(`losses.momentum_contrastive_loss`), and distils ITC and MLM from it (loss.distill_alpha). ITM and the sigmoid loss
+stay on the online embeddings.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import ml_collections
 
 from xmodal import losses
 from xmodal.losses import ring as losses_chunked
-from xmodal.models.model import XModal
+from xmodal.models import flops
+from xmodal.models.model import ModelSpec, XModal
 
 
 WRITTEN_NEGATIVES = ('off', 'replace', 'add')  # the values of `loss.itm_written_negatives`
@@ -47,6 +53,19 @@ class LossWeights:
   mlm_probability: float = 0.15
   mlm_mask_id: int = -1
   mlm_vocab_size: int = 0
+  # ALBEF's momentum model (xmodal/train/momentum.py): the moving average's rate (0 = off; ITC's keys come from it
+  # when on), the queue of its past embeddings (0 = none), and the distillation weight, reached linearly over
+  # `distill_warmup` steps.
+  momentum: float = 0.0
+  queue_size: int = 0
+  distill_alpha: float = 0.0
+  distill_warmup: int = 0
+
+  def __post_init__(self):
+    if self.momentum > 0 and (self.chunked or self.itc_written_negatives):
+      raise ValueError('the momentum form of ITC has neither a ring form (chunked) nor written-negative columns')
+    if (self.queue_size or self.distill_alpha) and not self.momentum:
+      raise ValueError('the queue and distillation need the momentum model: momentum > 0')
 
   @classmethod
   def from_config(cls, loss: ml_collections.ConfigDict, tokenizer: str | None = None) -> LossWeights:
@@ -65,7 +84,8 @@ class LossWeights:
                itm_written_negatives=str(loss.itm_written_negatives), itm_subsample=int(loss.itm_subsample),
                itc_written_negatives=bool(loss.itc_written_negatives), mlm=mlm,
                mlm_probability=float(loss.mlm_probability), mlm_mask_id=mask_id,
-               mlm_vocab_size=vocab_size)
+               mlm_vocab_size=vocab_size, momentum=float(loss.momentum), queue_size=int(loss.queue_size),
+               distill_alpha=float(loss.distill_alpha), distill_warmup=int(loss.distill_warmup_steps))
 
   @property
   def itm_pairs(self) -> float:
@@ -80,15 +100,59 @@ class LossWeights:
     """Captions per example through the text tower beyond the batch's own: the written negatives, when used."""
     return int(self.itc_written_negatives or (self.itm > 0 and self.itm_written_negatives != 'off'))
 
+  def train_flops(self, spec: ModelSpec, batch: int) -> int:
+    """Model FLOPs of a training step on a global batch of `batch` with these losses (flops.train_flops)."""
+    return flops.train_flops(spec, batch, self.itm_pairs, self.extra_texts, self.mlm > 0, self.momentum > 0,
+                             self.queue_size, self.distill_alpha > 0)
+
   def negative_hardness(self, step: jax.Array | None) -> jax.Array:
     """1 = ALBEF's hard negatives, 0 = uniform ones; rises linearly over `itm_hard_warmup` steps."""
     if self.itm_hard_warmup <= 0 or step is None:
       return jnp.ones((), jnp.float32)
     return jnp.clip(jnp.asarray(step, jnp.float32) / self.itm_hard_warmup, 0.0, 1.0)
 
+  def distillation(self, step: jax.Array | None) -> jax.Array | None:
+    """The weight of the momentum model's targets: `distill_alpha` * min(1, step / `distill_warmup`) (ALBEF ramps
+    it over the first epoch); None when distillation is off."""
+    if self.distill_alpha <= 0:
+      return None
+    alpha = jnp.asarray(self.distill_alpha, jnp.float32)
+    if self.distill_warmup <= 0 or step is None:
+      return alpha
+    return alpha * jnp.clip(jnp.asarray(step, jnp.float32) / self.distill_warmup, 0.0, 1.0)
+
+
+class Teacher(NamedTuple):
+  """The momentum model's outputs on a batch: image_emb, text_emb (B, E) unit norm, and with MLM distillation the
+  logits (B, L, V) of the corrupted captions' tokens (else None)."""
+  image_emb: jax.Array
+  text_emb: jax.Array
+  mlm_logits: jax.Array | None
+
+
+def _teacher(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights) -> Teacher:
+  """Runs inside `model.apply` with the momentum parameters: ALBEF's momentum towers, and its MLM on the captions
+  corrupted exactly as `_masked_lm` corrupts them (same key)."""
+  image_tokens, image_emb = module.encode_image(batch['images'])
+  _, text_emb = module.encode_text(batch['text_ids'], batch['text_mask'])
+  mlm_logits = None
+  if weights.mlm > 0 and weights.distill_alpha > 0:
+    masked = _corrupt(batch, rng, weights)
+    tokens = module.text(masked.ids, batch['text_mask'])
+    mlm_logits = module.predict_masked(tokens, batch['text_mask'], image_tokens)
+  return Teacher(image_emb, text_emb, mlm_logits)
+
+
+def momentum_outputs(model: XModal, momentum_params, batch: dict[str, jax.Array], rng: jax.Array,
+                     weights: LossWeights) -> Teacher:
+  """The momentum model on `batch` (the `compute_loss` batch and rng), without gradients: what `compute_loss` takes
+  as `teacher`, and what the step enqueues."""
+  return jax.lax.stop_gradient(model.apply({'params': momentum_params}, batch, rng, weights, method=_teacher))
+
 
 def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights,
-            step: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            step: jax.Array | None, teacher: Teacher | None, queue: losses.QueuedKeys | None
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs inside `model.apply`: `module` is the bound XModal."""
   ids = batch.get('image_ids')
   image_tokens, image_emb = module.encode_image(batch['images'])
@@ -103,7 +167,10 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     tokens, emb = module.encode_text(batch['negative_ids'], batch['negative_mask'])
     written = WrittenNegatives(tokens, batch['negative_mask'], emb, batch['negative_valid'].astype(bool))
 
-  if weights.itc_written_negatives and written is not None:
+  if teacher is not None:
+    itc, itc_metrics = losses.momentum_contrastive_loss(image_emb, text_emb, temperature, teacher.image_emb,
+                                                        teacher.text_emb, ids, queue, weights.distillation(step))
+  elif weights.itc_written_negatives and written is not None:
     itc, itc_metrics = losses.contrastive_loss(image_emb, text_emb, temperature, ids, written.emb, written.valid)
   else:
     contrastive = losses_chunked.contrastive_loss if weights.chunked else losses.contrastive_loss
@@ -125,8 +192,9 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     total += weights.itm * itm
 
   if weights.mlm > 0:
-    # Its own key, so that turning MLM on leaves ITM's negatives as they were.
-    mlm, mlm_metrics = _masked_lm(batch, image_tokens, jax.random.fold_in(rng, 1), weights, module)
+    teacher_logits = None if teacher is None else teacher.mlm_logits
+    mlm, mlm_metrics = _masked_lm(batch, image_tokens, rng, weights, module, teacher_logits,
+                                  weights.distillation(step))
     metrics.update(mlm_metrics)
     total += weights.mlm * mlm
 
@@ -134,16 +202,25 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
   return total, metrics
 
 
+def _corrupt(batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights) -> losses.MaskedTokens:
+  """MLM's corruption of the batch's captions from the step's key."""
+  # Its own key, so that turning MLM on leaves ITM's negatives as they were.
+  return losses.mask_tokens(jax.random.fold_in(rng, 1), batch['text_ids'], batch['text_mask'],
+                            mask_id=weights.mlm_mask_id, vocab_size=weights.mlm_vocab_size,
+                            probability=weights.mlm_probability)
+
+
 def _masked_lm(batch: dict[str, jax.Array], image_tokens: jax.Array, rng: jax.Array, weights: LossWeights,
-               module: XModal) -> tuple[jax.Array, dict[str, jax.Array]]:
+               module: XModal, teacher_logits: jax.Array | None = None, alpha: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """MLM on every caption of the batch with its own image: the corrupted caption goes through the text tower
-  again (ALBEF), the fusion encoder attends to the image tokens of the ITC pass, and the head predicts the originals.
+  again (ALBEF), the fusion encoder attends to the image tokens of the ITC pass, and the head predicts the originals
+  (distilled from the momentum model's `teacher_logits` with weight `alpha` when given).
   """
-  masked = losses.mask_tokens(rng, batch['text_ids'], batch['text_mask'], mask_id=weights.mlm_mask_id,
-                              vocab_size=weights.mlm_vocab_size, probability=weights.mlm_probability)
+  masked = _corrupt(batch, rng, weights)
   tokens = module.text(masked.ids, batch['text_mask'])
   logits = module.predict_masked(tokens, batch['text_mask'], image_tokens)
-  return losses.masked_lm_loss(logits, batch['text_ids'], masked.chosen)
+  return losses.masked_lm_loss(logits, batch['text_ids'], masked.chosen, teacher_logits, alpha)
 
 
 class WrittenNegatives(NamedTuple):
@@ -208,8 +285,9 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
 
 
 def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights,
-                 step: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Weighted ITC + ITM (+ sigmoid) loss of a batch.
+                 step: jax.Array | None = None, teacher: Teacher | None = None,
+                 queue: losses.QueuedKeys | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted ITC + ITM (+ sigmoid, MLM) loss of a batch.
 
   Args:
     model: the XModal module.
@@ -219,9 +297,16 @@ def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Ar
       'negative_valid' (B,) bool}.
     rng: PRNG key for the hard-negative sampling.
     weights: loss weights.
-    step: the training step, for the ITM negatives' hardness schedule (None = fully hard).
+    step: the training step, for the ITM negatives' hardness schedule (None = fully hard) and the distillation ramp
+      (None = full alpha).
+    teacher: the momentum model's `momentum_outputs` on this batch and rng, when weights.momentum > 0: ITC is then
+      ALBEF's, against its embeddings (and `queue`'s), and distils from it with weights.distillation(step).
+    queue: the momentum model's embeddings of past batches (`FeatureQueue.keys()`), or None.
 
   Returns:
     (scalar loss, metrics dict of scalars).
   """
-  return model.apply({'params': params}, batch, rng, weights, step, method=_losses)
+  if (teacher is None) != (weights.momentum <= 0) or (queue is not None and teacher is None):
+    raise ValueError(f'weights.momentum={weights.momentum} needs the teacher exactly when > 0 (and the queue only '
+                     f'with it); got teacher={teacher is not None}, queue={queue is not None}')
+  return model.apply({'params': params}, batch, rng, weights, step, teacher, queue, method=_losses)

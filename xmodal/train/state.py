@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from xmodal import sharding
 from xmodal.models import XModal, build, dummy_inputs
 from xmodal.train import optim
+from xmodal.train.momentum import FeatureQueue, MomentumSpec
 
 
 @flax.struct.dataclass
@@ -26,13 +27,23 @@ class TrainState:
   opt_state: Any
 
 
+@flax.struct.dataclass
+class MomentumTrainState(TrainState):
+  """The state of a run with ALBEF's momentum model (loss.momentum > 0; xmodal/train/momentum.py). Without it the
+  state stays a plain TrainState, so that the default run's state and checkpoints have no extra leaves."""
+  momentum_params: Any  # the parameters' moving average, sharded like them
+  queue: FeatureQueue | None  # None without a queue (loss.queue_size 0)
+
+
 def abstract_params(model: XModal):
   """The boxed (nn.Partitioned) parameter shapes, without computing anything."""
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
 
 
-def state_shardings(model: XModal, tx: optax.GradientTransformation, mesh: Mesh, rules, boxed=None) -> TrainState:
-  """NamedShardings of every leaf of the TrainState: parameters and their optimizer moments alike.
+def state_shardings(model: XModal, tx: optax.GradientTransformation, mesh: Mesh, rules, boxed=None,
+                    momentum: MomentumSpec | None = None) -> TrainState:
+  """NamedShardings of every leaf of the TrainState: parameters and their optimizer moments alike (and, with
+  `momentum`, the MomentumTrainState's average like the parameters and its queue over the batch axes).
 
   `boxed`: the model's `abstract_params`, when the caller has them already (tracing init is not free).
   """
@@ -43,19 +54,27 @@ def state_shardings(model: XModal, tx: optax.GradientTransformation, mesh: Mesh,
   masked = lambda x: isinstance(x, optax.MaskedNode)
   opt_shardings = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, opt_shapes, param_shardings,
                                         transform_non_params=lambda _: sharding.replicated(mesh), is_leaf=masked)
-  return TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+  state = TrainState(step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings)
+  if momentum is None:
+    return state
+  return MomentumTrainState(**vars(state), momentum_params=param_shardings, queue=momentum.queue_shardings(mesh))
 
 
 def create_state(model: XModal, tx: optax.GradientTransformation, rng: jax.Array, shardings: TrainState,
-                 params=None) -> TrainState:
+                 params=None, momentum: MomentumSpec | None = None) -> TrainState:
   """Initialises the state directly into its shardings (no full copy on one device).
 
-  `params` (unboxed), when given, replace the random initialisation (e.g. imported pretrained towers).
+  `params` (unboxed), when given, replace the random initialisation (e.g. imported pretrained towers). With
+  `momentum` (the spec `shardings` were made with) the momentum average starts equal to the parameters (ALBEF copies
+  them) and the queue empty.
   """
   def init(rng, params):
     if params is None:
       params = nn.unbox(model.init(rng, *dummy_inputs(model.spec))['params'])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    if momentum is None:
+      return state
+    return MomentumTrainState(**vars(state), momentum_params=params, queue=momentum.empty_queue())
   if params is None:
     return jax.jit(lambda rng: init(rng, None), out_shardings=shardings)(rng)
   params = jax.device_put(params, shardings.params)
@@ -70,6 +89,7 @@ class Setup:
   lr_schedule: optax.Schedule
   shardings: TrainState
   params: Any  # the parameters' ShapeDtypeStructs (unboxed)
+  momentum: MomentumSpec | None = None  # the momentum model's state layout (loss.momentum > 0), else None
 
   @property
   def num_params(self) -> int:
@@ -79,6 +99,9 @@ class Setup:
     """ShapeDtypeStructs carrying the target shardings: what a checkpoint restores onto."""
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=self.params,
                         opt_state=jax.eval_shape(self.tx.init, self.params))
+    if self.momentum is not None:
+      shapes = MomentumTrainState(**vars(shapes), momentum_params=self.params,
+                                  queue=jax.eval_shape(self.momentum.empty_queue))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings)
 
 
@@ -88,5 +111,6 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Se
   boxed = abstract_params(model)
   params = nn.unbox(boxed)
   tx, lr_schedule = optim.build_optimizer(config.optim, params, total_steps)
-  shardings = state_shardings(model, tx, mesh, [tuple(r) for r in config.mesh.rules], boxed=boxed)
-  return Setup(model, tx, lr_schedule, shardings, params)
+  momentum = MomentumSpec.from_config(config)
+  shardings = state_shardings(model, tx, mesh, [tuple(r) for r in config.mesh.rules], boxed=boxed, momentum=momentum)
+  return Setup(model, tx, lr_schedule, shardings, params, momentum)
