@@ -248,6 +248,29 @@ def test_layer_scale_of_one_is_the_plain_block_and_small_starts_near_the_identit
   assert float(jnp.max(jnp.abs(full - exact))) > 1e-2
 
 
+def test_lecun_fusion_init_scales_every_fusion_kernel_by_its_fan_in_and_leaves_the_towers_alone():
+  config = micro_model_config()
+  config.text.width, config.text.heads, config.text.mlp_dim = 64, 4, 256
+  config.fusion_init = 'lecun'
+  model = build(config)
+  params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  fusion = params['fusion']['layers']  # scanned: a leading layers axis
+  width, vision_width = config.text.width, config.vision.width
+  # Fan-in by hand: the query reads text tokens, the cross-attention's K/V read image tokens, the output projection
+  # contracts heads x head width, fc2 reads the MLP's width. variance_scaling corrects its truncated normal to the
+  # std asked for; `truncated_normal(0.02)` (BERT's) cuts at +-2 std, which leaves 0.88 of it.
+  fan_ins = {('cross_attn', 'query'): width, ('cross_attn', 'kv'): vision_width, ('cross_attn', 'out'): width,
+             ('attn', 'qkv'): width, ('attn', 'out'): width, ('mlp', 'fc1'): width, ('mlp', 'fc2'): 256}
+  for (block, name), fan_in in fan_ins.items():
+    kernel = np.asarray(fusion[block][name]['kernel'])
+    assert np.std(kernel) == pytest.approx(1 / np.sqrt(fan_in), rel=0.1), (block, name)
+  # The towers keep BERT's and ViT's std 0.02.
+  assert np.std(np.asarray(params['text']['layers']['attn']['qkv']['kernel'])) == pytest.approx(0.88 * 0.02, rel=0.1)
+  config.fusion_init = 'bert'
+  bert = nn.unbox(build(config).init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  assert np.std(np.asarray(bert['fusion']['layers']['mlp']['fc2']['kernel'])) == pytest.approx(0.88 * 0.02, rel=0.1)
+
+
 @pytest.mark.slow  # initialises and runs the micro model eagerly
 @pytest.mark.parametrize('stem', ['patch', 'conv'])
 def test_the_stem_gives_one_token_per_patch(stem):

@@ -205,6 +205,7 @@ COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 NAN_POLICIES = ('stop', 'skip')  # train.nan_policy: end the run naming the step, or drop that update
 POSEMB_INITS = tuple(vit.POSEMB_INITS)
 POOLS = model_lib.POOLS
+KERNEL_INITS = layers.KERNEL_INITS
 VISION_STEMS = vit.STEMS
 WRITTEN_NEGATIVES = objective.WRITTEN_NEGATIVES
 
@@ -236,6 +237,8 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> N
   _require(vit.layer_scale_init >= 0, f'{prefix}.vision.layer_scale_init',
            f'must be >= 0, got {vit.layer_scale_init}')
   _require(model.pool in POOLS, f'{prefix}.pool', f'{model.pool!r} is not one of {POOLS}')
+  _require(model.fusion_init in KERNEL_INITS, f'{prefix}.fusion_init',
+           f'{model.fusion_init!r} is not one of {KERNEL_INITS}')
   _require(model.dtype in COMPUTE_DTYPES, f'{prefix}.dtype', f'{model.dtype!r} is not one of {COMPUTE_DTYPES}')
   _require(0.001 <= model.temperature_init <= 0.5, f'{prefix}.temperature_init',
            f'{model.temperature_init} is outside [0.001, 0.5]')

@@ -98,4 +98,8 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'scan_layers': True,
       # BERT's masked-token prediction head on the fusion encoder (needed by loss.mlm_weight > 0).
       'mlm_head': False,
+      # The fusion encoder's initial kernels: 'bert' (std 0.02, as a pretrained checkpoint has them) or 'lecun'
+      # (std 1/sqrt(fan_in)): trained from scratch, ITM leaves its prior only with the larger scale
+      # (docs/shapes_recipe.md, "ITM: the plateau").
+      'fusion_init': 'bert',
   })

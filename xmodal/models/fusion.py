@@ -19,6 +19,7 @@ class FusionEncoder(nn.Module):
   attention: str = 'xla'
   scan_layers: bool = True
   remat: str = 'none'
+  init: str = 'bert'  # layers.KERNEL_INITS
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
@@ -27,6 +28,6 @@ class FusionEncoder(nn.Module):
       image_mask = jnp.ones(image_tokens.shape[:2], bool)
     apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat, num_broadcast=3,
                          heads=self.heads, mlp_dim=self.mlp_dim, eps=self.layer_norm_eps, dtype=self.dtype,
-                         impl=self.attention)
+                         impl=self.attention, init=self.init)
     return apply(text_tokens.astype(self.dtype), text_mask.astype(bool), image_tokens.astype(self.dtype),
                  image_mask.astype(bool))

@@ -19,6 +19,19 @@ Dtype = Any
 
 # BERT and ViT both initialise weights with a truncated normal of std 0.02.
 default_kernel_init = nn.initializers.truncated_normal(0.02)
+# The values of `model.fusion_init`: 'bert' (std 0.02, what a pretrained checkpoint replaces) or 'lecun' (std
+# 1/sqrt(fan_in), a truncated normal). From scratch at width 128, 0.02 is 4.4x below LeCun in every matrix, and the
+# cross-modal signal of ITM passes through five or six of them (docs/shapes_recipe.md, "ITM: the plateau").
+KERNEL_INITS = ('bert', 'lecun')
+
+
+def kernel_init(kind: str, in_axis: int | tuple[int, ...] = -2, out_axis: int | tuple[int, ...] = -1) -> Callable:
+  """The kernel initialiser `kind` (KERNEL_INITS); `in_axis` are the kernel's fan-in axes (for 'lecun')."""
+  if kind == 'bert':
+    return default_kernel_init
+  if kind == 'lecun':
+    return nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal', in_axis=in_axis, out_axis=out_axis)
+  raise ValueError(f'unknown kernel init {kind!r}; valid: {KERNEL_INITS}')
 
 
 def with_names(init: Callable, *names: str | None) -> Callable:
@@ -51,10 +64,12 @@ class Projection(nn.Module):
   names: tuple[str | None, ...]  # logical names of the output axes
   in_name: str | None = 'embed'
   dtype: Dtype = jnp.float32
+  init: str = 'bert'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', with_names(default_kernel_init, self.in_name, *self.names),
+    init = kernel_init(self.init, in_axis=0, out_axis=tuple(range(1, 1 + len(self.features))))
+    kernel = self.param('kernel', with_names(init, self.in_name, *self.names),
                         (x.shape[-1], *self.features), jnp.float32)
     bias = self.param('bias', with_names(nn.initializers.zeros, *self.names), self.features, jnp.float32)
     y = jnp.tensordot(x.astype(self.dtype), kernel.astype(self.dtype), axes=((x.ndim - 1,), (0,)))
@@ -70,6 +85,7 @@ class Attention(nn.Module):
   heads: int
   dtype: Dtype = jnp.float32
   impl: str = 'xla'
+  init: str = 'bert'
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None) -> jax.Array:
@@ -78,25 +94,28 @@ class Attention(nn.Module):
     head_dim = width // self.heads
     if kv is None:
       # One fused matmul for Q, K and V: three small matmuls waste the machine.
-      qkv = Projection((3, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, name='qkv')(x)
+      qkv = Projection((3, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
+                       name='qkv')(x)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     else:
-      q = Projection((self.heads, head_dim), ('heads', 'kv'), dtype=self.dtype, name='query')(x)
-      kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, name='kv')(kv)
+      q = Projection((self.heads, head_dim), ('heads', 'kv'), dtype=self.dtype, init=self.init, name='query')(x)
+      kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
+                           name='kv')(kv)
       k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
     out = dot_product_attention(q, k, v, mask, impl=self.impl)
-    return HeadsOut(width, dtype=self.dtype, name='out')(out)
+    return HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(out)
 
 
 class HeadsOut(nn.Module):
   """(B, L, H, Dh) -> (B, L, D): the attention output projection, contracting heads and head width at once."""
   width: int
   dtype: Dtype = jnp.float32
+  init: str = 'bert'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', with_names(default_kernel_init, 'heads', 'kv', 'embed'),
-                        (*x.shape[-2:], self.width), jnp.float32)
+    init = kernel_init(self.init, in_axis=(0, 1), out_axis=2)
+    kernel = self.param('kernel', with_names(init, 'heads', 'kv', 'embed'), (*x.shape[-2:], self.width), jnp.float32)
     bias = self.param('bias', with_names(nn.initializers.zeros, 'embed'), (self.width,), jnp.float32)
     return jnp.einsum('blhd,hdo->blo', x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
 
@@ -104,17 +123,18 @@ class HeadsOut(nn.Module):
 class Mlp(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
+  init: str = 'bert'
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32, name='fc1',
-                 kernel_init=with_names(default_kernel_init, 'embed', 'mlp'),
+                 kernel_init=with_names(kernel_init(self.init), 'embed', 'mlp'),
                  bias_init=with_names(nn.initializers.zeros, 'mlp'))(x)
     # BERT and ViT use the exact GELU; this one's backward pass keeps only its input (xmodal/models/activations.py).
     h = constrain(activations.gelu(h), 'batch', 'length', 'mlp')
     return nn.Dense(width, dtype=self.dtype, param_dtype=jnp.float32, name='fc2',
-                    kernel_init=with_names(default_kernel_init, 'mlp', 'embed'),
+                    kernel_init=with_names(kernel_init(self.init), 'mlp', 'embed'),
                     bias_init=with_names(nn.initializers.zeros, 'embed'))(h)
 
 
@@ -166,13 +186,15 @@ class FusionBlock(nn.Module):
   eps: float
   dtype: Dtype = jnp.float32
   impl: str = 'xla'
+  init: str = 'bert'  # KERNEL_INITS
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask):
-    x = LayerNorm(self.eps, self.dtype, name='ln1')(x + Attention(self.heads, self.dtype, self.impl, name='attn')(x, mask))
-    cross = Attention(self.heads, self.dtype, self.impl, name='cross_attn')(x, image_mask, kv=image_tokens)
+    attn = Attention(self.heads, self.dtype, self.impl, self.init, name='attn')
+    x = LayerNorm(self.eps, self.dtype, name='ln1')(x + attn(x, mask))
+    cross = Attention(self.heads, self.dtype, self.impl, self.init, name='cross_attn')(x, image_mask, kv=image_tokens)
     x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)
-    x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, name='mlp')(x))
+    x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, self.init, name='mlp')(x))
     return constrain(x, 'batch', 'length', 'embed'), None
 
 
