@@ -99,7 +99,7 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # BERT's masked-token prediction head on the fusion encoder (needed by loss.mlm_weight > 0).
       'mlm_head': False,
       # The fusion encoder's initial kernels: 'bert' (std 0.02, as a pretrained checkpoint has them) or 'lecun'
-      # (std 1/sqrt(fan_in)): trained from scratch, ITM leaves its prior only with the larger scale
-      # (docs/shapes_recipe.md, "ITM: the plateau").
+      # (std 1/sqrt(fan_in)). From scratch, ITM's loss leaves its prior sooner with 'lecun' (step 120 against 300 on
+      # the shapes data), but binding did not follow (docs/shapes_recipe.md, runs T1 and T2).
       'fusion_init': 'bert',
   })

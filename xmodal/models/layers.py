@@ -21,7 +21,7 @@ Dtype = Any
 default_kernel_init = nn.initializers.truncated_normal(0.02)
 # The values of `model.fusion_init`: 'bert' (std 0.02, what a pretrained checkpoint replaces) or 'lecun' (std
 # 1/sqrt(fan_in), a truncated normal). From scratch at width 128, 0.02 is 4.4x below LeCun in every matrix, and the
-# cross-modal signal of ITM passes through five or six of them (docs/shapes_recipe.md, "ITM: the plateau").
+# cross-modal signal of ITM passes through five or six of them (docs/shapes_recipe.md, runs T1 and T2).
 KERNEL_INITS = ('bert', 'lecun')
 
 
