@@ -7,9 +7,9 @@ directories in Hugging Face layout; see xmodal/pretrained):
   xmodal train --config configs/albef.py:size=base,text_init=/ckpt/bert-base-uncased,image_init=/ckpt/deit-base \\
       --workdir /runs/albef-coco --config.data.tfds_data_dir=/data/tfds
 
-or on image-text shards (WebDataset .tar as img2dataset writes them):
+or on image-text shards (WebDataset .tar as img2dataset writes them), with ALBEF's pre-training MLM as well (`mlm=True`):
 
-  xmodal train --config configs/albef.py:data=shards,shards=/data/cc3m/*.tar,text_init=...,image_init=... \\
+  xmodal train --config configs/albef.py:data=shards,shards=/data/cc3m/*.tar,mlm=True,text_init=...,image_init=... \\
       --workdir /runs/albef-cc3m
 
 What it aims at: ALBEF (Li et al., 2021, Table 2) reports on the COCO 5k test split, fine-tuned from its 4M-image
@@ -26,7 +26,7 @@ from xmodal.config.defaults import base_config
 
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, {'size': 'base', 'data': 'coco', 'shards': '', 'text_init': '',
-                                    'image_init': '', 'res': 384})
+                                    'image_init': '', 'res': 384, 'mlm': False})
   config = base_config(args.size)
   config.model.image_size = args.res
   config.model.dtype = 'bfloat16'
@@ -48,5 +48,11 @@ def get_config(arg=None):
       distill_alpha=0.4,  # ALBEF's targets: 0.4 the momentum model's softmax + 0.6 the ground truth
       distill_warmup_steps=epoch,  # ALBEF ramps alpha from 0 over the first epoch
   )
+  if args.mlm:
+    # ALBEF's pre-training objective adds MLM through the fusion encoder (15 % of the tokens, weight 1); its retrieval
+    # fine-tuning, this config's default, has none. A BertForMaskedLM / BertForPreTraining text_init fills the head
+    # from its cls.predictions.
+    config.model.mlm_head = True
+    config.loss.update(mlm_weight=1.0, mlm_probability=0.15)
   config.eval.update(k=256, score='itm')
   return config

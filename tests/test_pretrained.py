@@ -190,6 +190,41 @@ def test_bert_pickle_with_prefix_and_gamma_beta_names_loads_like_safetensors(tmp
   assert 'cls.predictions.bias' in report.unused['text']
 
 
+def test_bert_for_masked_lm_fills_the_mlm_head_and_predicts_like_transformers(tmp_path):
+  torch.manual_seed(2)
+  reference = transformers.BertForMaskedLM(transformers.BertConfig(
+      vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=4, num_attention_heads=HEADS, intermediate_size=MLP,
+      max_position_embeddings=POSITIONS, attn_implementation='eager')).eval()
+  with torch.no_grad():  # a head that is not at its initial values (bias 0, LayerNorm 1 / 0)
+    for p in reference.cls.predictions.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  path = tmp_path / 'bert_mlm'
+  reference.save_pretrained(path)
+  config = _config()
+  config.mlm_head = True
+  model = build(config)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), *dummy_inputs(model.spec))
+  variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), abstract)
+  loaded, report = load_pretrained(variables, config, text_dir=path)
+  assert not [g for g in report.unfilled_groups() if g.startswith('mlm')], report.unfilled_groups()
+  assert any('cls.predictions -> the MLM head' in n for n in report.notes)
+
+  # The head on the same hidden states: BERT's last layer output through its prediction head.
+  ids, mask = _text_inputs()
+  with torch.no_grad():
+    out = reference(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_hidden_states=True)
+  hidden = out.hidden_states[-1].numpy()
+  logits = model.apply(loaded, jnp.asarray(hidden), method=XModal.mlm_logits)
+  diff = float(np.max(np.abs(np.asarray(logits) - out.logits.numpy())))
+  print(f'mlm head max abs diff {diff:.2e}')
+  assert diff <= TOL
+  # Without the head in the checkpoint (a BertModel), it stays as it was, and the report says so.
+  _, bare = _hf_bert(tmp_path, layers=4)
+  kept, report = load_pretrained(loaded, config, text_dir=bare)
+  np.testing.assert_array_equal(_params(kept)['mlm_bias'], _params(loaded)['mlm_bias'])
+  assert any('no MLM head' in n for n in report.notes)
+
+
 def test_a_bfloat16_checkpoint_reads_with_the_values_torch_wrote(tmp_path):
   # Hub checkpoints are often bfloat16; the safetensors file here is written by torch, the independent writer.
   from xmodal.pretrained.common import read_checkpoint

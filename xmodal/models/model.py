@@ -150,8 +150,11 @@ class XModal(nn.Module):
   def predict_masked(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
     """(text tokens (B, L, Dt) of a corrupted caption, its mask (B, L), image tokens (B, N, Dv)) -> float32 logits
     (B, L, V) of each position's original token (MLM; needs spec.mlm_head)."""
-    fused = self.fusion(text_tokens, text_mask, image_tokens).astype(jnp.float32)
-    hidden = self.mlm_norm(activations.gelu(self.mlm_transform(fused)))
+    return self.mlm_logits(self.fusion(text_tokens, text_mask, image_tokens))
+
+  def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+    """BERT's prediction head: hidden states (B, L, Dt) -> float32 logits (B, L, V) (needs spec.mlm_head)."""
+    hidden = self.mlm_norm(activations.gelu(self.mlm_transform(hidden.astype(jnp.float32))))
     # Tied to the input word embeddings, as BERT's decoder is.
     table = nn.unbox(self.text.variables['params']['embeddings']['word']['embedding'])
     return jnp.einsum('bld,vd->blv', hidden, table.astype(jnp.float32)) + self.mlm_bias

@@ -19,6 +19,9 @@ ANCHOR = 'embeddings.word_embeddings.weight'
 # Tensors a BERT checkpoint typically holds that the towers have no place for: the [CLS] pooler (ALBEF projects
 # [CLS] with its own text_proj), the MLM / NSP heads ('cls.'), and the position-id buffer old checkpoints saved.
 DEFAULT_EXPECTED_UNUSED = (r'(^|\.)pooler\.', r'^cls\.', r'(^|\.)position_ids$')
+# BertForMaskedLM's prediction head ('cls.predictions.*', beside 'bert.*'): with model.mlm_head it fills xmodal's MLM
+# head; the decoder weight is the word embeddings (tied in BERT and in xmodal), so it stays unused.
+MLM_ANCHOR = 'cls.predictions.transform.dense.weight'
 
 
 def fields(config: dict) -> list[Field]:
@@ -75,6 +78,13 @@ def _layer_rules(param: str, layer: int, key: str, heads: int) -> list[R.Rule]:
           *R.dense(f'{param}/mlp/fc1', f'{key}.intermediate.dense', layer),
           *R.dense(f'{param}/mlp/fc2', f'{key}.output.dense', layer),
           *R.layer_norm(f'{param}/ln2', f'{key}.output.LayerNorm', layer)]
+
+
+def mlm_rules() -> list[R.Rule]:
+  """Rules for the MLM head's tensors, named from 'cls.' on: dense + GELU + LayerNorm, then the output bias."""
+  return [*R.dense('mlm_transform', 'cls.predictions.transform.dense'),
+          *R.layer_norm('mlm_norm', 'cls.predictions.transform.LayerNorm'),
+          R.copy('mlm_bias', 'cls.predictions.bias')]
 
 
 def canonical_name(name: str) -> str:

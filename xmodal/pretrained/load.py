@@ -98,6 +98,8 @@ def load_pretrained(params: PyTree, model_config: ml_collections.ConfigDict | Mo
     tensors = _unprefixed(ckpt, bert.ANCHOR, bert.canonical_name)
     num_layers = bert.check(ckpt, spec)
     used = _apply(tree, ckpt, tensors, bert.rules(spec, num_layers))
+    if spec.mlm_head:
+      used |= _load_mlm_head(tree, ckpt, report)
     report.unused['text'] = _check_unused(ckpt, used, (*bert.DEFAULT_EXPECTED_UNUSED, *expected_unused), 'BERT')
     report.notes.append(bert.describe(ckpt.path, num_layers, spec))
     report.tokenizer = find_tokenizer(text_dir)
@@ -112,6 +114,17 @@ def load_pretrained(params: PyTree, model_config: ml_collections.ConfigDict | Mo
     report.notes += [f'image {str(ckpt.path)!r}: {n}' for n in notes + more]
   new_params, report.filled, report.unfilled = tree.result()
   return new_params, report
+
+
+def _load_mlm_head(tree: ParamTree, ckpt: Checkpoint, report: LoadReport) -> set[str]:
+  """Fills the MLM head from BertForMaskedLM's 'cls.predictions.*' where the checkpoint has them; notes either way."""
+  names = {bert.canonical_name(n) for n in ckpt.tensors}
+  if not any(n.endswith(bert.MLM_ANCHOR) for n in names):
+    report.notes.append(f'BERT {str(ckpt.path)!r}: no MLM head (cls.predictions.*); the MLM head stays as initialised')
+    return set()
+  used = _apply(tree, ckpt, _unprefixed(ckpt, bert.MLM_ANCHOR, bert.canonical_name), bert.mlm_rules())
+  report.notes.append(f'BERT {str(ckpt.path)!r}: cls.predictions -> the MLM head (its decoder is the word embeddings)')
+  return used
 
 
 def _unprefixed(ckpt: Checkpoint, anchor: str, canonical=lambda n: n) -> dict[str, str]:
