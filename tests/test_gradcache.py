@@ -28,17 +28,19 @@ def _keep_gradients() -> optax.GradientTransformation:
       update=lambda grads, state, params=None: (jax.tree.map(jnp.zeros_like, grads), grads))
 
 
-def _step_gradients(weights: LossWeights, grad_accum: int, mode: str):
+def _step_gradients(weights: LossWeights, grad_accum: int, mode: str, mesh_shape=(1, 1, 1)):
   """One jitted step of the micro model on a fixed batch of 8: (gradients as numpy, metrics)."""
   config = micro_config(batch_size=BATCH)
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
   rules = [tuple(r) for r in config.mesh.rules]
   model = build(config.model)
   tx = _keep_gradients()
   shardings = state_lib.state_shardings(model, tx, mesh, rules)
   state = state_lib.create_state(model, tx, jax.random.key(0), shardings)
   step = jax.jit(make_train_step(model, tx, optax.constant_schedule(0.0), weights, grad_accum=grad_accum,
-                                 grad_accum_mode=mode))
+                                 grad_accum_mode=mode),
+                 in_shardings=(shardings, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+                 out_shardings=(shardings, sharding.replicated(mesh)))
   batch = synthetic_batch(model.spec, BATCH, np.random.default_rng(1))
   batch['image_ids'][1] = batch['image_ids'][0]  # two captions of one image: multi-positive targets
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -81,6 +83,16 @@ def test_exact_accumulation_with_itm_keeps_the_full_batch_itc_and_the_micro_batc
   for key in ('itm_loss', 'itm_acc'):
     np.testing.assert_allclose(exact_metrics[key], micro_metrics[key], rtol=1e-5, err_msg=key)
   np.testing.assert_allclose(exact_metrics['loss'], exact_metrics['itc_loss'] + exact_metrics['itm_loss'], rtol=1e-5)
+
+
+@pytest.mark.slow  # compiles the micro train step on one device and on 8
+def test_exact_accumulation_on_a_mesh_matches_one_device():
+  weights = LossWeights(itc=1.0, itm=1.0, sigmoid=0.5)
+  one, one_metrics = _step_gradients(weights, 4, 'exact')
+  sharded, sharded_metrics = _step_gradients(weights, 4, 'exact', (4, 2, 1))
+  for key in ('loss', 'itc_loss', 'sigmoid_loss', 'itm_loss'):
+    np.testing.assert_allclose(sharded_metrics[key], one_metrics[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), sharded, one)
 
 
 @pytest.mark.parametrize('key, value', [('loss.momentum', 0.995), ('loss.chunked', True),
