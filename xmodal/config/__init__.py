@@ -22,6 +22,7 @@ from xmodal.evaluation import rerank
 from xmodal.models import attention, layers, vit
 from xmodal.models import model as model_lib
 from xmodal.train import objective
+from xmodal.train import step as step_lib
 
 
 class ConfigError(ValueError):
@@ -142,6 +143,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if 'data' in config:
       _require(config.data.batch_size % config.train.grad_accum == 0, 'train.grad_accum',
                f'{config.train.grad_accum} does not divide data.batch_size={config.data.batch_size}')
+    _validate_grad_accum_mode(config)
   if 'eval' in config:
     _require(config.eval.score in rerank.ITM_SCORES, 'eval.score',
              f'{config.eval.score!r} is not one of {rerank.ITM_SCORES}')
@@ -174,6 +176,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
 
 
+def _validate_grad_accum_mode(config: ml_collections.ConfigDict) -> None:
+  """train.grad_accum_mode, and the losses 'exact' (gradient caching) does not cache."""
+  mode = config.train.get('grad_accum_mode', 'micro')
+  _require(mode in GRAD_ACCUM_MODES, 'train.grad_accum_mode', f'{mode!r} is not one of {GRAD_ACCUM_MODES}')
+  if mode != 'exact' or 'loss' not in config:
+    return
+  loss = config.loss
+  _require(not loss.get('momentum', 0.0), 'loss.momentum',
+           f"{loss.get('momentum')}: train.grad_accum_mode='exact' does not cache the momentum form of ITC (its "
+           "keys, queue and distilled targets); set loss.momentum=0 or train.grad_accum_mode='micro'")
+  _require(not loss.get('chunked'), 'loss.chunked',
+           "train.grad_accum_mode='exact' takes ITC's plain form over the cached embeddings; set loss.chunked=False "
+           "or train.grad_accum_mode='micro'")
+  _require(not loss.get('itc_written_negatives'), 'loss.itc_written_negatives',
+           "train.grad_accum_mode='exact' does not cache the written negatives' embeddings; set "
+           "loss.itc_written_negatives=False or train.grad_accum_mode='micro'")
+
+
 def _validate_momentum(config: ml_collections.ConfigDict) -> None:
   """loss.momentum, queue_size, distill_alpha, distill_warmup_steps and what they combine with."""
   loss = config.loss
@@ -203,6 +223,7 @@ ATTENTION_IMPLS = attention.IMPLEMENTATIONS
 REMAT_POLICIES = layers.REMAT_POLICIES
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 NAN_POLICIES = ('stop', 'skip')  # train.nan_policy: end the run naming the step, or drop that update
+GRAD_ACCUM_MODES = step_lib.GRAD_ACCUM_MODES
 POSEMB_INITS = tuple(vit.POSEMB_INITS)
 POOLS = model_lib.POOLS
 KERNEL_INITS = layers.KERNEL_INITS

@@ -85,7 +85,12 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # dataset has one) into metrics.jsonl / TensorBoard under 'val/'; 0 = never. The test split (data.eval_split)
       # is read once, at the end.
       'eval_every': 0,
-      'grad_accum': 1,  # micro-batches per step; see xmodal/train/step.py for what it does to negatives
+      'grad_accum': 1,  # micro-batches per step (memory falls with it; what ITC sees: grad_accum_mode)
+      # 'micro': each micro-batch's ITC sees only its B/grad_accum negatives (cheapest); 'exact': gradient caching,
+      # ITC over the whole batch, equal to one large batch's, for a second forward pass of the towers (not with
+      # loss.momentum, loss.chunked or loss.itc_written_negatives). ITM and MLM stay per micro-batch in both
+      # (xmodal/train/step.py, docs/training.md).
+      'grad_accum_mode': 'micro',
       'nan_policy': 'stop',  # 'stop': a non-finite loss ends the run naming the step; 'skip': drop that update
       'compilation_cache_dir': '',  # persistent XLA compilation cache ('' = off)
       'peak_flops_per_device': 0.0,  # for MFU; 0 = from the device table (xmodal/models/flops.py)

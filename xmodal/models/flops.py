@@ -57,7 +57,8 @@ def _stem_flops(spec: ModelSpec) -> int:
 
 
 def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
-                  momentum: bool = False, queue_size: int = 0, distill: bool = False) -> dict[str, int]:
+                  momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False
+                  ) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
@@ -70,6 +71,9 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   `queue_size` momentum keys of the other modality, and part 'momentum' is the momentum model's own forward pass
   (no backward): both towers and projections on the batch, and with `distill` its similarities over the batch and
   the queue and, with `mlm`, its MLM pass.
+
+  With `grad_cache` (train.grad_accum_mode='exact' with grad_accum > 1), part 'grad_cache' is the towers' and
+  projections' first forward pass, which embeds the batch without gradients before the one that trains.
   """
   v, t = spec.vision, spec.text
   n = 1 + (spec.image_size // v.patch_size) ** 2
@@ -91,12 +95,15 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
     parts['mlm'] = mlm_pass
   if momentum:
     parts['momentum'] = vision + text_one + projections + (keys + (mlm_pass if mlm else 0) if distill else 0)
+  if grad_cache:
+    parts['grad_cache'] = vision + text_one + projections
   return {part: int(round(batch * value)) for part, value in parts.items()}
 
 
 def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
-                momentum: bool = False, queue_size: int = 0, distill: bool = False) -> int:
+                momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False) -> int:
   """Model FLOPs of one training step: forward + backward = 3 x forward for what trains, forward alone for the
-  momentum model; arguments as `forward_flops`."""
-  parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill)
-  return 3 * sum(parts.values()) - 2 * parts.get('momentum', 0)
+  momentum model and for gradient caching's first pass of the towers (which therefore cost 4 x forward);
+  arguments as `forward_flops`."""
+  parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill, grad_cache)
+  return 3 * sum(parts.values()) - 2 * (parts.get('momentum', 0) + parts.get('grad_cache', 0))

@@ -26,7 +26,7 @@ from xmodal import sharding
 from xmodal.models import flops
 from xmodal.train import state as state_lib
 from xmodal.train.objective import LossWeights
-from xmodal.train.step import jit_train_step
+from xmodal.train.step import caches_gradients, jit_train_step
 
 
 def matmul_timer(size: int = 2048, dtype=jnp.float32):
@@ -92,6 +92,7 @@ class CompiledStep:
   rng: jax.Array
   compile_seconds: float
   options: dict | None
+  grad_cache: bool = False  # the step accumulates by gradient caching (its towers run forward twice)
 
   @property
   def batch_size(self) -> int:
@@ -99,7 +100,7 @@ class CompiledStep:
 
   @property
   def flops_per_step(self) -> int:
-    return self.weights.train_flops(self.built.model.spec, self.batch_size)
+    return self.weights.train_flops(self.built.model.spec, self.batch_size, self.grad_cache)
 
   def context(self) -> contextlib.ExitStack:
     stack = contextlib.ExitStack()
@@ -121,7 +122,8 @@ def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> Compile
   built = state_lib.setup(config, mesh, max(total_steps, 2))
   model = built.model
   weights = LossWeights.from_config(config.loss, config.data.tokenizer)
-  jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum)
+  accum, accum_mode = config.train.grad_accum, config.train.grad_accum_mode
+  jit_step = jit_train_step(built, weights, mesh, grad_accum=accum, grad_accum_mode=accum_mode)
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings, momentum=built.momentum)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -132,7 +134,8 @@ def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> Compile
     options = compiler_options(config)
     compiled = jit_step.lower(state, batch, rng).compile(compiler_options=options)
     compile_seconds = time.perf_counter() - start
-  return CompiledStep(built, weights, mesh, rules, compiled, state, batch, rng, compile_seconds, options)
+  return CompiledStep(built, weights, mesh, rules, compiled, state, batch, rng, compile_seconds, options,
+                      caches_gradients(accum, accum_mode))
 
 
 def run(config: ml_collections.ConfigDict, steps: int = 20) -> dict:

@@ -28,7 +28,7 @@ from xmodal.train import evaluation, state as state_lib, workdir as workdir_lib
 from xmodal.train.checkpoint import Checkpointer, PreemptionGuard
 from xmodal.train.metrics import MetricWriter
 from xmodal.train.objective import LossWeights
-from xmodal.train.step import jit_train_step
+from xmodal.train.step import caches_gradients, jit_train_step
 
 log = logging.getLogger('xmodal.train')
 
@@ -107,11 +107,13 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   # ----------------------------------------------------------------------------------------------- update step
   weights = LossWeights.from_config(config.loss, config.data.tokenizer)
   jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum,
+                            grad_accum_mode=config.train.grad_accum_mode,
                             skip_nonfinite=config.train.nan_policy == 'skip')
   rng = jax.random.key(config.train.seed + 1)
 
   # --------------------------------------------------------------------------------------------------- metrics
-  step_flops = weights.train_flops(model.spec, config.data.batch_size)
+  step_flops = weights.train_flops(model.spec, config.data.batch_size,
+                                   caches_gradients(config.train.grad_accum, config.train.grad_accum_mode))
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)

@@ -8,6 +8,10 @@ With ALBEF's momentum model (loss.momentum > 0), `momentum_outputs` runs it on t
 (the `Teacher`); `compute_loss` then scores ITC against its embeddings and the queue of past ones
 (`losses.momentum_contrastive_loss`), and distils ITC and MLM from it (loss.distill_alpha). ITM and the sigmoid loss
 stay on the online embeddings.
+
+For 'exact' gradient accumulation (gradient caching, train/step.py), `embed` and `contrastive_loss_of_embeddings`
+take ITC (+ sigmoid) over the whole batch's embeddings, and `compute_loss(..., embedding_grads=...)` runs a
+micro-batch's ITM and MLM with those embeddings' cached gradients in place of its own ITC.
 """
 
 from __future__ import annotations
@@ -100,10 +104,11 @@ class LossWeights:
     """Captions per example through the text tower beyond the batch's own: the written negatives, when used."""
     return int(self.itc_written_negatives or (self.itm > 0 and self.itm_written_negatives != 'off'))
 
-  def train_flops(self, spec: ModelSpec, batch: int) -> int:
-    """Model FLOPs of a training step on a global batch of `batch` with these losses (flops.train_flops)."""
+  def train_flops(self, spec: ModelSpec, batch: int, grad_cache: bool = False) -> int:
+    """Model FLOPs of a training step on a global batch of `batch` with these losses (flops.train_flops);
+    `grad_cache`: the step accumulates by gradient caching (step.caches_gradients), running the towers twice."""
     return flops.train_flops(spec, batch, self.itm_pairs, self.extra_texts, self.mlm > 0, self.momentum > 0,
-                             self.queue_size, self.distill_alpha > 0)
+                             self.queue_size, self.distill_alpha > 0, grad_cache)
 
   def negative_hardness(self, step: jax.Array | None) -> jax.Array:
     """1 = ALBEF's hard negatives, 0 = uniform ones; rises linearly over `itm_hard_warmup` steps."""
@@ -150,9 +155,41 @@ def momentum_outputs(model: XModal, momentum_params, batch: dict[str, jax.Array]
   return jax.lax.stop_gradient(model.apply({'params': momentum_params}, batch, rng, weights, method=_teacher))
 
 
+def _contrastive(module: XModal, image_emb: jax.Array, text_emb: jax.Array, ids: jax.Array | None,
+                 weights: LossWeights, step: jax.Array | None = None, teacher: Teacher | None = None,
+                 queue: losses.QueuedKeys | None = None, written: WrittenNegatives | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Runs inside `model.apply`: the weighted ITC (+ sigmoid) loss of embeddings (B, E) and its metrics."""
+  temperature = module.temperature()
+  if teacher is not None:
+    itc, metrics = losses.momentum_contrastive_loss(image_emb, text_emb, temperature, teacher.image_emb,
+                                                    teacher.text_emb, ids, queue, weights.distillation(step))
+  elif weights.itc_written_negatives and written is not None:
+    itc, metrics = losses.contrastive_loss(image_emb, text_emb, temperature, ids, written.emb, written.valid)
+  else:
+    contrastive = losses_chunked.contrastive_loss if weights.chunked else losses.contrastive_loss
+    itc, metrics = contrastive(image_emb, text_emb, temperature, ids)
+  total = weights.itc * itc
+
+  if weights.sigmoid > 0:
+    scale, bias = module.sigmoid_params()
+    sigmoid = losses_chunked.sigmoid_loss if weights.chunked else losses.sigmoid_loss
+    sig, sig_metrics = sigmoid(image_emb, text_emb, scale, bias, ids)
+    metrics = dict(metrics, **sig_metrics)
+    total += weights.sigmoid * sig
+  return total, metrics
+
+
+class EmbeddingGrads(NamedTuple):
+  """Gradient caching's cached cotangents: d(whole-batch ITC + sigmoid loss) / d(embeddings) for one micro-batch's
+  rows, image and text (b, E), already scaled as the step wants them."""
+  image: jax.Array
+  text: jax.Array
+
+
 def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights,
-            step: jax.Array | None, teacher: Teacher | None, queue: losses.QueuedKeys | None
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+            step: jax.Array | None, teacher: Teacher | None, queue: losses.QueuedKeys | None,
+            embedding_grads: EmbeddingGrads | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Runs inside `model.apply`: `module` is the bound XModal."""
   ids = batch.get('image_ids')
   image_tokens, image_emb = module.encode_image(batch['images'])
@@ -167,23 +204,11 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     tokens, emb = module.encode_text(batch['negative_ids'], batch['negative_mask'])
     written = WrittenNegatives(tokens, batch['negative_mask'], emb, batch['negative_valid'].astype(bool))
 
-  if teacher is not None:
-    itc, itc_metrics = losses.momentum_contrastive_loss(image_emb, text_emb, temperature, teacher.image_emb,
-                                                        teacher.text_emb, ids, queue, weights.distillation(step))
-  elif weights.itc_written_negatives and written is not None:
-    itc, itc_metrics = losses.contrastive_loss(image_emb, text_emb, temperature, ids, written.emb, written.valid)
-  else:
-    contrastive = losses_chunked.contrastive_loss if weights.chunked else losses.contrastive_loss
-    itc, itc_metrics = contrastive(image_emb, text_emb, temperature, ids)
-  metrics.update(itc_metrics)
-  total += weights.itc * itc
-
-  if weights.sigmoid > 0:
-    scale, bias = module.sigmoid_params()
-    sigmoid = losses_chunked.sigmoid_loss if weights.chunked else losses.sigmoid_loss
-    sig, sig_metrics = sigmoid(image_emb, text_emb, scale, bias, ids)
-    metrics.update(sig_metrics)
-    total += weights.sigmoid * sig
+  if embedding_grads is None:
+    contrastive, contrastive_metrics = _contrastive(module, image_emb, text_emb, ids, weights, step, teacher, queue,
+                                                    written)
+    metrics.update(contrastive_metrics)
+    total += contrastive
 
   if weights.itm > 0:
     sim = jnp.einsum('ie,te->it', image_emb, text_emb) / temperature
@@ -199,6 +224,11 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     total += weights.mlm * mlm
 
   metrics['loss'] = total
+  if embedding_grads is not None:
+    # Gradient caching: ITC and the sigmoid loss were taken over the whole batch (train/step.py). This term's value
+    # means nothing; its gradient is theirs pushed through this micro-batch's embeddings (a vector-Jacobian product).
+    g = jax.lax.stop_gradient(embedding_grads)
+    total += jnp.sum(g.image * image_emb) + jnp.sum(g.text * text_emb)
   return total, metrics
 
 
@@ -286,7 +316,8 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
 
 def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights,
                  step: jax.Array | None = None, teacher: Teacher | None = None,
-                 queue: losses.QueuedKeys | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                 queue: losses.QueuedKeys | None = None, embedding_grads: EmbeddingGrads | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Weighted ITC + ITM (+ sigmoid, MLM) loss of a batch.
 
   Args:
@@ -302,6 +333,10 @@ def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Ar
     teacher: the momentum model's `momentum_outputs` on this batch and rng, when weights.momentum > 0: ITC is then
       ALBEF's, against its embeddings (and `queue`'s), and distils from it with weights.distillation(step).
     queue: the momentum model's embeddings of past batches (`FeatureQueue.keys()`), or None.
+    embedding_grads: gradient caching's cotangents of this batch's embeddings (train/step.py, 'exact'
+      accumulation): ITC and the sigmoid loss are then not computed here; the returned value is ITM + MLM plus
+      sum(g * embedding), whose gradient carries the whole batch's contrastive gradient into the parameters, and
+      metrics['loss'] is ITM + MLM alone.
 
   Returns:
     (scalar loss, metrics dict of scalars).
@@ -309,4 +344,26 @@ def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Ar
   if (teacher is None) != (weights.momentum <= 0) or (queue is not None and teacher is None):
     raise ValueError(f'weights.momentum={weights.momentum} needs the teacher exactly when > 0 (and the queue only '
                      f'with it); got teacher={teacher is not None}, queue={queue is not None}')
-  return model.apply({'params': params}, batch, rng, weights, step, teacher, queue, method=_losses)
+  return model.apply({'params': params}, batch, rng, weights, step, teacher, queue, embedding_grads, method=_losses)
+
+
+def _embed(module: XModal, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  return module.encode_image(batch['images'])[1], module.encode_text(batch['text_ids'], batch['text_mask'])[1]
+
+
+def embed(model: XModal, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """The towers' embeddings of a batch, image and text (B, E) float32 unit norm: exactly what `compute_loss` scores
+  with ITC (the model has no dropout, so a second forward pass gives the same values)."""
+  return model.apply({'params': params}, batch, method=_embed)
+
+
+def contrastive_loss_of_embeddings(model: XModal, params, image_emb: jax.Array, text_emb: jax.Array,
+                                   ids: jax.Array | None, weights: LossWeights
+                                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`compute_loss`'s weighted ITC (+ sigmoid) part, of given embeddings (B, E): what gradient caching takes over
+  the whole batch. `params` supplies the temperature (and the sigmoid's scale and bias); differentiate with respect
+  to them and to the embeddings. Neither the momentum form nor written-negative columns: the step refuses those."""
+  if weights.momentum > 0 or weights.itc_written_negatives:
+    raise ValueError('the contrastive loss of cached embeddings has neither the momentum form nor written-negative '
+                     'columns')
+  return model.apply({'params': params}, image_emb, text_emb, ids, weights, method=_contrastive)
