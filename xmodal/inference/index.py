@@ -344,6 +344,7 @@ class Index:
       rows['tokens'] = index.tokens.shape[0]
     if len(set(rows.values())) != 1:
       raise IndexFormatError(f'{path}: inconsistent row counts {rows}')
+    index.report = UpdateReport(unchanged=len(entries), duplicates=duplicate_groups(entries))  # nothing done yet
     return index
 
 
@@ -358,6 +359,7 @@ def write_rows(index: Index, keep: np.ndarray, blocks: Iterable[tuple[list[Entry
   writer = None
   if index.keep_tokens:
     target = index.tokens_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
     writer = TokenWriter(target.with_name(TOKENS_FILE + '.tmp'), index.token_shape, index.tokens_dtype)
   try:
     if writer is not None and len(keep) and target.exists():
