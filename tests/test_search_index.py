@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from test_export import exported  # noqa: F401  # the randomly initialised micro bundle, a module fixture
 from xmodal.inference.index import Entry, walk_images
 
 slow = pytest.mark.slow  # the tests that embed images use the exported micro bundle (about 5 s to export)
@@ -19,14 +20,8 @@ IMAGES = 12
 
 
 @pytest.fixture(scope='module')
-def bundle(tmp_path_factory):
-  from test_export import bundle_config, init_params
-  from xmodal.bundle import export
-  config = bundle_config()
-  _, params = init_params(config)
-  out = tmp_path_factory.mktemp('bundle') / 'micro'
-  export.export_bundle(config, params, 'shapes', out)
-  return out
+def bundle(exported):
+  return exported[2]
 
 
 @pytest.fixture(scope='module')
