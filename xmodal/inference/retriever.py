@@ -237,16 +237,18 @@ class Retriever:
       raise ValueError('an index without kept tokens recomputes them from paths; arrays need keep_tokens=True')
     report = UpdateReport(added=plan.added, removed=plan.removed, changed=plan.changed, unchanged=plan.unchanged,
                           skipped_links=listing.skipped_links if listing else [])
-    blocks = self.embed_gallery(plan.todo, batch_size=batch_size, progress=progress, strict=strict,
-                                unreadable=report.unreadable)
-    index_lib.write_rows(index, plan.keep, blocks)
+    # With nothing to add or drop nothing is rewritten (kept tokens would be copied whole for nothing).
+    if plan.todo or len(plan.keep) != len(index):
+      blocks = self.embed_gallery(plan.todo, batch_size=batch_size, progress=progress, strict=strict,
+                                  unreadable=report.unreadable)
+      index_lib.write_rows(index, plan.keep, blocks)
+      if index.folder is not None:
+        index.save()
     unreadable = {path for path, _ in report.unreadable}
     report.added = [n for n in report.added if n not in unreadable]
     report.changed = [n for n in report.changed if n not in unreadable]
     report.duplicates = index_lib.duplicate_groups(index.entries)
     index.report = report
-    if index.folder is not None:
-      index.save()
     return report
 
   def load_index(self, path: str | pathlib.Path) -> Index:
