@@ -1,36 +1,52 @@
-"""`xmodal search`: text → images over a folder with an exported bundle, and its throughput benchmark.
+"""`xmodal search`: text or image → images over a folder with an exported bundle; index sync; throughput benchmark.
 
-  xmodal search --bundle BUNDLE --images FOLDER --query "a red circle left of a blue square" [--k 10] [--rerank 64]
-                [--out DIR] [--index DIR] [--batch-size 32]
+  xmodal search --bundle BUNDLE --images FOLDER --query "a red circle left of a blue square" [--query TEXT ...]
+                [--query-image PATH ...] [--k 10] [--rerank 64] [--json] [--out DIR] [--index DIR] [--strict]
+                [--batch-size 32] [--tokens-dtype float16] [--no-tokens]
+  xmodal search --bundle BUNDLE --index DIR --query TEXT                 (search a saved index as it is)
+  xmodal search sync --bundle BUNDLE --images FOLDER --index DIR [--strict] [--json]
   xmodal search bench --bundle BUNDLE [--gallery-size 512] [--queries 32] [--k 10] [--rerank 64]   (or --bench)
 
-Prints the ranked list (rank, ITC score, ITM score, path); --out writes DIR/results.html and DIR/results.png.
---index reuses an index saved there (embedding only images it lacks) or saves the new one there.
+Prints, per query, the ranked list (rank, ITC score, ITM score, path); --json prints one JSON document instead.
+--index keeps the index in DIR and follows FOLDER: new files are embedded, changed ones re-embedded, deleted ones
+dropped, and the counts printed (`sync` does only that). Unreadable images are skipped and listed (--strict: the first
+one is an error). Bad arguments, bad files and unusable indexes end with one line `xmodal search: ...` and exit 2.
+--out writes DIR/results.html and DIR/results.png (DIR/1/, DIR/2/, ... for several queries).
 Imports only `xmodal.inference`: no model or training code, no TensorFlow.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
+import warnings
 from collections.abc import Sequence
 
-from xmodal.inference import BundleError, Index, Retriever, bench as bench_lib, contact_sheet
-from xmodal.inference.index import list_images
+from xmodal.inference import BundleError, Hit, Index, Retriever, bench as bench_lib, contact_sheet
+from xmodal.inference.index import INDEX_FILE, TOKENS_DTYPES
+from xmodal.inference.retriever import QueryWarning, check_count, check_texts
 
 
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog='xmodal search', description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--bundle', required=True, help='a bundle written by `xmodal export`')
-  parser.add_argument('--images', help='folder of gallery images (searched recursively)')
-  parser.add_argument('--query', help='the text to search for')
-  parser.add_argument('--k', type=int, default=10, help='results to show')
+  parser.add_argument('--images', help='folder of gallery images (searched recursively, links followed once)')
+  parser.add_argument('--query', action='append', default=[], help='a text to search for (repeat for several)')
+  parser.add_argument('--query-image', action='append', default=[], help='an image to find similar ones to (repeat)')
+  parser.add_argument('--k', type=int, default=10, help='results to show per query')
   parser.add_argument('--rerank', type=int, default=64, help='ITC candidates re-ranked by ITM (0 = ITC only)')
+  parser.add_argument('--json', action='store_true', help='print one JSON document: index counts, hits, warnings')
   parser.add_argument('--out', help='folder for the contact sheet (results.html, results.png)')
-  parser.add_argument('--index', help='index folder: loaded and extended if present, else written')
+  parser.add_argument('--index', help='index folder: loaded and synced with --images if present, else written')
+  parser.add_argument('--strict', action='store_true', help='an unreadable image is an error instead of skipped')
+  parser.add_argument('--tokens-dtype', choices=TOKENS_DTYPES, default='float32',
+                      help='a new index stores image tokens in this dtype (float16: half the disk)')
+  parser.add_argument('--no-tokens', action='store_true',
+                      help='a new index keeps no image tokens (re-ranking recomputes the candidates\')')
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--no-progress', action='store_true', help='no tqdm bar while indexing')
   parser.add_argument('--bench', action='store_true', help='measure index and query throughput instead')
@@ -39,22 +55,94 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
-def _index(retriever: Retriever, images: str, index_dir: str | None, progress: bool) -> Index:
-  if index_dir and (pathlib.Path(index_dir) / 'index.json').exists():
-    index = retriever.load_index(index_dir)
-    known = set(index.names)
-    retriever.add(index, [p for p in list_images(images) if p not in known], progress=progress)
-  else:
-    index = retriever.index(images, progress=progress)
-  if index_dir:
-    index.save(index_dir)
-  return index
+def _index(retriever: Retriever, args: argparse.Namespace) -> Index:
+  """The index to search: DIR's synced with --images, DIR's as it is, or a new one (written to DIR if given)."""
+  progress = not args.no_progress and not args.json
+  if args.index and (pathlib.Path(args.index) / INDEX_FILE).exists():
+    index = retriever.load_index(args.index)
+    if args.images:
+      retriever.sync(index, args.images, batch_size=args.batch_size, progress=progress, strict=args.strict)
+    return index
+  if not args.images:
+    raise ValueError('--images is required (or --index with a saved index)')
+  return retriever.index(args.images, batch_size=args.batch_size, progress=progress, keep_tokens=not args.no_tokens,
+                         tokens_dtype=args.tokens_dtype, path=args.index, strict=args.strict)
+
+
+def _report_json(index: Index) -> dict:
+  report = index.report
+  return {'images': len(index), **report.counts(), 'unreadable_files': [{'path': p, 'reason': r} for p, r in
+                                                                         report.unreadable],
+          'duplicate_groups': report.duplicates, 'skipped_link_list': [{'link': l, 'reason': r} for l, r in
+                                                                        report.skipped_links]}
+
+
+def _print_report(index: Index) -> None:
+  report = index.report
+  print(f'index: {len(index)} images ({report.summary()})')
+  for path, reason in report.unreadable:
+    print(f'  skipped (unreadable): {path}: {reason}')
+  for group in report.duplicates:
+    print(f'  same content: {" = ".join(group)}')
+  for link, reason in report.skipped_links:
+    print(f'  link not followed: {link}: {reason}')
+
+
+def _search(retriever: Retriever, index: Index, args: argparse.Namespace) -> list[tuple[str, str, list[Hit]]]:
+  """(kind, query, hits) for every --query, then every --query-image."""
+  results = []
+  if args.query:
+    hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank)
+    results += [('text', q, h) for q, h in zip(args.query, hits)]
+  if args.query_image:
+    hits = retriever.search_images(args.query_image, index, k=args.k)
+    results += [('image', q, h) for q, h in zip(args.query_image, hits)]
+  return results
+
+
+def _print_hits(kind: str, query: str, hits: list[Hit], rerank: int) -> None:
+  reranked = f're-ranked: {min(rerank, len(hits))}' if kind == 'text' else 'image similarity, ITC only'
+  print(f'\n{kind} query {query!r}, top {len(hits)} ({reranked})')
+  print(f'{"rank":>4}  {"ITC":>7}  {"ITM":>7}  path')
+  for rank, hit in enumerate(hits, 1):
+    itm = '      —' if hit.itm is None else f'{hit.itm:7.3f}'
+    print(f'{rank:4d}  {hit.itc:7.4f}  {itm}  {hit.name}')
+
+
+def _run(retriever: Retriever, args: argparse.Namespace, sync_only: bool) -> None:
+  """Indexes, searches and prints; input errors propagate as ValueError / OSError for main to print."""
+  if not sync_only:  # before indexing, which may take long: a bad argument should not wait for it
+    check_count('k', args.k, 1), check_count('rerank', args.rerank, 0)
+    if args.query:
+      check_texts('query', args.query)
+  index = _index(retriever, args)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always', QueryWarning)
+    results = [] if sync_only else _search(retriever, index, args)
+  notes = [str(w.message) for w in caught if issubclass(w.category, QueryWarning)]
+  for note in notes:
+    print(f'xmodal search: warning: {note}', file=sys.stderr)
+  if args.json:
+    document = {'index': _report_json(index), 'warnings': notes,
+                'results': [{'kind': kind, 'query': query, 'hits': [{'rank': rank, **dataclasses.asdict(hit)}
+                                                                    for rank, hit in enumerate(hits, 1)]}
+                            for kind, query, hits in results]}
+    print(json.dumps(document, indent=1))
+    return
+  _print_report(index)
+  for number, (kind, query, hits) in enumerate(results, 1):
+    _print_hits(kind, query, hits, args.rerank)
+    if args.out:
+      out = pathlib.Path(args.out) / (str(number) if len(results) > 1 else '')
+      page, png = contact_sheet.write(query, hits, out)
+      print(f'contact sheet: {page} {png}')
 
 
 def main(argv: Sequence[str]) -> int:
   argv = list(argv)
-  if argv and argv[0] == 'bench':
-    argv = ['--bench', *argv[1:]]
+  sync_only = bool(argv) and argv[0] == 'sync'
+  if argv and argv[0] in ('bench', 'sync'):
+    argv = [*(['--bench'] if argv[0] == 'bench' else []), *argv[1:]]
   args = _parser().parse_args(argv)
   try:
     retriever = Retriever.load(args.bundle, batch_size=args.batch_size)
@@ -68,19 +156,18 @@ def main(argv: Sequence[str]) -> int:
           f'(ITC), {results["queries_per_s_itc+itm"]:.1f}/s (ITC + ITM re-rank of {args.rerank})')
     print(json.dumps(results))
     return 0
-  if not args.images or args.query is None:
-    print('xmodal search: --images and --query are required (or use --bench)', file=sys.stderr)
+  if sync_only and not (args.images and args.index):
+    print('xmodal search sync: --images and --index are required', file=sys.stderr)
     return 2
-  index = _index(retriever, args.images, args.index, progress=not args.no_progress)
-  hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank)
-  print(f'{len(index)} images, query {args.query!r}, top {len(hits)} (re-ranked: {min(args.rerank, len(index))})')
-  print(f'{"rank":>4}  {"ITC":>7}  {"ITM":>7}  path')
-  for rank, hit in enumerate(hits, 1):
-    itm = '      —' if hit.itm is None else f'{hit.itm:7.3f}'
-    print(f'{rank:4d}  {hit.itc:7.4f}  {itm}  {hit.name}')
-  if args.out:
-    page, png = contact_sheet.write(args.query, hits, args.out)
-    print(f'contact sheet: {page} {png}')
+  if not sync_only and not (args.query or args.query_image):
+    print('xmodal search: give --query TEXT or --query-image PATH (or use sync / --bench)', file=sys.stderr)
+    return 2
+  try:
+    _run(retriever, args, sync_only)
+  # Bad input (a folder, an image, an index, an argument): its message names it, a traceback would add nothing.
+  except (ValueError, OSError) as e:
+    print(f'xmodal search: {e}', file=sys.stderr)
+    return 2
   return 0
 
 

@@ -1,82 +1,321 @@
-"""`Index`: a gallery's ITC embeddings and (optionally) the image tokens that ITM re-ranking needs. Plain data: the
-`Retriever` makes, extends and searches it.
+"""`Index`: a gallery's ITC embeddings, the files they came from and (optionally) the image tokens that ITM
+re-ranking needs. Plain data: the `Retriever` makes, updates and searches it.
 
-  index = retriever.index('photos/')          # or retriever.load_index('photos.index')
-  retriever.add(index, ['new.png'])           # embeds only the new images
-  index.save('photos.index')                  # a folder: index.json (names, settings) + index.npz (arrays)
+  index = retriever.index('photos/', path='photos.index')   # or retriever.load_index('photos.index')
+  retriever.sync(index, 'photos/')                          # embeds new and changed files, drops deleted ones
+  index.save('photos.index')                                # a folder, see below
 
-On disk nothing is pickled: arrays in an .npz read with allow_pickle=False, everything else in JSON. An index
-records the sha256 of the weights it was computed with; a retriever with other weights refuses it.
+On disk (format version 2) an index is a folder: index.json (settings and one entry per image: path, size,
+mtime_ns, sha256), embeddings.npy (G, E) float32 and, with kept tokens, tokens.npy (G, 1+N, Dv) float32 or float16.
+Nothing is pickled. tokens.npy is written row block by row block as images are embedded and read back memory-mapped,
+so neither indexing nor search holds a gallery's tokens in memory: `index.tokens[positions]` reads those rows only.
+An index records the sha256 of the weights it was computed with; a retriever with other weights refuses it.
+
+Folders are walked recursively. Symbolic links are followed, wherever they point (a gallery of links to other disks
+is a gallery), but each real folder is walked once: a link back to a folder already walked (a loop, or a second
+route to the same folder) is skipped and reported in `Listing.skipped_links`. Entries are keyed by the path as
+listed (absolute, links not resolved), so a file reached through a link keeps the link's path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+import shutil
+import struct
+import tempfile
+import weakref
+from collections.abc import Iterable, Sequence
 from typing import Any, Union
 
 import numpy as np
 
 FORMAT = 'xmodal-index'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: index.npz with names only; 2: entries with size, mtime_ns and sha256, tokens.npy memory-mapped
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif')
+TOKENS_DTYPES = ('float32', 'float16')
+INDEX_FILE, EMBEDDINGS_FILE, TOKENS_FILE = 'index.json', 'embeddings.npy', 'tokens.npy'
 
 Gallery = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, np.ndarray]]]
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
-  """Image files under `folder` (recursively, by extension), sorted by path."""
-  folder = pathlib.Path(folder)
-  if not folder.is_dir():
+class IndexFormatError(ValueError):
+  """An index folder that this version cannot read: missing files, another format version, inconsistent arrays."""
+
+
+# --------------------------------------------------------------------------------------------------- the gallery
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One indexed image. Files carry size and mtime_ns (what sync compares) and sha256 (what duplicates share);
+  arrays given in memory have neither size nor mtime and are never dropped by sync."""
+  name: str
+  size: int | None = None
+  mtime_ns: int | None = None
+  sha256: str = ''
+
+  @property
+  def is_file(self) -> bool:
+    return self.size is not None
+
+
+@dataclasses.dataclass
+class Listing:
+  """A folder's image files (absolute paths, sorted) and the folder links not followed, as (link, reason)."""
+  paths: list[str]
+  skipped_links: list[tuple[str, str]]
+
+
+def walk_images(folder: str | os.PathLike) -> Listing:
+  """The image files under `folder` by extension, following symbolic links with each real folder walked once."""
+  root = os.path.abspath(folder)
+  if not os.path.isdir(root):
     raise NotADirectoryError(f'{folder}: not a folder of images')
-  return sorted(str(p) for p in folder.rglob('*') if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+  seen = {_folder_key(root): root}
+  paths, skipped = [], []
+  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    kept = []
+    for name in sorted(dirnames):  # sorted: which of two routes to a folder wins does not depend on the disk
+      sub = os.path.join(dirpath, name)
+      key = _folder_key(sub)
+      if key in seen:
+        skipped.append((sub, f'already walked as {seen[key]}'))
+      else:
+        seen[key] = sub
+        kept.append(name)
+    dirnames[:] = kept
+    paths.extend(os.path.join(dirpath, f) for f in filenames if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+  return Listing(sorted(paths), skipped)
 
 
-def gallery_items(gallery: Gallery, start: int) -> tuple[list[Any], list[str]]:
-  """(images to embed, their names): paths keep their path, arrays are named 'array:<position in the index>'."""
-  if isinstance(gallery, (str, os.PathLike)):
-    items = list_images(gallery)
-    if not items:
-      raise ValueError(f'{gallery}: no images ({", ".join(IMAGE_EXTENSIONS)})')
-  else:  # a sequence of paths and/or (H, W, 3) arrays, or one (N, H, W, 3) array
-    items = list(gallery)
-  names = [f'array:{start + i}' if isinstance(x, np.ndarray) else str(x) for i, x in enumerate(items)]
-  return items, names
+def _folder_key(path: str) -> tuple[int, int]:
+  st = os.stat(path)  # follows links: two routes to one folder give one key
+  return st.st_dev, st.st_ino
 
 
+def list_images(folder: str | os.PathLike) -> list[str]:
+  """Image files under `folder` (recursively, by extension, links followed once), sorted by path."""
+  return walk_images(folder).paths
+
+
+def file_stamp(path: str) -> tuple[int, int] | None:
+  """(size, mtime_ns) of a file, or None when it cannot be stat'ed (reading it will then report why)."""
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_size, st.st_mtime_ns
+
+
+# ------------------------------------------------------------------------------------------------- planning
+@dataclasses.dataclass
+class Plan:
+  """What an update does: keep these positions, embed these (image, name, stamp) items."""
+  keep: np.ndarray
+  todo: list[tuple[Any, str, tuple[int, int] | None]]
+  added: list[str]
+  changed: list[str]
+  removed: list[str]
+  unchanged: int
+
+
+def plan_update(entries: Sequence[Entry], gallery: Listing | Sequence[Any], remove_missing: bool) -> Plan:
+  """Compares a gallery with an index's entries.
+
+  A path already indexed with the same size and mtime_ns is left alone (adding it again is a no-op); with another
+  stamp it is re-embedded. Arrays are always added. With remove_missing (sync), indexed files the gallery no longer
+  lists are dropped; arrays stay.
+  """
+  # A sequence holds paths and/or (H, W, 3) arrays, or is one (N, H, W, 3) array.
+  items = gallery.paths if isinstance(gallery, Listing) else list(gallery)
+  position = {e.name: i for i, e in enumerate(entries) if e.is_file}
+  next_array = 1 + max((int(e.name.split(':')[1]) for e in entries if e.name.startswith('array:')), default=-1)
+  todo, added, changed, drop, listed = [], [], [], set(), set()
+  unchanged = 0
+  for item in items:
+    if isinstance(item, np.ndarray):
+      name, stamp = f'array:{next_array}', None
+      next_array += 1
+    else:
+      name = os.path.abspath(item)
+      if name in listed:
+        continue
+      listed.add(name)
+      stamp = file_stamp(name)
+      old = position.get(name)
+      if old is not None and stamp == (entries[old].size, entries[old].mtime_ns):
+        unchanged += 1
+        continue
+      if old is not None:
+        drop.add(old)
+      (changed if old is not None else added).append(name)
+    todo.append((item if isinstance(item, np.ndarray) else name, name, stamp))
+  removed = []
+  if remove_missing:
+    removed = [e.name for e in entries if e.is_file and e.name not in listed]
+    drop |= {position[n] for n in removed}
+  keep = np.array([i for i in range(len(entries)) if i not in drop], np.int64)
+  return Plan(keep, todo, added, changed, removed, unchanged)
+
+
+# ---------------------------------------------------------------------------------------------------- reports
+@dataclasses.dataclass
+class UpdateReport:
+  """What `Retriever.index`, `add` or `sync` did. Names are paths (or 'array:N')."""
+  added: list[str] = dataclasses.field(default_factory=list)
+  removed: list[str] = dataclasses.field(default_factory=list)
+  changed: list[str] = dataclasses.field(default_factory=list)
+  unchanged: int = 0
+  unreadable: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, reason), skipped
+  duplicates: list[list[str]] = dataclasses.field(default_factory=list)  # groups of entries with the same content
+  skipped_links: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (link, reason), not followed
+
+  def counts(self) -> dict[str, int]:
+    return {'added': len(self.added), 'removed': len(self.removed), 'changed': len(self.changed),
+            'unchanged': self.unchanged, 'duplicates': sum(len(g) - 1 for g in self.duplicates),
+            'unreadable': len(self.unreadable), 'skipped_links': len(self.skipped_links)}
+
+  def summary(self) -> str:
+    return ', '.join(f'{key} {value}' for key, value in self.counts().items())
+
+
+def duplicate_groups(entries: Sequence[Entry]) -> list[list[str]]:
+  """Names of entries that share a sha256, group by group (only groups of two or more), in index order."""
+  groups: dict[str, list[str]] = {}
+  for e in entries:
+    if e.sha256:
+      groups.setdefault(e.sha256, []).append(e.name)
+  return [names for names in groups.values() if len(names) > 1]
+
+
+# ------------------------------------------------------------------------------------------------- token files
+_HEADER_BYTES = 128  # fixed, so that the row count can be written at the end over the same bytes
+
+
+def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
+  """A .npy version 1.0 header of exactly _HEADER_BYTES bytes (np.load accepts the space padding)."""
+  text = repr({'descr': np.lib.format.dtype_to_descr(np.dtype(dtype)), 'fortran_order': False, 'shape': shape})
+  body = text.ljust(_HEADER_BYTES - 11) + '\n'
+  if len(body) != _HEADER_BYTES - 10:
+    raise ValueError(f'token shape {shape} does not fit a {_HEADER_BYTES}-byte .npy header')
+  return np.lib.format.magic(1, 0) + struct.pack('<H', len(body)) + body.encode('latin1')
+
+
+class TokenWriter:
+  """Writes (rows, *row_shape) to a .npy file block by block with plain writes, so the rows never sit in this
+  process's memory (a writable memmap would count every written page as resident)."""
+
+  def __init__(self, path: pathlib.Path, row_shape: tuple[int, ...], dtype: str):
+    self.path, self.row_shape, self.dtype = path, tuple(row_shape), np.dtype(dtype)
+    self.rows = 0
+    self._file = open(path, 'wb')  # pylint: disable=consider-using-with  # closed by close()
+    self._file.write(_npy_header((0, *self.row_shape), self.dtype))
+
+  def write(self, rows: np.ndarray) -> None:
+    rows = np.ascontiguousarray(rows, self.dtype)
+    if rows.shape[1:] != self.row_shape:
+      raise ValueError(f'token rows {rows.shape[1:]} do not match the index {self.row_shape}')
+    self._file.write(rows.tobytes())
+    self.rows += rows.shape[0]
+
+  def copy_rows(self, source: pathlib.Path, positions: np.ndarray, block: int = 256) -> None:
+    """Appends rows of another token file, a block at a time (each block's pages are unmapped after it)."""
+    for start in range(0, len(positions), block):
+      mapped = np.load(source, mmap_mode='r')
+      self.write(mapped[positions[start:start + block]])
+      del mapped
+
+  def close(self) -> None:
+    self._file.seek(0)
+    self._file.write(_npy_header((self.rows, *self.row_shape), self.dtype))
+    self._file.close()
+
+  def abort(self) -> None:
+    self._file.close()
+    self.path.unlink(missing_ok=True)
+
+
+def open_tokens(path: pathlib.Path) -> np.ndarray:
+  """A token file, memory-mapped read-only (an empty one as an empty array: a zero-length file cannot be mapped)."""
+  with open(path, 'rb') as f:
+    version = np.lib.format.read_magic(f)
+    if version != (1, 0):
+      return np.load(path, mmap_mode='r')
+    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+  if shape[0] == 0:
+    return np.zeros(shape, dtype)
+  return np.load(path, mmap_mode='r')
+
+
+# ------------------------------------------------------------------------------------------------------ index
 class Index:
-  """Gallery embeddings (G, E), names (G,) and, with keep_tokens, image tokens (G, 1+N, Dv), all float32.
+  """Gallery entries (G,), embeddings (G, E) float32 and, with kept tokens, image tokens (G, 1+N, Dv) on disk.
 
   Without kept tokens, re-ranking recomputes the image tokens of the candidates from their paths: an index then
   costs E floats per image instead of (1+N) x Dv, for one image-tower pass per re-ranked candidate.
+
+  `folder` is where the index lives: set by `save`, `load` or `Retriever.index(..., path=...)`. An index with a
+  folder is rewritten there by every `Retriever.add` and `sync`, so the folder always holds a consistent index. Kept
+  tokens of an index without a folder go to a temporary folder, removed with the index.
   """
 
-  def __init__(self, names: list[str], embeddings: np.ndarray, tokens: np.ndarray | None, weights_sha256: str):
-    self.names = names
-    self.embeddings = embeddings
-    self.tokens = tokens
+  def __init__(self, entries: list[Entry], embeddings: np.ndarray, weights_sha256: str, token_shape: tuple[int, ...],
+               keep_tokens: bool = True, tokens_dtype: str = 'float32', folder: str | os.PathLike | None = None):
+    if tokens_dtype not in TOKENS_DTYPES:
+      raise ValueError(f'tokens_dtype must be one of {TOKENS_DTYPES}; got {tokens_dtype!r}')
     self.weights_sha256 = weights_sha256
+    self.token_shape = tuple(token_shape)  # (1+N, Dv) of one image
+    self.keep_tokens = keep_tokens
+    self.tokens_dtype = tokens_dtype
+    self.folder = pathlib.Path(folder) if folder is not None else None
+    self.report = UpdateReport()  # of the last index / add / sync
+    self._scratch: pathlib.Path | None = None
+    self.set_rows(entries, embeddings, self._open_tokens_file() if keep_tokens else None)
 
   def __len__(self) -> int:
-    return len(self.names)
+    return len(self.entries)
 
-  @property
-  def keep_tokens(self) -> bool:
-    return self.tokens is not None
+  def set_rows(self, entries: list[Entry], embeddings: np.ndarray, tokens: np.ndarray | None) -> None:
+    """Replaces the rows; `names` is kept as a list because search reads it by position."""
+    self.entries = list(entries)
+    self.names = [e.name for e in self.entries]
+    self.embeddings = embeddings
+    self.tokens = tokens
 
-  def save(self, path: str | os.PathLike) -> pathlib.Path:
-    """Writes the folder `path` with index.json and index.npz (replacing an index already there)."""
-    path = pathlib.Path(path)
+  def _open_tokens_file(self) -> np.ndarray | None:
+    path = self.tokens_path()
+    return open_tokens(path) if path.exists() else np.zeros((0, *self.token_shape), self.tokens_dtype)
+
+  def tokens_path(self) -> pathlib.Path:
+    """Where the kept tokens live: the index folder, or a temporary one made on first use."""
+    if self.folder is not None:
+      return self.folder / TOKENS_FILE
+    if self._scratch is None:
+      self._scratch = pathlib.Path(tempfile.mkdtemp(prefix='xmodal-index-'))
+      weakref.finalize(self, shutil.rmtree, self._scratch, True)
+    return self._scratch / TOKENS_FILE
+
+  def save(self, path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Writes the index folder `path` (default: its own folder) and makes it the index's folder. index.json is
+    written last, through a rename: a folder is never left with a new index.json and old arrays."""
+    path = pathlib.Path(path) if path is not None else self.folder
+    if path is None:
+      raise ValueError('this index has no folder yet: save(path)')
     path.mkdir(parents=True, exist_ok=True)
-    arrays = {'embeddings': self.embeddings}
-    if self.keep_tokens:
-      arrays['tokens'] = self.tokens
-    np.savez(path / 'index.npz', **arrays)
+    source = self.tokens_path() if self.keep_tokens else None
+    if source is not None and source.exists() and source.resolve() != (path / TOKENS_FILE).resolve():
+      shutil.copyfile(source, path / TOKENS_FILE)  # streams: the tokens are not read into memory
+    np.save(path / EMBEDDINGS_FILE, np.asarray(self.embeddings, np.float32))
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'weights_sha256': self.weights_sha256,
-            'count': len(self), 'keep_tokens': self.keep_tokens, 'names': self.names}
-    (path / 'index.json').write_text(json.dumps(meta, indent=1) + '\n')
+            'count': len(self), 'keep_tokens': self.keep_tokens, 'tokens_dtype': self.tokens_dtype,
+            'token_shape': list(self.token_shape), 'entries': [dataclasses.astuple(e) for e in self.entries]}
+    temporary = path / (INDEX_FILE + '.tmp')
+    temporary.write_text(json.dumps(meta) + '\n')
+    os.replace(temporary, path / INDEX_FILE)
+    self.folder = path
+    if self.keep_tokens:
+      self.tokens = self._open_tokens_file()
     return path
 
   @classmethod
@@ -84,13 +323,59 @@ class Index:
     """Reads an index folder (`Retriever.load_index` also checks it against the retriever's weights)."""
     path = pathlib.Path(path)
     try:
-      meta = json.loads((path / 'index.json').read_text())
-      with np.load(path / 'index.npz', allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
+      meta = json.loads((path / INDEX_FILE).read_text())
     except (OSError, ValueError) as e:
-      raise ValueError(f'{path}: not a readable index ({e})') from e
-    if meta.get('format') != FORMAT or meta.get('format_version') != FORMAT_VERSION:
-      raise ValueError(f'{path / "index.json"}: not a version-{FORMAT_VERSION} {FORMAT}')
-    if len(meta['names']) != arrays['embeddings'].shape[0]:
-      raise ValueError(f'{path}: {len(meta["names"])} names for {arrays["embeddings"].shape[0]} embeddings')
-    return cls(list(meta['names']), arrays['embeddings'], arrays.get('tokens'), meta['weights_sha256'])
+      raise IndexFormatError(f'{path}: not a readable index ({e})') from e
+    version = meta.get('format_version')
+    if meta.get('format') != FORMAT:
+      raise IndexFormatError(f'{path / INDEX_FILE}: not an {FORMAT} file')
+    if version != FORMAT_VERSION:
+      raise IndexFormatError(f'{path}: an index of format version {version}; this xmodal reads version '
+                             f'{FORMAT_VERSION}. Rebuild it: delete the folder and index the images again')
+    entries = [Entry(*e) for e in meta['entries']]
+    try:
+      embeddings = np.load(path / EMBEDDINGS_FILE, allow_pickle=False)
+      index = cls(entries, embeddings, meta['weights_sha256'], tuple(meta['token_shape']), meta['keep_tokens'],
+                  meta['tokens_dtype'], folder=path)
+    except (OSError, ValueError) as e:
+      raise IndexFormatError(f'{path}: not a readable index ({e})') from e
+    rows = {'entries': len(entries), 'embeddings': embeddings.shape[0]}
+    if index.keep_tokens:
+      rows['tokens'] = index.tokens.shape[0]
+    if len(set(rows.values())) != 1:
+      raise IndexFormatError(f'{path}: inconsistent row counts {rows}')
+    index.report = UpdateReport(unchanged=len(entries), duplicates=duplicate_groups(entries))  # nothing done yet
+    return index
+
+
+def write_rows(index: Index, keep: np.ndarray, blocks: Iterable[tuple[list[Entry], np.ndarray, np.ndarray]]) -> None:
+  """Rewrites `index` as its rows `keep` followed by new blocks of (entries, embeddings (B, E), tokens (B, 1+N, Dv)).
+
+  Kept tokens stream from the old token file into a new one beside it, which replaces the old only when every block
+  is written: an error in a block (for example a strict update meeting a bad file) leaves the index as it was.
+  """
+  entries = [index.entries[i] for i in keep]
+  embeddings = [index.embeddings[keep]]
+  writer = None
+  if index.keep_tokens:
+    target = index.tokens_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = TokenWriter(target.with_name(TOKENS_FILE + '.tmp'), index.token_shape, index.tokens_dtype)
+  try:
+    if writer is not None and len(keep) and target.exists():
+      writer.copy_rows(target, keep)
+    for block_entries, block_emb, block_tokens in blocks:
+      entries.extend(block_entries)
+      embeddings.append(block_emb)
+      if writer is not None:
+        writer.write(block_tokens)
+  except BaseException:
+    if writer is not None:
+      writer.abort()
+    raise
+  tokens = None
+  if writer is not None:
+    writer.close()
+    os.replace(writer.path, target)
+    tokens = open_tokens(target)
+  index.set_rows(entries, np.concatenate(embeddings).astype(np.float32, copy=False), tokens)

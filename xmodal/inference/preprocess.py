@@ -8,23 +8,35 @@ must be prepared; this module is the reader that implements it.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pathlib
 from collections.abc import Sequence
 from typing import Any, Union
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from xmodal.bundle.format import CROP, RESIZE
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 
 
+class UnreadableImage(ValueError):
+  """An image file that cannot be read or decoded; the message starts with its path."""
+
+  def __init__(self, path: str | os.PathLike, reason: str):
+    super().__init__(f'{path}: unreadable image ({reason})')
+    self.path = str(path)
+    self.reason = reason
+
+
 def load_rgb(image: ImageLike) -> np.ndarray:
   """A path (any format PIL reads) or an array → uint8 (H, W, 3). Grey (H, W) arrays are repeated to 3 channels.
 
-  Alpha is dropped, not composited, like tf.io.decode_image(channels=3).
+  Alpha is dropped, not composited, like tf.io.decode_image(channels=3). Raises UnreadableImage for a file that is
+  missing, empty, not an image or truncated.
   """
   if isinstance(image, np.ndarray):
     array = image
@@ -33,8 +45,26 @@ def load_rgb(image: ImageLike) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] not in (3, 4) or array.dtype != np.uint8:
       raise ValueError(f'image arrays must be uint8 (H, W, 3); got {array.dtype} {array.shape}')
     return np.ascontiguousarray(array[:, :, :3])
-  with Image.open(pathlib.Path(image)) as pil:
-    return np.asarray(pil.convert('RGB'), np.uint8)
+  return read_image(image)[0]
+
+
+def read_image(path: str | os.PathLike) -> tuple[np.ndarray, str]:
+  """A file → (uint8 (H, W, 3), sha256 of its bytes): the file is read once for both. Raises UnreadableImage."""
+  try:
+    data = pathlib.Path(path).read_bytes()
+  except OSError as e:
+    raise UnreadableImage(path, e.strerror or str(e)) from e
+  if not data:
+    raise UnreadableImage(path, 'empty file')
+  try:
+    with Image.open(io.BytesIO(data)) as pil:
+      rgb = np.asarray(pil.convert('RGB'), np.uint8)  # convert() decodes: a truncated file fails here
+  except UnidentifiedImageError as e:
+    raise UnreadableImage(path, 'not an image format PIL can read') from e
+  # PIL reports a damaged file as any of these, depending on where in the decoder it notices.
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise UnreadableImage(path, str(e) or type(e).__name__) from e
+  return rgb, hashlib.sha256(data).hexdigest()
 
 
 def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:

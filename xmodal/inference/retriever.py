@@ -3,8 +3,14 @@
   r = Retriever.load('bundle/')
   index = r.index('photos/', batch_size=64)                 # ITC embeddings (+ image tokens for re-ranking)
   r.add(index, ['new.png'])                                 # embeds only the new images
+  r.sync(index, 'photos/')                                  # follows the folder: added, deleted, changed files
   hits = r.search('a red circle left of a blue square', index, k=10, rerank=64)
+  similar = r.search_images('photos/cat.png', index, k=10)  # image → images by ITC cosine
   captions = r.search_captions('photos/cat.png', ['a cat', 'a dog'], k=1)
+
+Bad input is named: unreadable files are skipped and listed in `index.report` (or raise UnreadableImage with
+strict=True), k / rerank / batch sizes and empty queries raise ValueError, and a query that is mostly unknown words
+or longer than the text length warns with QueryWarning.
 
 Imports jax, numpy, PIL and the TF-free tokenizer only: no model code (the programs come from the bundle), no
 training code, no TensorFlow.
@@ -12,8 +18,10 @@ training code, no TensorFlow.
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -22,11 +30,35 @@ import numpy as np
 from xmodal.bundle import format as bundle_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.inference import ranking
-from xmodal.inference.index import Gallery, Index, gallery_items
+from xmodal.inference import index as index_lib
+from xmodal.inference.index import Entry, Gallery, Index, UpdateReport
 from xmodal.inference.ranking import Hit
 from xmodal.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_BATCH = 32
+UNKNOWN_SHARE = 0.5  # a query with more than this share of unknown tokens warns: its results say little
+
+
+class QueryWarning(UserWarning):
+  """A query was answered, but not as written: mostly unknown words, or cut to the model's text length."""
+
+
+def check_count(name: str, value: Any, minimum: int) -> int:
+  """`value` as an int >= minimum, or ValueError naming the argument (bools and floats are refused, not rounded)."""
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    raise ValueError(f'{name} must be an integer >= {minimum}; got {value!r}')
+  return int(value)
+
+
+def check_texts(name: str, texts: Sequence[str]) -> list[str]:
+  """A non-empty list of texts, none empty or only whitespace; else ValueError naming the first bad one."""
+  texts = list(texts)
+  if not texts:
+    raise ValueError(f'{name}: no texts given')
+  for i, text in enumerate(texts):
+    if not isinstance(text, str) or not text.strip():
+      raise ValueError(f'{name}: text {i} is empty ({text!r}); give words to search for')
+  return texts
 
 
 def _bucket(n: int, batch_size: int) -> int:
@@ -159,29 +191,65 @@ class Retriever:
     return self.match_tokens(pick(text_tokens), pick(mask), pick(image_tokens))
 
   # ------------------------------------------------------------------------------------------ index and search
-  def index(self, gallery: Gallery, batch_size: int | None = None, progress: bool = True,
-            keep_tokens: bool = True) -> Index:
-    """Embeds a gallery (a folder, or a list of paths / uint8 arrays) into a new `Index`; see `add`."""
-    dim = int(self.manifest['embed_dim'])
-    tokens_shape = self.manifest['functions']['encode_image']['outputs'][0]['shape']
-    tokens = np.zeros((0, *tokens_shape[1:]), np.float32) if keep_tokens else None
-    index = Index([], np.zeros((0, dim), np.float32), tokens, self.weights_sha256)
-    return self.add(index, gallery, batch_size=batch_size, progress=progress)
+  def index(self, gallery: Gallery, batch_size: int | None = None, progress: bool = True, keep_tokens: bool = True,
+            tokens_dtype: str = 'float32', path: str | pathlib.Path | None = None, strict: bool = False) -> Index:
+    """Embeds a gallery (a folder, or a list of paths / uint8 arrays) into a new `Index`; see `add`.
 
-  def add(self, index: Index, gallery: Gallery, batch_size: int | None = None, progress: bool = False) -> Index:
-    """Embeds more images and appends them to `index`; existing entries are kept as they are. Returns `index`."""
-    self.check_compatible(index)
-    items, names = gallery_items(gallery, len(index))
-    if not index.keep_tokens and any(isinstance(x, np.ndarray) for x in items):
-      raise ValueError('an index without kept tokens recomputes them from paths; arrays need keep_tokens=True')
-    if not items:
-      return index
-    emb, tokens = self.embed_gallery(items, batch_size=batch_size, progress=progress)
-    index.names = index.names + names
-    index.embeddings = np.concatenate([index.embeddings, emb])
-    if index.keep_tokens:
-      index.tokens = np.concatenate([index.tokens, tokens])
+    Args:
+      keep_tokens: store each image's tokens for re-ranking (on disk, memory-mapped), else recompute them.
+      tokens_dtype: 'float32' or 'float16' (half the disk; re-ranking scores move by about 1e-3).
+      path: the index folder, written as images are embedded; default a temporary one until `Index.save`.
+      strict: raise UnreadableImage at the first unreadable file instead of skipping it.
+    """
+    token_shape = tuple(self.manifest['functions']['encode_image']['outputs'][0]['shape'][1:])
+    index = Index([], np.zeros((0, int(self.manifest['embed_dim'])), np.float32), self.weights_sha256, token_shape,
+                  keep_tokens, tokens_dtype, folder=path)
+    self.add(index, gallery, batch_size=batch_size, progress=progress, strict=strict)
     return index
+
+  def add(self, index: Index, gallery: Gallery, batch_size: int | None = None, progress: bool = False,
+          strict: bool = False) -> Index:
+    """Embeds images not yet in `index` and appends them; returns `index`, with what was done in `index.report`.
+
+    A path already indexed with the same size and mtime is left alone (adding it again is a no-op); with another it
+    is re-embedded. Arrays are always appended. Unreadable files are skipped and listed (strict: UnreadableImage).
+    """
+    listing = index_lib.walk_images(gallery) if isinstance(gallery, (str, pathlib.PurePath)) else None
+    if listing is not None and not listing.paths:
+      raise ValueError(f'{gallery}: no images ({", ".join(index_lib.IMAGE_EXTENSIONS)})')
+    plan = index_lib.plan_update(index.entries, listing or list(gallery), remove_missing=False)
+    self._update(index, plan, listing, batch_size, progress, strict)
+    return index
+
+  def sync(self, index: Index, folder: str | pathlib.Path, batch_size: int | None = None, progress: bool = False,
+           strict: bool = False) -> UpdateReport:
+    """Makes `index` follow `folder`: embeds new files, re-embeds changed ones (size or mtime), drops files that
+    are gone (arrays stay). Returns the report (also `index.report`): counts, unreadable files, duplicates."""
+    listing = index_lib.walk_images(folder)
+    plan = index_lib.plan_update(index.entries, listing, remove_missing=True)
+    return self._update(index, plan, listing, batch_size, progress, strict)
+
+  def _update(self, index: Index, plan: index_lib.Plan, listing: index_lib.Listing | None, batch_size: int | None,
+              progress: bool, strict: bool) -> UpdateReport:
+    """Applies a plan: kept rows, then the embedded new ones; saves an index that has a folder."""
+    self.check_compatible(index)
+    if not index.keep_tokens and any(isinstance(item, np.ndarray) for item, _, _ in plan.todo):
+      raise ValueError('an index without kept tokens recomputes them from paths; arrays need keep_tokens=True')
+    report = UpdateReport(added=plan.added, removed=plan.removed, changed=plan.changed, unchanged=plan.unchanged,
+                          skipped_links=listing.skipped_links if listing else [])
+    # With nothing to add or drop nothing is rewritten (kept tokens would be copied whole for nothing).
+    if plan.todo or len(plan.keep) != len(index):
+      blocks = self.embed_gallery(plan.todo, batch_size=batch_size, progress=progress, strict=strict,
+                                  unreadable=report.unreadable)
+      index_lib.write_rows(index, plan.keep, blocks)
+      if index.folder is not None:
+        index.save()
+    unreadable = {path for path, _ in report.unreadable}
+    report.added = [n for n in report.added if n not in unreadable]
+    report.changed = [n for n in report.changed if n not in unreadable]
+    report.duplicates = index_lib.duplicate_groups(index.entries)
+    index.report = report
+    return report
 
   def load_index(self, path: str | pathlib.Path) -> Index:
     """Reads an index folder (`Index.save`) and checks that it was computed with this retriever's weights."""
@@ -204,20 +272,71 @@ class Retriever:
     _, tokens = self.encode_images([index.names[i] for i in unique])
     return tokens[inverse]
 
-  def embed_gallery(self, images: Sequence[preprocess_lib.ImageLike], batch_size: int | None = None,
-                    progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(emb (G, E), tokens (G, 1+N, Dv)) of a gallery, batch by batch with an optional tqdm bar."""
-    batch_size = batch_size or self.batch_size
-    starts = range(0, len(images), batch_size)
+  def embed_gallery(self, items: Sequence[tuple[Any, str, tuple[int, int] | None]], batch_size: int | None = None,
+                    progress: bool = False, strict: bool = False,
+                    unreadable: list[tuple[str, str]] | None = None
+                    ) -> Iterator[tuple[list[Entry], np.ndarray, np.ndarray]]:
+    """Embeds (image, name, (size, mtime_ns) or None) items a batch at a time, so that only one batch of pixels and
+    tokens is ever in memory: yields (entries, emb (B, E), tokens (B, 1+N, Dv)). Unreadable files are appended to
+    `unreadable` as (path, reason) and skipped; with strict, the first one raises UnreadableImage."""
+    batch_size = check_count('batch_size', batch_size or self.batch_size, 1)
+    starts = range(0, len(items), batch_size)
     if progress:
       from tqdm import tqdm  # pylint: disable=g-import-not-at-top
       starts = tqdm(starts, desc='index', unit='batch', dynamic_ncols=True)
-    embs, tokens = [], []
     for start in starts:
-      emb, tok = self.encode_images(images[start:start + batch_size])
-      embs.append(emb)
-      tokens.append(tok)
-    return np.concatenate(embs), np.concatenate(tokens)
+      entries, pixels = [], []
+      for item, name, stamp in items[start:start + batch_size]:
+        try:
+          rgb, sha256 = self._read(item)
+        except preprocess_lib.UnreadableImage as e:
+          if strict or unreadable is None:
+            raise
+          unreadable.append((e.path, e.reason))
+          continue
+        entries.append(Entry(name, *(stamp or (None, None)), sha256))
+        pixels.append(preprocess_lib.preprocess(rgb, self.preprocess_spec))
+      if entries:
+        emb, tokens = self.encode_pixels(np.stack(pixels))
+        yield entries, emb, tokens
+
+  @staticmethod
+  def _read(item: preprocess_lib.ImageLike) -> tuple[np.ndarray, str]:
+    """(uint8 (H, W, 3), sha256 of the file or of the array's bytes)."""
+    if isinstance(item, np.ndarray):
+      rgb = preprocess_lib.load_rgb(item)
+      return rgb, hashlib.sha256(rgb.tobytes()).hexdigest()
+    return preprocess_lib.read_image(item)
+
+  def _check_queries(self, queries: Sequence[str]) -> list[str]:
+    """Refuses empty queries; warns (QueryWarning) about mostly unknown words and about truncation."""
+    queries = check_texts('query', queries)
+    room = self.max_text_len - 2  # [CLS] and [SEP]
+    for query, ids in zip(queries, self.tokenizer.token_ids(queries)):
+      unknown = sum(i == self.tokenizer.unk_id for i in ids)
+      if not ids or unknown > UNKNOWN_SHARE * len(ids):
+        warnings.warn(f'query {query!r}: {unknown} of {len(ids)} tokens are not in the vocabulary; its results '
+                      f'say little', QueryWarning, stacklevel=3)
+      if len(ids) > room:
+        warnings.warn(f'query {query[:40]!r}…: {len(ids)} tokens, cut to the model\'s {room}; the rest was ignored',
+                      QueryWarning, stacklevel=3)
+    return queries
+
+  def search_images(self, image: preprocess_lib.ImageLike | Sequence[preprocess_lib.ImageLike], index: Index,
+                    k: int = 10) -> list[Hit] | list[list[Hit]]:
+    """Image → gallery images by ITC cosine of image embeddings (ITM scores text-image pairs, so none here).
+
+    One image (a path or an array) gives a list of hits, a list of images a list of lists; `Hit.itm` is None. A
+    gallery image searched for comes first (cosine 1 with itself).
+    """
+    k = check_count('k', k, 1)
+    single = isinstance(image, (str, pathlib.Path, np.ndarray))
+    self.check_compatible(index)
+    query_emb, _ = self.encode_images([image] if single else list(image))
+    itc = query_emb @ index.embeddings.T
+    ranked = ranking.rank(itc, ranking.top_k(itc, k), k, 0, None)
+    hits = [[Hit(g, index.names[g], s, m) for g, s, m in row] for row in ranked]
+    return hits[0] if single else hits
 
   def search(self, query: str | Sequence[str], index: Index, k: int = 10, rerank: int = 64,
              ann: Any = None) -> list[Hit] | list[list[Hit]]:
@@ -232,7 +351,8 @@ class Retriever:
         `xmodal.inference.faiss_index.FaissIndex`; default exact in-process search.
     """
     single = isinstance(query, str)
-    queries = [query] if single else list(query)
+    k, rerank = check_count('k', k, 1), check_count('rerank', rerank, 0)
+    queries = self._check_queries([query] if single else query)
     self.check_compatible(index)
     text_emb, text_tokens, text_mask = self.encode_texts(queries)
     count = max(k, rerank)
@@ -258,6 +378,8 @@ class Retriever:
     """
     single = isinstance(image, (str, pathlib.Path, np.ndarray))
     images = [image] if single else list(image)
+    k, rerank = check_count('k', k, 1), check_count('rerank', rerank, 0)
+    captions = check_texts('captions', captions)
     image_emb, image_tokens = self.encode_images(images)
     text_emb, text_tokens, text_mask = self.encode_texts(captions)
     itc = image_emb @ text_emb.T
