@@ -73,6 +73,7 @@ class FaissIndex:
       index, params = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT), {
           'nlist': nlist}
       index.cp.seed = seed
+      index.cp.spherical = True  # unit-norm centroids: inner product then picks the nearest list, as L2 would
       index.train(_training_sample(x, nlist, seed))
     index.add(x)
     ann = cls(index, kind, params)
