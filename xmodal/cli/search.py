@@ -33,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--index', help='index folder: loaded and extended if present, else written')
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--no-progress', action='store_true', help='no tqdm bar while indexing')
+  parser.add_argument('--ann', choices=('flat', 'hnsw', 'ivf'),
+                      help='FAISS candidates: loaded from --index if saved there with this kind, else built (and saved)')
+  parser.add_argument('--milvus', metavar='URI',
+                      help='search through Milvus: a .db file (Milvus Lite) or a server URI; needs --index as its folder')
   parser.add_argument('--bench', action='store_true', help='measure index and query throughput instead')
   parser.add_argument('--gallery-size', type=int, default=512, help='bench: synthetic gallery images')
   parser.add_argument('--queries', type=int, default=32, help='bench: timed queries per setting')
@@ -49,6 +53,30 @@ def _index(retriever: Retriever, images: str, index_dir: str | None, progress: b
   if index_dir:
     index.save(index_dir)
   return index
+
+
+def _ann(args: argparse.Namespace, index: Index):
+  """The candidate generator --ann / --milvus ask for (None: exact search), kept beside the index in --index."""
+  if args.milvus:
+    from xmodal.inference import milvus_store  # pylint: disable=g-import-not-at-top
+    if not args.index:
+      raise SystemExit('xmodal search: --milvus needs --index DIR for its side store (tokens, names)')
+    folder = pathlib.Path(args.index) / 'milvus'
+    return milvus_store.save_gallery(folder, index, uri=args.milvus)
+  if not args.ann:
+    return None
+  from xmodal.inference.faiss_index import FaissIndex, META_FILE  # pylint: disable=g-import-not-at-top
+  if args.index and (pathlib.Path(args.index) / META_FILE).exists():
+    try:
+      ann = FaissIndex.load(args.index, count=len(index))
+      if ann.kind == args.ann:
+        return ann
+    except ValueError:
+      pass  # built over another gallery (images added since): rebuilt below
+  ann = FaissIndex.build(index.embeddings, args.ann)
+  if args.index:
+    ann.save(args.index)
+  return ann
 
 
 def main(argv: Sequence[str]) -> int:
@@ -72,7 +100,7 @@ def main(argv: Sequence[str]) -> int:
     print('xmodal search: --images and --query are required (or use --bench)', file=sys.stderr)
     return 2
   index = _index(retriever, args.images, args.index, progress=not args.no_progress)
-  hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank)
+  hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank, ann=_ann(args, index))
   print(f'{len(index)} images, query {args.query!r}, top {len(hits)} (re-ranked: {min(args.rerank, len(index))})')
   print(f'{"rank":>4}  {"ITC":>7}  {"ITM":>7}  path')
   for rank, hit in enumerate(hits, 1):
