@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                       help='a new index keeps no image tokens (re-ranking recomputes the candidates\')')
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--no-progress', action='store_true', help='no tqdm bar while indexing')
+  parser.add_argument('--ann', choices=('flat', 'hnsw', 'ivf'),
+                      help='FAISS candidates: loaded from --index if saved there with this kind, else built (and saved)')
+  parser.add_argument('--milvus', metavar='URI',
+                      help='search through Milvus: a .db file (Milvus Lite) or a server URI; needs --index as its folder')
   parser.add_argument('--bench', action='store_true', help='measure index and query throughput instead')
   parser.add_argument('--gallery-size', type=int, default=512, help='bench: synthetic gallery images')
   parser.add_argument('--queries', type=int, default=32, help='bench: timed queries per setting')
@@ -92,7 +96,7 @@ def _search(retriever: Retriever, index: Index, args: argparse.Namespace) -> lis
   """(kind, query, hits) for every --query, then every --query-image."""
   results = []
   if args.query:
-    hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank)
+    hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank, ann=_ann(args, index))
     results += [('text', q, h) for q, h in zip(args.query, hits)]
   if args.query_image:
     hits = retriever.search_images(args.query_image, index, k=args.k)
@@ -136,6 +140,30 @@ def _run(retriever: Retriever, args: argparse.Namespace, sync_only: bool) -> Non
       out = pathlib.Path(args.out) / (str(number) if len(results) > 1 else '')
       page, png = contact_sheet.write(query, hits, out)
       print(f'contact sheet: {page} {png}')
+
+
+def _ann(args: argparse.Namespace, index: Index):
+  """The candidate generator --ann / --milvus ask for (None: exact search), kept beside the index in --index."""
+  if args.milvus:
+    from xmodal.inference import milvus_store  # pylint: disable=g-import-not-at-top
+    if not args.index:
+      raise ValueError('--milvus needs --index DIR for its side store (tokens, names)')
+    folder = pathlib.Path(args.index) / 'milvus'
+    return milvus_store.save_gallery(folder, index, uri=args.milvus)
+  if not args.ann:
+    return None
+  from xmodal.inference.faiss_index import FaissIndex, META_FILE  # pylint: disable=g-import-not-at-top
+  if args.index and (pathlib.Path(args.index) / META_FILE).exists():
+    try:
+      ann = FaissIndex.load(args.index, count=len(index))
+      if ann.kind == args.ann:
+        return ann
+    except ValueError:
+      pass  # built over another gallery (images added since): rebuilt below
+  ann = FaissIndex.build(index.embeddings, args.ann)
+  if args.index:
+    ann.save(args.index)
+  return ann
 
 
 def main(argv: Sequence[str]) -> int:

@@ -62,13 +62,39 @@ def _top_k_of_rows(scores: np.ndarray, k: int) -> np.ndarray:
   return np.take_along_axis(part, order, axis=1)
 
 
-def rank(itc: np.ndarray, candidates: np.ndarray, k: int, rerank: int,
+def score_candidates(query_emb: np.ndarray, embeddings: np.ndarray,
+                     candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Exact ITC scores of each query's candidates, and the candidates re-ordered by them.
+
+  Args:
+    query_emb: (Q, E) unit-norm query embeddings.
+    embeddings: (G, E) gallery embeddings; only the candidates' rows are read (`embeddings[ids]`), so a memory-mapped
+      array costs O(Q·C) rows, never O(G).
+    candidates: (Q, C) gallery positions from any generator (exact top-k, FAISS, Milvus); -1 marks a missing one.
+
+  Returns:
+    (scores (Q, C) float32, candidates (Q, C)): best first, equal scores lower position first, missing ones last
+    with score -inf. Every generator's candidates are scored and ordered by this one computation, so an exact ANN
+    returns exactly what exact search does, and an approximate one (quantized distances) still reports cosines.
+  """
+  candidates = np.asarray(candidates, np.int64)
+  valid = candidates >= 0
+  rows = np.asarray(embeddings[np.where(valid, candidates, 0).ravel()], np.float32)
+  scores = np.einsum('qe,qce->qc', np.asarray(query_emb, np.float32),
+                     rows.reshape(*candidates.shape, -1)).astype(np.float32)
+  scores[~valid] = -np.inf
+  # lexsort's last key is the primary one: score descending, then position ascending (missing ones at the end).
+  order = np.lexsort((np.where(valid, candidates, np.iinfo(np.int64).max), -scores), axis=1)
+  return np.take_along_axis(scores, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+
+
+def rank(scores: np.ndarray, candidates: np.ndarray, k: int, rerank: int,
          scorer: PairScorer | None) -> list[list[tuple[int, float, float | None]]]:
   """Final ranking of each query's candidates.
 
   Args:
-    itc: (Q, G) ITC similarities (only the candidates' entries are read).
-    candidates: (Q, C) gallery indices in ITC order, C >= min(k, G).
+    scores: (Q, C) ITC similarities of the candidates, `scores[q, j]` that of `candidates[q, j]`.
+    candidates: (Q, C) gallery indices in ITC order, C >= min(k, G); -1 marks a missing one (skipped).
     k: results per query.
     rerank: how many of the first candidates the fusion encoder re-ranks (0 = ITC only).
     scorer: scores (query, gallery) pairs; needed when rerank > 0.
@@ -85,9 +111,9 @@ def rank(itc: np.ndarray, candidates: np.ndarray, k: int, rerank: int,
     itm[valid] = scorer(queries[valid], candidates[:, :rerank][valid])
   results = []
   for q in range(num_queries):
-    head = [(int(g), float(itc[q, g]), float(m)) for g, m in zip(candidates[q, :rerank], itm[q]) if g >= 0]
+    head = [(int(g), float(s), float(m)) for g, s, m in zip(candidates[q, :rerank], scores[q], itm[q]) if g >= 0]
     # Stable sort: equal ITM scores keep their ITC order.
     head.sort(key=lambda h: -h[2])
-    tail = [(int(g), float(itc[q, g]), None) for g in candidates[q, rerank:] if g >= 0]
+    tail = [(int(g), float(s), None) for g, s in zip(candidates[q, rerank:], scores[q, rerank:]) if g >= 0]
     results.append((head + tail)[:k])
   return results

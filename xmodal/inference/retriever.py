@@ -348,27 +348,35 @@ class Retriever:
       k: results per query.
       rerank: candidates re-scored by the fusion encoder (0 = ITC only). Candidates are the top max(k, rerank).
       ann: optional candidate generator with `search(query_emb (Q, E), n) -> (scores, ids)`, e.g.
-        `xmodal.inference.faiss_index.FaissIndex`; default exact in-process search.
+        `xmodal.inference.faiss_index.FaissIndex` or `xmodal.inference.milvus_store.MilvusStore`; default exact
+        in-process search. With it a query reads only its candidates' embeddings and tokens.
     """
     single = isinstance(query, str)
     k, rerank = check_count('k', k, 1), check_count('rerank', rerank, 0)
     queries = self._check_queries([query] if single else query)
     self.check_compatible(index)
     text_emb, text_tokens, text_mask = self.encode_texts(queries)
-    count = max(k, rerank)
-    if ann is None:
-      itc = text_emb @ index.embeddings.T
-      candidates = ranking.top_k(itc, count)
-    else:
-      _, candidates = ann.search(text_emb, min(count, len(index)))
-      itc = text_emb @ index.embeddings.T  # the reported scores stay exact cosine similarities
+    scores, candidates = self._candidates(text_emb, index, max(k, rerank), ann)
 
     def scorer(q: np.ndarray, g: np.ndarray) -> np.ndarray:
       return self.match_tokens(text_tokens[q], text_mask[q], self._image_tokens(index, g))
 
-    ranked = ranking.rank(itc, candidates, k, rerank, scorer)
+    ranked = ranking.rank(scores, candidates, k, rerank, scorer)
     hits = [[Hit(g, index.names[g], s, m) for g, s, m in row] for row in ranked]
     return hits[0] if single else hits
+
+  @staticmethod
+  def _candidates(text_emb: np.ndarray, index: Index, count: int, ann: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(ITC scores (Q, C), gallery positions (Q, C)) of each query's `count` best candidates, best first.
+
+    Exact search reads the whole gallery; with `ann` the gallery is read only at the candidates' rows (their exact
+    cosines), so a query costs the ANN lookup plus O(count), never O(gallery).
+    """
+    if ann is None:
+      candidates = ranking.top_k(text_emb @ index.embeddings.T, count)
+    else:
+      _, candidates = ann.search(text_emb, min(count, len(index)))
+    return ranking.score_candidates(text_emb, index.embeddings, candidates)
 
   def search_captions(self, image: preprocess_lib.ImageLike | Sequence[preprocess_lib.ImageLike],
                       captions: Sequence[str], k: int = 10, rerank: int = 0) -> list[Hit] | list[list[Hit]]:
@@ -388,7 +396,7 @@ class Retriever:
     def scorer(q: np.ndarray, g: np.ndarray) -> np.ndarray:
       return self.match_tokens(text_tokens[g], text_mask[g], image_tokens[q])
 
-    ranked = ranking.rank(itc, candidates, k, rerank, scorer)
+    ranked = ranking.rank(np.take_along_axis(itc, candidates, axis=1), candidates, k, rerank, scorer)
     hits = [[Hit(g, captions[g], s, m) for g, s, m in row] for row in ranked]
     return hits[0] if single else hits
 
