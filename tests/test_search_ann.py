@@ -51,7 +51,7 @@ def unit_vectors(count, dim, seed=0):
 def vector_index(retriever, count, seed=0):
   """An ITC-only index of random unit vectors at the bundle's embedding size."""
   from xmodal.inference import Index
-  return Index([f'array:{i}' for i in range(count)], unit_vectors(count, int(retriever.manifest['embed_dim']), seed),
+  return Index.from_arrays([f'array:{i}' for i in range(count)], unit_vectors(count, int(retriever.manifest['embed_dim']), seed),
                None, retriever.weights_sha256)
 
 
@@ -136,7 +136,7 @@ def test_search_with_an_ann_reads_only_its_candidates_embeddings_and_tokens(retr
   from xmodal.inference.faiss_index import FaissIndex
   ann = FaissIndex.build(image_index.embeddings, 'hnsw')
   embeddings, tokens = RowReader(image_index.embeddings), RowReader(image_index.tokens)
-  watched = Index(image_index.names, embeddings, tokens, image_index.weights_sha256)
+  watched = Index.from_arrays(image_index.names, embeddings, tokens, image_index.weights_sha256)
   hits = retriever.search(QUERIES[:2], watched, k=3, rerank=4, ann=ann)
   _, candidates = ann.search(retriever.encode_texts(QUERIES[:2])[0], 4)
   # Each query's 4 candidates' embeddings once, the re-ranked 4 candidates' tokens once: 8 rows of 24 each.

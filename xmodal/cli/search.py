@@ -94,12 +94,12 @@ def _print_report(index: Index) -> None:
 
 def _search(retriever: Retriever, index: Index, args: argparse.Namespace) -> list[tuple[str, str, list[Hit]]]:
   """(kind, query, hits) for every --query, then every --query-image."""
-  results = []
+  results, ann = [], _ann(args, index)
   if args.query:
-    hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank, ann=_ann(args, index))
+    hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank, ann=ann)
     results += [('text', q, h) for q, h in zip(args.query, hits)]
   if args.query_image:
-    hits = retriever.search_images(args.query_image, index, k=args.k)
+    hits = retriever.search_images(args.query_image, index, k=args.k, ann=ann)
     results += [('image', q, h) for q, h in zip(args.query_image, hits)]
   return results
 

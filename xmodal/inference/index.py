@@ -273,6 +273,17 @@ class Index:
     self._scratch: pathlib.Path | None = None
     self.set_rows(entries, embeddings, self._open_tokens_file() if keep_tokens else None)
 
+  @classmethod
+  def from_arrays(cls, names: Sequence[str], embeddings: np.ndarray, tokens: np.ndarray | None,
+                  weights_sha256: str) -> Index:
+    """An index over arrays held elsewhere (e.g. a memory-mapped side store): entries carry names only, so sync
+    never drops them; `tokens` (G, 1+N, Dv) or None is used as given, never copied."""
+    token_shape = tuple(tokens.shape[1:]) if tokens is not None else ()
+    index = cls([], np.zeros((0, embeddings.shape[1]), np.float32), weights_sha256, token_shape, keep_tokens=False)
+    index.keep_tokens = tokens is not None
+    index.set_rows([Entry(str(n)) for n in names], embeddings, tokens)
+    return index
+
   def __len__(self) -> int:
     return len(self.entries)
 

@@ -154,7 +154,7 @@ def open_gallery(folder: str | os.PathLike, uri: str | None = None) -> tuple[Ind
   if len(store) != meta['count'] or len(embeddings) != meta['count'] or len(tokens) != meta['count']:
     raise ValueError(f'{folder}: Milvus holds {len(store)} vectors, the side store {len(embeddings)} embeddings and '
                      f'{len(tokens)} tokens for {meta["count"]} names; rebuild it')
-  return Index(list(meta['names']), embeddings, tokens, meta['weights_sha256']), store
+  return Index.from_arrays(meta['names'], embeddings, tokens, meta['weights_sha256']), store
 
 
 def _write_rows(path: pathlib.Path, array: np.ndarray, dtype: np.dtype) -> None:

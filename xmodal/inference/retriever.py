@@ -323,18 +323,18 @@ class Retriever:
     return queries
 
   def search_images(self, image: preprocess_lib.ImageLike | Sequence[preprocess_lib.ImageLike], index: Index,
-                    k: int = 10) -> list[Hit] | list[list[Hit]]:
+                    k: int = 10, ann: Any = None) -> list[Hit] | list[list[Hit]]:
     """Image → gallery images by ITC cosine of image embeddings (ITM scores text-image pairs, so none here).
 
     One image (a path or an array) gives a list of hits, a list of images a list of lists; `Hit.itm` is None. A
-    gallery image searched for comes first (cosine 1 with itself).
+    gallery image searched for comes first (cosine 1 with itself). `ann` as in `search`.
     """
     k = check_count('k', k, 1)
     single = isinstance(image, (str, pathlib.Path, np.ndarray))
     self.check_compatible(index)
     query_emb, _ = self.encode_images([image] if single else list(image))
-    itc = query_emb @ index.embeddings.T
-    ranked = ranking.rank(itc, ranking.top_k(itc, k), k, 0, None)
+    scores, candidates = self._candidates(query_emb, index, k, ann)
+    ranked = ranking.rank(scores, candidates, k, 0, None)
     hits = [[Hit(g, index.names[g], s, m) for g, s, m in row] for row in ranked]
     return hits[0] if single else hits
 
@@ -366,17 +366,19 @@ class Retriever:
     return hits[0] if single else hits
 
   @staticmethod
-  def _candidates(text_emb: np.ndarray, index: Index, count: int, ann: Any) -> tuple[np.ndarray, np.ndarray]:
+  def _candidates(query_emb: np.ndarray, index: Index, count: int, ann: Any) -> tuple[np.ndarray, np.ndarray]:
     """(ITC scores (Q, C), gallery positions (Q, C)) of each query's `count` best candidates, best first.
+
+    `query_emb` (Q, E): unit-norm text or image embeddings (both towers embed into one space).
 
     Exact search reads the whole gallery; with `ann` the gallery is read only at the candidates' rows (their exact
     cosines), so a query costs the ANN lookup plus O(count), never O(gallery).
     """
     if ann is None:
-      candidates = ranking.top_k(text_emb @ index.embeddings.T, count)
+      candidates = ranking.top_k(query_emb @ index.embeddings.T, count)
     else:
-      _, candidates = ann.search(text_emb, min(count, len(index)))
-    return ranking.score_candidates(text_emb, index.embeddings, candidates)
+      _, candidates = ann.search(query_emb, min(count, len(index)))
+    return ranking.score_candidates(query_emb, index.embeddings, candidates)
 
   def search_captions(self, image: preprocess_lib.ImageLike | Sequence[preprocess_lib.ImageLike],
                       captions: Sequence[str], k: int = 10, rerank: int = 0) -> list[Hit] | list[list[Hit]]:
