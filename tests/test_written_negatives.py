@@ -171,3 +171,38 @@ def test_replace_without_any_written_negative_is_albef(micro):
   replaced, _ = compute_loss(model, params, none, rng, LossWeights(itm_written_negatives='replace'))
   albef, _ = compute_loss(model, params, none, rng, LossWeights())
   np.testing.assert_allclose(replaced, albef, rtol=1e-6)
+
+
+def test_grey_examples_lose_their_colour_words_and_the_negatives_that_only_colours_made(shapes_dir):
+  from xmodal.data import pipeline
+  from xmodal.config.data import data_config
+  colours = tuple(set(shapes_captions.COLOR_WORDS) | {'grey'})
+  config = data_config(tfds_name=shapes_dir, image_size=32, max_text_len=24, batch_size=32, mean=(0, 0, 0),
+                       std=(1, 1, 1), negatives_key='negative_captions', grayscale_prob=0.5,
+                       grayscale_drop_words=colours)
+  tokenizer = pipeline.load_tokenizer(config)
+  batch = next(pipeline.train_iterator(config, tokenizer=tokenizer))
+  colour_ids = set(tokenizer.encode(list(colours), 3)[0][:, 1].tolist())  # each colour word's own token
+
+  def has_colour(ids):
+    return bool(colour_ids & set(ids.tolist()))
+
+  images = batch['images']
+  grey = (np.abs(images - images.mean(-1, keepdims=True)).max(axis=(1, 2, 3)) < 1.0)
+  assert 0 < grey.sum() < len(grey)  # both kinds in one batch of 32 at p = 0.5
+  for row in range(len(grey)):
+    # Grey image <=> no colour word in its caption (every shapes caption names its colours).
+    assert has_colour(batch['text_ids'][row]) != grey[row]
+    if batch['negative_valid'][row]:
+      assert has_colour(batch['negative_ids'][row]) != grey[row]
+      assert not np.array_equal(batch['negative_ids'][row], batch['text_ids'][row])
+  # Colour swaps and colour changes say nothing once the colours are gone: some grey rows lose their negative.
+  assert not batch['negative_valid'][grey].all() or grey.sum() < 4
+
+
+def test_grey_images_need_the_words_their_captions_lose():
+  from xmodal.config.data import data_config, validate_data_config
+  with pytest.raises(ValueError, match='grayscale_drop_words'):
+    validate_data_config(data_config(grayscale_prob=0.25))
+  with pytest.raises(ValueError, match='grayscale_prob'):
+    validate_data_config(data_config(grayscale_prob=1.5, grayscale_drop_words=('red',)))

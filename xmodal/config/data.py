@@ -45,6 +45,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     crop_scale: (min, max) area fraction of the random resized crop used for training.
     crop_ratio: (min, max) aspect ratio of that crop.
     hflip: random horizontal flip for training. Off by default: captions say 'left of'/'right of'.
+    grayscale_prob: share of training examples shown in grey, their captions (and written negatives) without the
+      words `grayscale_drop_words` (e.g. the colour words): for them, colour cannot tell the batch's images apart.
     mean / std: per-channel normalisation on [0, 255] pixels; output = (pixel - mean) / std, float32.
     tokenizer: spec for `xmodal.tokenizer.load_tokenizer` ('shapes' = the shipped vocabulary, or a path).
     max_text_len: token length L of `text_ids`; longer captions are truncated (in a full config, model.max_text_len).
@@ -93,6 +95,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       crop_scale=(0.5, 1.0),
       crop_ratio=(3 / 4, 4 / 3),
       hflip=False,
+      grayscale_prob=0.0,
+      grayscale_drop_words=(),
       mean=IMAGENET_MEAN,
       std=IMAGENET_STD,
       tokenizer='shapes',
@@ -134,6 +138,11 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
                      f'{config.source!r}')
   if config.tfds_access not in TFDS_ACCESS:
     raise ValueError(f'data.tfds_access: {config.tfds_access!r} is not one of {TFDS_ACCESS}')
+  if not 0 <= config.grayscale_prob <= 1:
+    raise ValueError(f'data.grayscale_prob: {config.grayscale_prob} is not in [0, 1]')
+  if config.grayscale_prob and not config.grayscale_drop_words:
+    raise ValueError('data.grayscale_prob: grey images need data.grayscale_drop_words (the colour words their '
+                     'captions must lose)')
   low, high = config.crop_scale
   if not 0 < low <= high <= 1:
     raise ValueError(f'data.crop_scale: {tuple(config.crop_scale)} is not 0 < min <= max <= 1')

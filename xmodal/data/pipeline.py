@@ -349,9 +349,24 @@ def _train_example(config: ml_collections.ConfigDict, example: dict) -> dict:
   """
   image = preprocess.train_image(example.pop('encoded'), example.pop('key'), size=config.image_size,
                                  scale=config.crop_scale, ratio=config.crop_ratio, mean=config.mean, std=config.std,
-                                 hflip=config.hflip)
+                                 hflip=config.hflip, grayscale_prob=config.grayscale_prob)
   example.pop('status')
   return {**example, 'image': image}
+
+
+def _grey_captions(config: ml_collections.ConfigDict, keys: tf.Tensor, texts: tf.Tensor,
+                   negatives: tf.Tensor | None) -> dict:
+  """The captions of the examples shown in grey (`data.grayscale_prob`) without `data.grayscale_drop_words`.
+
+  A negative that says the same once its colour words are gone (a colour changed or two colours swapped) is no
+  longer false of the grey image: it becomes '' (none).
+  """
+  grey = preprocess.grayscale_coin(keys, config.grayscale_prob)
+  fields = {'text': tf.where(grey, preprocess.drop_words(texts, config.grayscale_drop_words), texts)}
+  if negatives is not None:
+    stripped = preprocess.drop_words(negatives, config.grayscale_drop_words)
+    fields['negative'] = tf.where(grey, tf.where(stripped == fields['text'], '', stripped), negatives)
+  return fields
 
 
 def _tokenize_fn(tokenizer, max_len: int):
@@ -600,6 +615,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
               'fingerprint': tf.strings.to_hash_bucket_fast(chunk['encoded'], np.iinfo(np.int64).max)}
     if negatives is not None:  # '' where an example has none
       fields['negative'] = preprocess.choose_captions(negatives, preprocess.subkey(chunk['key'], 3))
+    if config.grayscale_prob:
+      fields.update(_grey_captions(config, chunk['key'], fields['text'], fields.get('negative')))
     return fields
 
   ds = _checked_chunks(ds, (state['skipped']['truncated'], state['skipped']['empty_caption']), per_chunk)

@@ -97,13 +97,35 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
   return (tf.cast(image, tf.float32) - mean) / std
 
 
+def grayscale_coin(keys: tf.Tensor, prob: float) -> tf.Tensor:
+  """Whether each example (keys (..., 2)) is shown in grey: a pure function of its key, true with `prob`.
+
+  A fingerprint rather than a stateless random op: the caption side decides per chunk of keys and the image side
+  per example, and both must agree.
+  """
+  fingerprint = tf.strings.to_hash_bucket_fast(
+      tf.strings.join([tf.strings.as_string(keys[..., 0]), tf.strings.as_string(keys[..., 1]), 'grey'],
+                      separator=':'), num_buckets=1 << 30)
+  return tf.cast(fingerprint, tf.float32) < prob * (1 << 30)
+
+
+def drop_words(texts: tf.Tensor, words: Sequence[str]) -> tf.Tensor:
+  """`texts` without the whole words `words` (and the space after each); other spacing as it was."""
+  pattern = r'\b(?:' + '|'.join(words) + r')\b ?'
+  return tf.strings.strip(tf.strings.regex_replace(texts, pattern, ''))
+
+
 def train_image(encoded: tf.Tensor, key: tf.Tensor, *, size: int, scale: Sequence[float], ratio: Sequence[float],
-                mean: Sequence[float] | None, std: Sequence[float] | None, hflip: bool) -> tf.Tensor:
-  """Encoded bytes → random resized crop → (optional flip) → normalised float32 (size, size, 3).
+                mean: Sequence[float] | None, std: Sequence[float] | None, hflip: bool,
+                grayscale_prob: float = 0.0) -> tf.Tensor:
+  """Encoded bytes → random resized crop → (optional flip, grey) → normalised float32 (size, size, 3).
 
   mean=None leaves [0, 255] pixels: the training pipeline normalises whole batches at once, which is cheaper.
   """
   image = resize(decode_random_crop(encoded, subkey(key, 0), scale, ratio), size)
+  if grayscale_prob:
+    image = tf.cond(grayscale_coin(key, grayscale_prob),
+                    lambda: tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image)), lambda: image)
   if hflip:
     flip = tf.random.stateless_uniform([], subkey(key, 1)) < 0.5
     image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
