@@ -143,14 +143,18 @@ def test_restore_without_a_checkpoint_is_a_clear_error(tmp_path):
 
 
 _KILLED_MID_SAVE = textwrap.dedent('''
-  import os, signal, sys
+  import os, signal, sys, time
   import jax.numpy as jnp
   from xmodal.train.checkpoint import Checkpointer
   ckpt = Checkpointer(sys.argv[1], save_every=1, keep=5)
   ckpt.save(1, {'w': jnp.full((4,), 1.0)}, {'position': 1})
   ckpt.wait()
-  # 64 MB: the background write is still running when the process dies.
+  # 64 MB: the background write is still running when the process dies. Die once its temporary folder exists (the
+  # save may return before the writer has made it: killing at once could leave nothing torn to recover from).
   ckpt.save(2, {'w': jnp.full((16 * 1024 * 1024,), 2.0)}, {'position': 2})
+  deadline = time.monotonic() + 20
+  while not any(n.startswith('2.') for n in os.listdir(sys.argv[1])) and time.monotonic() < deadline:
+    time.sleep(0.001)
   os.kill(os.getpid(), signal.SIGKILL)
 ''')
 
