@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-from test_export import bundle_config, init_params, random_images
+from test_export import exported, random_images  # noqa: F401  # the randomly initialised micro bundle, a module fixture
 
 faiss = pytest.importorskip('faiss')
 
@@ -21,14 +21,9 @@ QUERIES = ['a red circle', 'a small blue square left of a green triangle', 'two 
 
 
 @pytest.fixture(scope='module')
-def bundle(tmp_path_factory):
-  """A randomly initialised micro bundle: ANN and storage properties need no training."""
-  from xmodal.bundle import export
-  config = bundle_config()
-  _, params = init_params(config)
-  out = tmp_path_factory.mktemp('bundle') / 'micro'
-  export.export_bundle(config, params, 'shapes', out)
-  return out
+def bundle(exported):
+  """ANN and storage properties need no training: the randomly initialised micro bundle."""
+  return exported[2]
 
 
 @pytest.fixture(scope='module')

@@ -22,14 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.inference.index import Index
+from xmodal.inference.index import TOKENS_DTYPES, Index, TokenWriter
 
 META_FILE = 'milvus.json'
 LITE_FILE = 'gallery.db'
 EMBEDDINGS_FILE = 'embeddings.npy'
 TOKENS_FILE = 'tokens.npy'
 COLLECTION = 'xmodal_gallery'
-TOKEN_DTYPES = ('float16', 'float32')
 _INSERT_ROWS = 4096  # rows per insert: a request stays far below gRPC's message limit at any embedding size
 
 
@@ -118,8 +117,8 @@ def save_gallery(folder: str | os.PathLike, index: Index, uri: str | None = None
     token_dtype: 'float16' (half the disk; ITM scores within ~1e-2 of float32) or 'float32'.
     index_type, index_params: Milvus's vector index (`MilvusStore.create`).
   """
-  if token_dtype not in TOKEN_DTYPES:
-    raise ValueError(f'token_dtype {token_dtype!r}; valid: {TOKEN_DTYPES}')
+  if token_dtype not in TOKENS_DTYPES:
+    raise ValueError(f'token_dtype {token_dtype!r}; valid: {TOKENS_DTYPES}')
   if not index.keep_tokens:
     raise ValueError('a Milvus gallery keeps the image tokens for re-ranking: index with keep_tokens=True')
   folder = pathlib.Path(folder)
@@ -158,9 +157,13 @@ def open_gallery(folder: str | os.PathLike, uri: str | None = None) -> tuple[Ind
 
 
 def _write_rows(path: pathlib.Path, array: np.ndarray, dtype: np.dtype) -> None:
-  """Writes an (N, ...) array as a .npy a bounded block at a time (a memory-mapped source is never read whole)."""
-  out = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=array.shape)
-  for start in range(0, len(array), _INSERT_ROWS):
-    out[start:start + _INSERT_ROWS] = array[start:start + _INSERT_ROWS]
-  out.flush()
-  del out
+  """Writes an (N, ...) array as a .npy a bounded block at a time (a memory-mapped source is never read whole), with
+  the index's writer; a failed write leaves no partial file."""
+  writer = TokenWriter(path, array.shape[1:], dtype)
+  try:
+    for start in range(0, len(array), _INSERT_ROWS):
+      writer.write(array[start:start + _INSERT_ROWS])
+  except BaseException:
+    writer.abort()
+    raise
+  writer.close()
