@@ -1,6 +1,7 @@
 """Search at gallery scale: FAISS candidates against exact search (equal for 'flat', a recall bound for HNSW/IVF), FAISS
-save/load, a query with an ANN reading only its candidates' rows, and a Milvus Lite gallery reopened in a new process
-searching and re-ranking as the in-memory index does (float32 tokens) or close to it (float16)."""
+save/load, a query with an ANN reading only its candidates' rows, a Milvus Lite gallery reopened in a new process
+searching and re-ranking as the in-memory index does (float32 tokens) or close to it (float16), and `--milvus`
+reusing its collection, following a sync and copying none of the index's files."""
 
 import json
 import os
@@ -12,9 +13,16 @@ import numpy as np
 import pytest
 
 from helpers import ROOT
-from test_export import exported, random_images  # noqa: F401  # the randomly initialised micro bundle, a module fixture
+from test_export import exported, random_images, write_pngs  # noqa: F401  # exported: the micro bundle, a module fixture
 
 faiss = pytest.importorskip('faiss')
+try:
+  # Imported at collection, not first inside a test: importing pymilvus runs logging.config.dictConfig, which closes
+  # every logging handler, and absl's closes its stream, pytest's capture file while capsys has replaced sys.stderr
+  # (the session then loses its report).
+  import pymilvus  # noqa: F401  # pylint: disable=unused-import
+except ImportError:
+  pass
 
 QUERIES = ['a red circle', 'a small blue square left of a green triangle', 'two shapes', 'a large yellow star',
            'a purple circle above a red square', 'green']
@@ -151,7 +159,7 @@ REOPEN = textwrap.dedent('''
     retriever = Retriever.load(bundle, batch_size=16)
     index, store = open_gallery(folder)
     hits = retriever.search(queries, index, k=8, rerank=8, ann=store)
-    print(json.dumps({'dtype': str(index.tokens.dtype), 'mmap': type(index.tokens).__name__,
+    print(json.dumps({'dtype': str(index.tokens.dtype), 'tokens_file': str(index.tokens.filename),
                       'hits': [[[h.index, h.name, h.itc, h.itm] for h in row] for row in hits]}))
 ''')
 
@@ -169,18 +177,22 @@ def test_milvus_lite_gallery_reopened_in_a_new_process_searches_and_reranks_as_t
     bundle, retriever, image_index, tmp_path):
   pytest.importorskip('pymilvus')
   pytest.importorskip('milvus_lite')
+  from xmodal.inference import Index
   from xmodal.inference.milvus_store import save_gallery
   expected = retriever.search(QUERIES, image_index, k=8, rerank=8)
-  folders = {}
-  for dtype in ('float32', 'float16'):
-    folders[dtype] = tmp_path / dtype
-    store = save_gallery(folders[dtype], image_index, token_dtype=dtype)
+  # float32 tokens: an index never saved, which the gallery saves into its folder; float16 tokens: an index saved in
+  # its own folder, which the gallery (a folder inside it, as the CLI's DIR/milvus) references.
+  unsaved = Index.from_arrays(image_index.names, image_index.embeddings, image_index.tokens, image_index.weights_sha256)
+  half = retriever.index(random_images(24), progress=False, tokens_dtype='float16', path=tmp_path / 'half.index')
+  folders = {'float32': tmp_path / 'float32', 'float16': tmp_path / 'half.index' / 'milvus'}
+  for dtype, index in (('float32', unsaved), ('float16', half)):
+    store = save_gallery(folders[dtype], index)
     assert len(store) == len(image_index)
     store.close()  # Milvus Lite holds its file until closed: the new process must open it itself
   assert (folders['float32'] / 'gallery.db').exists()  # a real Milvus Lite file, not an in-memory stand-in
 
   got = reopen_and_search(bundle, folders['float32'])
-  assert (got['dtype'], got['mmap']) == ('float32', 'memmap')
+  assert (got['dtype'], got['tokens_file']) == ('float32', str(folders['float32'] / 'tokens.npy'))
   assert [[h[0] for h in row] for row in got['hits']] == positions(expected)
   assert [[h[1] for h in row] for row in got['hits']] == [[h.name for h in row] for row in expected]
   np.testing.assert_allclose([[h[2] for h in row] for row in got['hits']],
@@ -188,11 +200,112 @@ def test_milvus_lite_gallery_reopened_in_a_new_process_searches_and_reranks_as_t
   np.testing.assert_allclose([[h[3] for h in row] for row in got['hits']],
                              [[h.itm for h in row] for row in expected], rtol=0, atol=1e-5)
 
-  # float16 tokens: the same candidates (ITC does not read tokens), ITM scores within float16's rounding.
-  half = reopen_and_search(bundle, folders['float16'])
-  assert half['dtype'] == 'float16'
-  assert [sorted(h[0] for h in row) for row in half['hits']] == [sorted(h.index for h in row) for row in expected]
+  # float16 tokens, the index's own file memory-mapped: the same candidates (ITC does not read tokens), ITM scores
+  # within float16's rounding.
+  half_got = reopen_and_search(bundle, folders['float16'])
+  assert (half_got['dtype'], half_got['tokens_file']) == ('float16', str(tmp_path / 'half.index' / 'tokens.npy'))
+  assert not list(folders['float16'].glob('*.npy'))
+  assert [sorted(h[0] for h in row) for row in half_got['hits']] == [sorted(h.index for h in row) for row in expected]
   itm_exact = np.array([[h.itm for h in sorted(row, key=lambda h: h.index)] for row in expected])
-  itm_half = np.array([[h[3] for h in sorted(row, key=lambda h: h[0])] for row in half['hits']])
+  itm_half = np.array([[h[3] for h in sorted(row, key=lambda h: h[0])] for row in half_got['hits']])
   spread = np.ptp(itm_exact)
   assert np.max(np.abs(itm_half - itm_exact)) <= max(1e-2 * spread, 1e-3), (itm_half - itm_exact, spread)
+
+
+class StoreWrites:
+  """Records every MilvusStore call that writes to Milvus, as (method, rows given or the argument), and passes it on
+  to the real method."""
+
+  def __init__(self, monkeypatch):
+    from xmodal.inference.milvus_store import MilvusStore
+    self.calls = []
+    for name in ('create', 'insert', 'upsert', 'truncate'):
+      def spy(store, first, *args, _method=getattr(MilvusStore, name), _name=name, **kwargs):
+        self.calls.append((_name, len(first) if _name in ('insert', 'upsert') else first))
+        return _method(store, first, *args, **kwargs)
+      monkeypatch.setattr(MilvusStore, name, spy)
+
+  def take(self):
+    calls, self.calls = self.calls, []
+    return calls
+
+
+def milvus_vectors(uri):
+  """(ids, vectors (N, E)) of everything the Milvus collection at `uri` holds, read back from Milvus, by id."""
+  from xmodal.inference.milvus_store import MilvusStore
+  store = MilvusStore.connect(uri)
+  try:
+    store.load()
+    rows = store.client.query(store.collection, filter='id >= 0', output_fields=['id', 'vector'], limit=1000)
+  finally:
+    store.close()
+  rows = sorted(rows, key=lambda r: r['id'])
+  return [r['id'] for r in rows], np.array([r['vector'] for r in rows], np.float32).reshape(len(rows), -1)
+
+
+def test_milvus_cli_reuses_its_collection_follows_a_sync_and_copies_none_of_the_index_files(
+    bundle, tmp_path, monkeypatch, capsys):
+  pytest.importorskip('pymilvus')
+  pytest.importorskip('milvus_lite')
+  import shutil
+  from xmodal.cli.main import main
+  from xmodal.inference import Index
+  folder, index_dir, db = tmp_path / 'photos', tmp_path / 'photos.index', tmp_path / 'gallery.db'
+  originals = write_pngs(random_images(13, seed=5), tmp_path / 'originals')  # query copies outside the gallery
+  folder.mkdir()
+  for i in range(12):
+    shutil.copy(originals / f'img{i:03d}.png', folder)
+  writes = StoreWrites(monkeypatch)
+
+  def search(name, milvus=True):
+    """The names and ITC scores of `xmodal search --query-image` over the synced folder."""
+    argv = ['search', '--bundle', str(bundle), '--images', str(folder), '--index', str(index_dir), '--query-image',
+            str(originals / name), '--k', '5', '--json', '--no-progress'] + (['--milvus', str(db)] if milvus else [])
+    assert main(argv) == 0
+    hits = json.loads(capsys.readouterr().out)['results'][0]['hits']
+    return [h['name'] for h in hits], [h['itc'] for h in hits]
+
+  def assert_milvus_holds_the_index_and_searches_as_exact(name, names):
+    embeddings = Index.load(index_dir).embeddings
+    ids, vectors = milvus_vectors(str(db))
+    assert ids == list(range(len(embeddings)))
+    np.testing.assert_array_equal(vectors, embeddings)
+    assert names == search(name, milvus=False)[0]
+
+  first = search('img003.png')
+  dim = Index.load(index_dir).embeddings.shape[1]
+  assert writes.take() == [('create', dim), ('insert', 12)]
+  assert first[0][0] == str(folder / 'img003.png')
+  assert_milvus_holds_the_index_and_searches_as_exact('img003.png', first[0])
+  # The gallery references the index folder's arrays: one embeddings.npy and one tokens.npy under DIR, none in
+  # DIR/milvus.
+  assert sorted(p.relative_to(index_dir).as_posix() for p in index_dir.rglob('*.npy')) == ['embeddings.npy',
+                                                                                           'tokens.npy']
+  assert json.loads((index_dir / 'milvus' / 'milvus.json').read_text())['index'] == '..'
+
+  # Unchanged index: the collection is reused, nothing written to Milvus, the same results.
+  again = search('img003.png')
+  assert writes.take() == []
+  assert again[0] == first[0]
+  np.testing.assert_allclose(again[1], first[1], rtol=0, atol=1e-6)
+
+  # One image added: sync appends it, only its row is written, and it is found.
+  shutil.copy(originals / 'img012.png', folder)
+  names, _ = search('img012.png')
+  assert writes.take() == [('upsert', 1)]
+  assert names[0] == str(folder / 'img012.png')
+  assert_milvus_holds_the_index_and_searches_as_exact('img012.png', names)
+
+  # One removed near the end: the 4 rows after it move up one position and the last position goes.
+  (folder / 'img008.png').unlink()
+  names, _ = search('img008.png')
+  assert writes.take() == [('upsert', 4), ('truncate', 12)]
+  assert str(folder / 'img008.png') not in names
+  assert_milvus_holds_the_index_and_searches_as_exact('img008.png', names)
+
+  # One removed near the start: most rows move, so the collection is rebuilt.
+  (folder / 'img001.png').unlink()
+  names, _ = search('img001.png')
+  assert writes.take() == [('create', dim), ('insert', 11)]
+  assert str(folder / 'img001.png') not in names
+  assert_milvus_holds_the_index_and_searches_as_exact('img001.png', names)

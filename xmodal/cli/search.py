@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--ann', choices=('flat', 'hnsw', 'ivf'),
                       help='FAISS candidates: loaded from --index if saved there with this kind, else built (and saved)')
   parser.add_argument('--milvus', metavar='URI',
-                      help='search through Milvus: a .db file (Milvus Lite) or a server URI; needs --index as its folder')
+                      help='search through Milvus: a .db file (Milvus Lite) or a server URI; needs --index (DIR/milvus)')
   parser.add_argument('--bench', action='store_true', help='measure index and query throughput instead')
   parser.add_argument('--gallery-size', type=int, default=512, help='bench: synthetic gallery images')
   parser.add_argument('--queries', type=int, default=32, help='bench: timed queries per setting')
@@ -95,12 +95,16 @@ def _print_report(index: Index) -> None:
 def _search(retriever: Retriever, index: Index, args: argparse.Namespace) -> list[tuple[str, str, list[Hit]]]:
   """(kind, query, hits) for every --query, then every --query-image."""
   results, ann = [], _ann(args, index)
-  if args.query:
-    hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank, ann=ann)
-    results += [('text', q, h) for q, h in zip(args.query, hits)]
-  if args.query_image:
-    hits = retriever.search_images(args.query_image, index, k=args.k, ann=ann)
-    results += [('image', q, h) for q, h in zip(args.query_image, hits)]
+  try:
+    if args.query:
+      hits = retriever.search(args.query, index, k=args.k, rerank=args.rerank, ann=ann)
+      results += [('text', q, h) for q, h in zip(args.query, hits)]
+    if args.query_image:
+      hits = retriever.search_images(args.query_image, index, k=args.k, ann=ann)
+      results += [('image', q, h) for q, h in zip(args.query_image, hits)]
+  finally:
+    if hasattr(ann, 'close'):  # a Milvus connection (Milvus Lite: its embedded server, which holds the .db file)
+      ann.close()
   return results
 
 
@@ -147,9 +151,9 @@ def _ann(args: argparse.Namespace, index: Index):
   if args.milvus:
     from xmodal.inference import milvus_store  # pylint: disable=g-import-not-at-top
     if not args.index:
-      raise ValueError('--milvus needs --index DIR for its side store (tokens, names)')
-    folder = pathlib.Path(args.index) / 'milvus'
-    return milvus_store.save_gallery(folder, index, uri=args.milvus)
+      raise ValueError('--milvus needs --index DIR: the gallery reads names and tokens from the index folder')
+    # Reused while it holds the index's vectors; updated or rebuilt after a sync changed them.
+    return milvus_store.save_gallery(pathlib.Path(args.index) / 'milvus', index, uri=args.milvus)
   if not args.ann:
     return None
   from xmodal.inference.faiss_index import FaissIndex, META_FILE  # pylint: disable=g-import-not-at-top

@@ -236,6 +236,20 @@ class TokenWriter:
     self.path.unlink(missing_ok=True)
 
 
+def write_array(path: pathlib.Path, array: np.ndarray, dtype: str, block: int = 4096) -> None:
+  """Writes an (N, ...) array as the .npy `path`, a block of rows at a time (a memory-mapped source is never read
+  whole), through a temporary file renamed into place: a failed write leaves `path` as it was."""
+  writer = TokenWriter(path.with_name(path.name + '.tmp'), array.shape[1:], dtype)
+  try:
+    for start in range(0, len(array), block):
+      writer.write(array[start:start + block])
+  except BaseException:
+    writer.abort()
+    raise
+  writer.close()
+  os.replace(writer.path, path)
+
+
 def open_tokens(path: pathlib.Path) -> np.ndarray:
   """A token file, memory-mapped read-only (an empty one as an empty array: a zero-length file cannot be mapped)."""
   with open(path, 'rb') as f:
@@ -276,10 +290,12 @@ class Index:
   @classmethod
   def from_arrays(cls, names: Sequence[str], embeddings: np.ndarray, tokens: np.ndarray | None,
                   weights_sha256: str) -> Index:
-    """An index over arrays held elsewhere (e.g. a memory-mapped side store): entries carry names only, so sync
-    never drops them; `tokens` (G, 1+N, Dv) or None is used as given, never copied."""
+    """An index over arrays held elsewhere (e.g. embeddings computed by other code): entries carry names only, so
+    sync never drops them; `tokens` (G, 1+N, Dv) or None is used as given, copied only by `save`."""
     token_shape = tuple(tokens.shape[1:]) if tokens is not None else ()
-    index = cls([], np.zeros((0, embeddings.shape[1]), np.float32), weights_sha256, token_shape, keep_tokens=False)
+    dtype = np.dtype(tokens.dtype).name if tokens is not None else 'float32'
+    index = cls([], np.zeros((0, embeddings.shape[1]), np.float32), weights_sha256, token_shape, keep_tokens=False,
+                tokens_dtype=dtype if dtype in TOKENS_DTYPES else 'float32')
     index.keep_tokens = tokens is not None
     index.set_rows([Entry(str(n)) for n in names], embeddings, tokens)
     return index
@@ -309,13 +325,16 @@ class Index:
 
   def save(self, path: str | os.PathLike | None = None) -> pathlib.Path:
     """Writes the index folder `path` (default: its own folder) and makes it the index's folder. index.json is
-    written last, through a rename: a folder is never left with a new index.json and old arrays."""
+    written last, through a rename: a folder is never left with a new index.json and old arrays. Kept tokens held
+    as an array (`from_arrays`) are written a row block at a time; a token file is copied."""
     path = pathlib.Path(path) if path is not None else self.folder
     if path is None:
       raise ValueError('this index has no folder yet: save(path)')
     path.mkdir(parents=True, exist_ok=True)
     source = self.tokens_path() if self.keep_tokens else None
-    if source is not None and source.exists() and source.resolve() != (path / TOKENS_FILE).resolve():
+    if source is not None and not source.exists():
+      write_array(path / TOKENS_FILE, self.tokens, self.tokens_dtype)
+    elif source is not None and source.resolve() != (path / TOKENS_FILE).resolve():
       shutil.copyfile(source, path / TOKENS_FILE)  # streams: the tokens are not read into memory
     np.save(path / EMBEDDINGS_FILE, np.asarray(self.embeddings, np.float32))
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'weights_sha256': self.weights_sha256,

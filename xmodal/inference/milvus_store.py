@@ -1,20 +1,34 @@
 """A gallery persisted in Milvus (`pip install "xmodal[milvus]"`): Milvus Lite in a local file by default, a Milvus
 server or cluster by URI with no code change.
 
-  save_gallery('photos.milvus', index)                         # Milvus Lite: photos.milvus/gallery.db
-  save_gallery('photos.milvus', index, uri='http://host:19530') # a Milvus server: the vectors live there
-  index, store = open_gallery('photos.milvus')                  # in any later process
+  store = save_gallery('photos.index/milvus', index)                            # Milvus Lite: .../milvus/gallery.db
+  store = save_gallery('photos.index/milvus', index, uri='http://host:19530')   # a Milvus server holds the vectors
+  index, store = open_gallery('photos.index/milvus')                            # in any later process
   hits = retriever.search(query, index, k=10, rerank=64, ann=store)
 
-Milvus stores and searches the embeddings (position → vector). ITM re-ranking needs each candidate's image tokens,
-which Milvus does not hold: they go to a side store in the gallery folder, `tokens.npy`, opened memory-mapped so that
-a query reads only its candidates' rows (float16 halves it; docs/search.md compares it with float32). The folder also
-keeps the names, settings, and `embeddings.npy` (E floats per image, memory-mapped too): every candidate generator's
-candidates are scored by one exact computation (`ranking.score_candidates`), whatever index Milvus runs.
+A Milvus gallery is an index folder (`Index.save`: index.json, embeddings.npy, tokens.npy) plus a gallery folder
+with milvus.json: the index folder's path relative to it, the Milvus URI, collection and vector index, and a digest
+of every embedding row Milvus holds. Milvus stores and searches the embeddings (id = gallery position). Everything
+else comes from the index folder's own files, which the gallery references and never copies: the names, the
+embeddings for the exact ITC score of every candidate (`ranking.score_candidates`, whatever index Milvus runs) and
+the image tokens for ITM re-ranking, `tokens.npy` memory-mapped in the dtype the index chose (`tokens_dtype=`,
+`--tokens-dtype`). An index that has no folder is saved into the gallery folder first.
+
+`save_gallery` (which `xmodal search --index DIR --milvus URI` calls before every search, gallery folder DIR/milvus)
+compares the index's row digests with milvus.json's and writes only what changed:
+- same URI, collection, vector index and digests, and Milvus holding the recorded number of rows: reused as it is;
+- some rows differ: an incremental update, those positions upserted and positions past the new count deleted.
+  `Index.sync` keeps unchanged rows in order and appends new and re-embedded images, so adding images writes only
+  the new rows; removing or re-embedding one shifts the rows after it, which are rewritten;
+- more than half the rows differ, other settings, no readable milvus.json, or a row count that is not the recorded
+  one (a collection changed by something else, an update cut short: milvus.json is marked before Milvus is
+  touched): a full rebuild, the collection dropped, re-created and filled.
+`open_gallery` calls it with the recorded settings, so a gallery whose index was synced since is brought up to date.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
@@ -22,14 +36,12 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.inference.index import TOKENS_DTYPES, Index, TokenWriter
+from xmodal.inference.index import Index
 
 META_FILE = 'milvus.json'
 LITE_FILE = 'gallery.db'
-EMBEDDINGS_FILE = 'embeddings.npy'
-TOKENS_FILE = 'tokens.npy'
 COLLECTION = 'xmodal_gallery'
-_INSERT_ROWS = 4096  # rows per insert: a request stays far below gRPC's message limit at any embedding size
+_INSERT_ROWS = 4096  # rows per insert or upsert request
 
 
 def _pymilvus():
@@ -76,21 +88,38 @@ class MilvusStore:
     schema.add_field('vector', pymilvus.DataType.FLOAT_VECTOR, dim=dim)
     params = self.client.prepare_index_params()
     params.add_index(field_name='vector', index_type=index_type, metric_type='IP', params=index_params or {})
-    self.client.create_collection(self.collection, schema=schema, index_params=params)
+    # Strong: a search right after an update sees it (a server's default may serve slightly older data).
+    self.client.create_collection(self.collection, schema=schema, index_params=params, consistency_level='Strong')
+
+  def exists(self) -> bool:
+    return bool(self.client.has_collection(self.collection))
 
   def insert(self, embeddings: np.ndarray, start: int = 0) -> None:
-    """Stores (N, E) embeddings as positions start..start+N-1, a bounded batch at a time."""
-    for offset in range(0, len(embeddings), _INSERT_ROWS):
+    """Stores (N, E) embeddings as positions start..start+N-1."""
+    self._write(self.client.insert, embeddings, np.arange(start, start + len(embeddings)))
+
+  def upsert(self, embeddings: np.ndarray, positions: np.ndarray) -> None:
+    """Stores (P, E) embeddings at positions (P,), replacing the vectors there."""
+    self._write(self.client.upsert, embeddings, np.asarray(positions))
+
+  def _write(self, method: Any, embeddings: np.ndarray, positions: np.ndarray) -> None:
+    """Calls insert or upsert a bounded batch at a time: a request stays far below gRPC's message limit."""
+    for offset in range(0, len(positions), _INSERT_ROWS):
       rows = np.asarray(embeddings[offset:offset + _INSERT_ROWS], np.float32)
-      self.client.insert(self.collection, [{'id': start + offset + i, 'vector': v.tolist()}
-                                           for i, v in enumerate(rows)])
+      method(self.collection, [{'id': int(p), 'vector': v.tolist()}
+                               for p, v in zip(positions[offset:offset + _INSERT_ROWS], rows)])
+
+  def truncate(self, count: int) -> None:
+    """Deletes the vectors at positions count and beyond."""
+    self.client.delete(self.collection, filter=f'id >= {int(count)}')
 
   def load(self) -> None:
     """Milvus searches only a loaded collection (held in the server's memory); a reopened one starts released."""
     self.client.load_collection(self.collection)
 
   def __len__(self) -> int:
-    return int(self.client.get_collection_stats(self.collection)['row_count'])
+    """Vectors in the loaded collection, deletions counted (a server's collection statistics lag behind them)."""
+    return int(self.client.query(self.collection, filter='', output_fields=['count(*)'])[0]['count(*)'])
 
   def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(Q, E) queries → (scores (Q, k), gallery positions (Q, k)), best first; -1 pads a short result."""
@@ -106,64 +135,76 @@ class MilvusStore:
 
 
 def save_gallery(folder: str | os.PathLike, index: Index, uri: str | None = None, collection: str = COLLECTION,
-                 token_dtype: str = 'float16', index_type: str = 'FLAT',
-                 index_params: dict[str, Any] | None = None) -> MilvusStore:
-  """Writes `index` to Milvus (default: Milvus Lite at folder/gallery.db) and its side store to `folder`.
+                 index_type: str = 'FLAT', index_params: dict[str, Any] | None = None) -> MilvusStore:
+  """Makes `folder` the Milvus gallery of `index`, writing only what changed since it last was (module docstring:
+  reused, updated incrementally or rebuilt), and returns its store, loaded for search.
 
   Args:
-    folder: created if needed; holds milvus.json, embeddings.npy, tokens.npy (and gallery.db for Milvus Lite).
-    index: an index with kept tokens (re-ranking reads them from the side store).
-    uri: a Milvus server ('http://host:19530') or another .db path; the folder records it for `open_gallery`.
-    token_dtype: 'float16' (half the disk; ITM scores within ~1e-2 of float32) or 'float32'.
-    index_type, index_params: Milvus's vector index (`MilvusStore.create`).
+    folder: created if needed; holds milvus.json (and gallery.db at the default URI).
+    index: referenced where it is saved (`index.folder`), never copied; an index without a folder is saved into
+      `folder` first, which becomes its folder.
+    uri: a Milvus server ('http://host:19530') or a .db path (Milvus Lite); default folder/gallery.db.
+    collection, index_type, index_params: the collection and Milvus's vector index (`MilvusStore.create`).
   """
-  if token_dtype not in TOKENS_DTYPES:
-    raise ValueError(f'token_dtype {token_dtype!r}; valid: {TOKENS_DTYPES}')
-  if not index.keep_tokens:
-    raise ValueError('a Milvus gallery keeps the image tokens for re-ranking: index with keep_tokens=True')
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  uri = uri or str(folder.resolve() / LITE_FILE)
-  store = MilvusStore.connect(uri, collection)
-  store.create(index.embeddings.shape[1], index_type, index_params)
-  store.insert(index.embeddings)
-  _write_rows(folder / EMBEDDINGS_FILE, index.embeddings, np.float32)
-  _write_rows(folder / TOKENS_FILE, index.tokens, np.dtype(token_dtype))
-  meta = {'uri': uri, 'collection': collection, 'count': len(index), 'weights_sha256': index.weights_sha256,
-          'token_dtype': token_dtype, 'index_type': index_type, 'names': index.names}
-  (folder / META_FILE).write_text(json.dumps(meta, indent=1) + '\n')
+  if index.folder is None:
+    index.save(folder)
+  settings = {'uri': uri or str(folder.resolve() / LITE_FILE), 'collection': collection, 'index_type': index_type,
+              'index_params': index_params or {}, 'dim': int(index.embeddings.shape[1])}
+  meta = {'index': os.path.relpath(index.folder.resolve(), folder.resolve()), **settings}
+  rows = row_digests(index.embeddings)
+  old = _read_meta(folder)
+  store = MilvusStore.connect(settings['uri'], collection)
+  recorded = old.get('rows') if all(old.get(k) == v for k, v in settings.items()) and store.exists() else None
+  if recorded is not None:
+    store.load()
+    recorded = recorded if len(store) == len(recorded) else None
+  if recorded != rows:
+    _write_meta(folder, {**meta, 'rows': None})  # until Milvus is updated: cut short, the next call rebuilds
+    changed = np.array([i for i, digest in enumerate(rows) if recorded is None or i >= len(recorded)
+                        or recorded[i] != digest], np.int64)
+    if recorded is None or len(changed) > len(rows) // 2:
+      store.create(settings['dim'], index_type, index_params)
+      store.insert(index.embeddings)
+    else:
+      store.upsert(index.embeddings[changed], changed)
+      if len(recorded) > len(rows):
+        store.truncate(len(rows))
+    store.load()
+  if old != {**meta, 'rows': rows}:
+    _write_meta(folder, {**meta, 'rows': rows})
   return store
 
 
 def open_gallery(folder: str | os.PathLike, uri: str | None = None) -> tuple[Index, MilvusStore]:
-  """(index with memory-mapped embeddings and tokens, its Milvus store) of a folder `save_gallery` wrote.
-
-  `uri` overrides the recorded one (the same collection served elsewhere). Refuses a collection whose size is not
-  the folder's.
-  """
+  """(index, its store loaded for search) of a gallery folder `save_gallery` wrote, Milvus brought up to date with
+  the index folder as it is now. `uri` overrides the recorded one (the gallery then lives there)."""
   folder = pathlib.Path(folder)
-  try:
-    meta = json.loads((folder / META_FILE).read_text())
-    embeddings = np.load(folder / EMBEDDINGS_FILE, mmap_mode='r')
-    tokens = np.load(folder / TOKENS_FILE, mmap_mode='r')
-  except (OSError, ValueError) as e:
-    raise ValueError(f'{folder}: not a readable Milvus gallery ({e})') from e
-  store = MilvusStore.connect(uri or meta['uri'], meta['collection'])
-  store.load()
-  if len(store) != meta['count'] or len(embeddings) != meta['count'] or len(tokens) != meta['count']:
-    raise ValueError(f'{folder}: Milvus holds {len(store)} vectors, the side store {len(embeddings)} embeddings and '
-                     f'{len(tokens)} tokens for {meta["count"]} names; rebuild it')
-  return Index.from_arrays(meta['names'], embeddings, tokens, meta['weights_sha256']), store
+  meta = _read_meta(folder)
+  if 'index' not in meta:
+    raise ValueError(f'{folder}: no readable {META_FILE} naming an index folder; make the gallery with save_gallery')
+  index = Index.load(folder / meta['index'])
+  store = save_gallery(folder, index, uri or meta['uri'], meta['collection'], meta['index_type'],
+                       meta['index_params'])
+  return index, store
 
 
-def _write_rows(path: pathlib.Path, array: np.ndarray, dtype: np.dtype) -> None:
-  """Writes an (N, ...) array as a .npy a bounded block at a time (a memory-mapped source is never read whole), with
-  the index's writer; a failed write leaves no partial file."""
-  writer = TokenWriter(path, array.shape[1:], dtype)
+def row_digests(embeddings: np.ndarray) -> list[str]:
+  """A 64-bit digest (16 hex digits) of each row of (G, E) embeddings as the float32 bytes Milvus is given."""
+  return [hashlib.blake2b(row.tobytes(), digest_size=8).hexdigest() for row in np.asarray(embeddings, np.float32)]
+
+
+def _read_meta(folder: pathlib.Path) -> dict[str, Any]:
+  """milvus.json, or {} when there is none readable (the gallery is then rebuilt)."""
   try:
-    for start in range(0, len(array), _INSERT_ROWS):
-      writer.write(array[start:start + _INSERT_ROWS])
-  except BaseException:
-    writer.abort()
-    raise
-  writer.close()
+    return json.loads((folder / META_FILE).read_text())
+  except (OSError, ValueError):
+    return {}
+
+
+def _write_meta(folder: pathlib.Path, meta: dict[str, Any]) -> None:
+  """Replaces milvus.json through a rename: a reader finds the old record or the new, never half of one."""
+  temporary = folder / (META_FILE + '.tmp')
+  temporary.write_text(json.dumps(meta, indent=1) + '\n')
+  os.replace(temporary, folder / META_FILE)
