@@ -248,12 +248,17 @@ def test_binding_accuracy_matches_hand_computation():
   texts = lambda emb, values: evaluation.Texts(np.broadcast_to(values[:, None, None], (4, 2, 3)),
                                              np.ones((4, 2), np.int32), emb)
   binding = evaluation.BindingSet(image_emb, image_tokens, texts(true_emb, true_values), texts(neg_emb, neg_values))
-  assert evaluation.binding_accuracy(jax.jit(perfect_match), binding, chunk_size=3) == {
-      'itc': 50.0, 'itm': 50.0, 'count': 4}
+  # ITM's eight scores are five +10s and three -10s: standard deviation sqrt(93.75).
+  assert evaluation.binding_accuracy(jax.jit(perfect_match), binding, chunk_size=3) == pytest.approx({
+      'itc': 50.0, 'itm': 50.0, 'count': 4, 'itm_spread': np.sqrt(93.75)})
   # Swapping the captions flips every strict win and keeps the ties failing: ITC 25 %, ITM 25 %.
   swapped = evaluation.BindingSet(image_emb, image_tokens, binding.negative, binding.true)
-  assert evaluation.binding_accuracy(jax.jit(perfect_match), swapped, chunk_size=3) == {
-      'itc': 25.0, 'itm': 25.0, 'count': 4}
+  assert evaluation.binding_accuracy(jax.jit(perfect_match), swapped, chunk_size=3) == pytest.approx({
+      'itc': 25.0, 'itm': 25.0, 'count': 4, 'itm_spread': np.sqrt(93.75)})
+  # An ITM that answers the same for every pair: spread 0, and every pair a tie, so accuracy 0, not 50.
+  constant = jax.jit(lambda text_tokens, text_mask, image_tokens: jnp.zeros((text_tokens.shape[0], 2)))
+  assert evaluation.binding_accuracy(constant, binding, chunk_size=3) == pytest.approx({
+      'itc': 50.0, 'itm': 0.0, 'count': 4, 'itm_spread': 0.0})
 
 
 def test_binding_set_from_pairs_splits_true_and_negative_captions():

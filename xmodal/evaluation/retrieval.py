@@ -54,7 +54,9 @@ def binding_accuracy(match_fn: MatchFn, binding: BindingSet, chunk_size: int = 2
   ITC compares cosine similarities, ITM the match logit of class 1; a tie is a failure.
 
   Returns:
-    {'itc': percent, 'itm': percent, 'count': number of images}.
+    {'itc': percent, 'itm': percent, 'count': number of images, 'itm_spread': the standard deviation of ITM's scores
+    over all 2B pairs}. A spread near zero says ITM gives every pair the same score (a fusion encoder at its prior):
+    its accuracy then counts rounding noise and ties, and can read below 50.
   """
   image_emb = np.asarray(binding.image_emb, np.float32)
   count = image_emb.shape[0]
@@ -69,7 +71,7 @@ def binding_accuracy(match_fn: MatchFn, binding: BindingSet, chunk_size: int = 2
 
   (true_itc, true_itm), (neg_itc, neg_itm) = scores(binding.true), scores(binding.negative)
   return {'itc': pairwise_accuracy(true_itc, neg_itc), 'itm': pairwise_accuracy(true_itm, neg_itm),
-          'count': count}
+          'count': count, 'itm_spread': float(np.std(np.concatenate([true_itm, neg_itm])))}
 
 
 def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, chunk_size: int = 256,
@@ -120,7 +122,8 @@ def format_table(results: dict[str, Any]) -> str:
       lines.append(line)
   if 'binding' in results:
     b = results['binding']
-    lines.append(f'binding accuracy ({b["count"]} images): ITC {b["itc"]:.2f}  ITM {b["itm"]:.2f}')
+    lines.append(f'binding accuracy ({b["count"]} images): ITC {b["itc"]:.2f}  ITM {b["itm"]:.2f}'
+                 f'  (ITM scores spread {b["itm_spread"]:.3g})')
   if 'zero_shot' in results:
     lines.append(f'zero-shot top-1: {results["zero_shot"]:.2f}')
   return '\n'.join(lines)
