@@ -57,7 +57,7 @@ def random_index(retriever: Retriever, size: int, gallery: str = 'clustered', se
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     emb = emb / np.sqrt(dim) + centres[rng.integers(0, len(centres), size)]
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-  return Index([f'array:{i}' for i in range(size)], emb, None, retriever.weights_sha256)
+  return Index.from_arrays([f'array:{i}' for i in range(size)], emb, None, retriever.weights_sha256)
 
 
 def recall_near_items(index: Index, ann: FaissIndex, k: int, count: int = 200, seed: int = 1) -> float:
