@@ -72,6 +72,21 @@ def test_flat_ann_search_equals_exact_search_with_and_without_reranking(retrieve
                                                                                            k=5, rerank=8)
 
 
+def test_the_ann_benchmark_runs_on_the_index_format_it_measures(retriever):
+  """benchmarks/ann_search.py (docs/search.md's table) on a small gallery: with an exact 'flat' index its recall
+  and its text queries' agreement are 1, which a benchmark comparing the wrong rows would not give."""
+  from xmodal.inference.faiss_index import FaissIndex
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import ann_search  # pylint: disable=g-import-not-at-top  (outside the package on purpose)
+  index = ann_search.random_index(retriever, 2000)
+  assert len(index) == 2000
+  np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1.0, atol=1e-5)
+  flat = FaissIndex.build(index.embeddings, 'flat')
+  assert ann_search.recall_near_items(index, flat, 10, count=50) == 1.0
+  row = ann_search.measure(retriever, index, flat, list(QUERIES) * 2, 10)
+  assert row['text_query_agreement'] == 1.0 and row['exact_qps'] > 0 and row['ann_qps'] > 0
+
+
 @pytest.mark.parametrize('kind', ['hnsw', 'ivf'])
 def test_approximate_ann_recall_at_10_against_exact_is_at_least_0_9(kind):
   from xmodal.inference import ranking
