@@ -19,6 +19,7 @@ listed (absolute, links not resolved), so a file reached through a link keeps th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -203,14 +204,26 @@ def _npy_header(shape: tuple[int, ...], dtype: np.dtype) -> bytes:
 
 
 class TokenWriter:
-  """Writes (rows, *row_shape) to a .npy file block by block with plain writes, so the rows never sit in this
-  process's memory (a writable memmap would count every written page as resident)."""
+  """Writes (rows, *row_shape) as the .npy `path` block by block with plain writes, so the rows never sit in this
+  process's memory (a writable memmap would count every written page as resident). The rows go to a temporary file
+  beside `path`, which replaces it on `close`: a write that fails (`abort`) leaves `path` as it was. As a context
+  manager it closes on success and aborts on an exception."""
 
   def __init__(self, path: pathlib.Path, row_shape: tuple[int, ...], dtype: str):
     self.path, self.row_shape, self.dtype = path, tuple(row_shape), np.dtype(dtype)
     self.rows = 0
-    self._file = open(path, 'wb')  # pylint: disable=consider-using-with  # closed by close()
+    self._temporary = path.with_name(path.name + '.tmp')
+    self._file = open(self._temporary, 'wb')  # pylint: disable=consider-using-with  # closed by close() or abort()
     self._file.write(_npy_header((0, *self.row_shape), self.dtype))
+
+  def __enter__(self) -> TokenWriter:
+    return self
+
+  def __exit__(self, kind, *_) -> None:
+    if kind is None:
+      self.close()
+    else:
+      self.abort()
 
   def write(self, rows: np.ndarray) -> None:
     rows = np.ascontiguousarray(rows, self.dtype)
@@ -220,7 +233,8 @@ class TokenWriter:
     self.rows += rows.shape[0]
 
   def copy_rows(self, source: pathlib.Path, positions: np.ndarray, block: int = 256) -> None:
-    """Appends rows of another token file, a block at a time (each block's pages are unmapped after it)."""
+    """Appends rows of another token file (`path` itself included), a block at a time (each block's pages are
+    unmapped after it)."""
     for start in range(0, len(positions), block):
       mapped = np.load(source, mmap_mode='r')
       self.write(mapped[positions[start:start + block]])
@@ -230,24 +244,26 @@ class TokenWriter:
     self._file.seek(0)
     self._file.write(_npy_header((self.rows, *self.row_shape), self.dtype))
     self._file.close()
+    os.replace(self._temporary, self.path)
 
   def abort(self) -> None:
     self._file.close()
-    self.path.unlink(missing_ok=True)
+    self._temporary.unlink(missing_ok=True)
 
 
 def write_array(path: pathlib.Path, array: np.ndarray, dtype: str, block: int = 4096) -> None:
   """Writes an (N, ...) array as the .npy `path`, a block of rows at a time (a memory-mapped source is never read
-  whole), through a temporary file renamed into place: a failed write leaves `path` as it was."""
-  writer = TokenWriter(path.with_name(path.name + '.tmp'), array.shape[1:], dtype)
-  try:
+  whole); a failed write leaves `path` as it was."""
+  with TokenWriter(path, array.shape[1:], dtype) as writer:
     for start in range(0, len(array), block):
       writer.write(array[start:start + block])
-  except BaseException:
-    writer.abort()
-    raise
-  writer.close()
-  os.replace(writer.path, path)
+
+
+def write_json(path: pathlib.Path, document: Any) -> None:
+  """Replaces the JSON file `path` through a rename: a reader finds the old document or the new, never half of one."""
+  temporary = path.with_name(path.name + '.tmp')
+  temporary.write_text(json.dumps(document) + '\n')
+  os.replace(temporary, path)
 
 
 def open_tokens(path: pathlib.Path) -> np.ndarray:
@@ -340,9 +356,7 @@ class Index:
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'weights_sha256': self.weights_sha256,
             'count': len(self), 'keep_tokens': self.keep_tokens, 'tokens_dtype': self.tokens_dtype,
             'token_shape': list(self.token_shape), 'entries': [dataclasses.astuple(e) for e in self.entries]}
-    temporary = path / (INDEX_FILE + '.tmp')
-    temporary.write_text(json.dumps(meta) + '\n')
-    os.replace(temporary, path / INDEX_FILE)
+    write_json(path / INDEX_FILE, meta)
     self.folder = path
     if self.keep_tokens:
       self.tokens = self._open_tokens_file()
@@ -386,12 +400,11 @@ def write_rows(index: Index, keep: np.ndarray, blocks: Iterable[tuple[list[Entry
   """
   entries = [index.entries[i] for i in keep]
   embeddings = [index.embeddings[keep]]
-  writer = None
-  if index.keep_tokens:
-    target = index.tokens_path()
+  target = index.tokens_path() if index.keep_tokens else None
+  if target is not None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    writer = TokenWriter(target.with_name(TOKENS_FILE + '.tmp'), index.token_shape, index.tokens_dtype)
-  try:
+  writing = TokenWriter(target, index.token_shape, index.tokens_dtype) if target else contextlib.nullcontext()
+  with writing as writer:
     if writer is not None and len(keep) and target.exists():
       writer.copy_rows(target, keep)
     for block_entries, block_emb, block_tokens in blocks:
@@ -399,13 +412,5 @@ def write_rows(index: Index, keep: np.ndarray, blocks: Iterable[tuple[list[Entry
       embeddings.append(block_emb)
       if writer is not None:
         writer.write(block_tokens)
-  except BaseException:
-    if writer is not None:
-      writer.abort()
-    raise
-  tokens = None
-  if writer is not None:
-    writer.close()
-    os.replace(writer.path, target)
-    tokens = open_tokens(target)
+  tokens = open_tokens(target) if target is not None else None
   index.set_rows(entries, np.concatenate(embeddings).astype(np.float32, copy=False), tokens)

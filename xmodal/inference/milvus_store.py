@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from xmodal.inference.index import Index
+from xmodal.inference.index import Index, write_json
 
 META_FILE = 'milvus.json'
 LITE_FILE = 'gallery.db'
@@ -161,7 +161,8 @@ def save_gallery(folder: str | os.PathLike, index: Index, uri: str | None = None
     store.load()
     recorded = recorded if len(store) == len(recorded) else None
   if recorded != rows:
-    _write_meta(folder, {**meta, 'rows': None})  # until Milvus is updated: cut short, the next call rebuilds
+    # Until Milvus is updated: an update cut short is rebuilt by the next call.
+    write_json(folder / META_FILE, {**meta, 'rows': None})
     changed = np.array([i for i, digest in enumerate(rows) if recorded is None or i >= len(recorded)
                         or recorded[i] != digest], np.int64)
     if recorded is None or len(changed) > len(rows) // 2:
@@ -173,7 +174,7 @@ def save_gallery(folder: str | os.PathLike, index: Index, uri: str | None = None
         store.truncate(len(rows))
     store.load()
   if old != {**meta, 'rows': rows}:
-    _write_meta(folder, {**meta, 'rows': rows})
+    write_json(folder / META_FILE, {**meta, 'rows': rows})
   return store
 
 
@@ -201,10 +202,3 @@ def _read_meta(folder: pathlib.Path) -> dict[str, Any]:
     return json.loads((folder / META_FILE).read_text())
   except (OSError, ValueError):
     return {}
-
-
-def _write_meta(folder: pathlib.Path, meta: dict[str, Any]) -> None:
-  """Replaces milvus.json through a rename: a reader finds the old record or the new, never half of one."""
-  temporary = folder / (META_FILE + '.tmp')
-  temporary.write_text(json.dumps(meta, indent=1) + '\n')
-  os.replace(temporary, folder / META_FILE)
