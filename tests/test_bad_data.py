@@ -83,18 +83,26 @@ def _stalled_source(tmp_path) -> tuple[str, ...]:
 @pytest.mark.parametrize('source', [_empty_source, _stalled_source], ids=['empty', 'stalled'])
 def test_sigterm_ends_a_run_waiting_on_a_source_that_yields_nothing(tmp_path, source):
   workdir = tmp_path / 'run'
+  # PYTHONFAULTHANDLER: a SIGABRT makes the process print every thread's stack, so that a hang says where it is.
   process = subprocess.Popen([*XMODAL, 'train', *MICRO, '--workdir', str(workdir), *QUICK, *source(tmp_path)],
-                             cwd=ROOT, env=one_device_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+                             cwd=ROOT, env=dict(one_device_env(), PYTHONFAULTHANDLER='1'), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+  log = workdir / 'log.txt'
   try:
-    log, deadline = workdir / 'log.txt', time.time() + 240
+    deadline = time.time() + 240
     # The last line before the loop; then the input pipeline is given time to be waited on.
     while time.time() < deadline and not (log.exists() and 'TFLOP per step' in log.read_text()):
       time.sleep(0.5)
     assert process.poll() is None, process.communicate()[0][-3000:]
     time.sleep(5)
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    try:
+      output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      process.send_signal(signal.SIGABRT)
+      output, _ = process.communicate(timeout=60)
+      pytest.fail(f'no exit 120 s after SIGTERM; the log ends:\n{log.read_text()[-2000:]}\nthe threads:\n'
+                  f'{output[-6000:]}')
   finally:
     process.kill()
   assert process.returncode == 0, output[-3000:]

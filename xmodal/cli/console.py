@@ -11,6 +11,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 
 LOG_FILE = 'log.txt'  # in the workdir: every log line of every library, appended
@@ -81,3 +82,12 @@ def logging_to(log_file: pathlib.Path | None, verbose: bool = False) -> Iterator
       root.removeHandler(handler)
       handler.close()
     root.setLevel(level)
+
+
+def exit_now(code: int) -> NoReturn:
+  """Ends the process with `code` after flushing and closing every log handler and the standard streams, without the
+  interpreter's teardown (atexit callbacks, finalisers): for when a thread is stuck where teardown would wait on it."""
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    stream.flush()
+  os._exit(code)  # pylint: disable=protected-access

@@ -401,6 +401,13 @@ def _options(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 _POLL_S = 0.1  # how often a wait for the next batch looks at its stop request (and lets signal handlers run)
+_READING: set[int] = set()  # the feeding threads (idents) now inside tf.data, waiting for an element
+
+
+def input_blocked() -> bool:
+  """Whether a feeding thread of this process is inside tf.data, waiting for an element that has not come (after a
+  stop requested while waiting for a batch): a read that may never return, such as one on a stalled mount."""
+  return bool(_READING)
 
 
 def _feed(dataset: tf.data.Dataset, requests: queue.SimpleQueue, results: queue.SimpleQueue) -> None:
@@ -413,10 +420,13 @@ def _feed(dataset: tf.data.Dataset, requests: queue.SimpleQueue, results: queue.
   try:
     iterator = dataset.as_numpy_iterator()
     while requests.get():
+      _READING.add(threading.get_ident())
       try:
         results.put(('element', next(iterator)))
       except StopIteration:
         results.put(('end', None))
+      finally:
+        _READING.discard(threading.get_ident())
   except Exception as e:  # pylint: disable=broad-except  # every failure goes to the consumer
     # Without its traceback: the frames it holds (this one, with the iterator) must not outlive the error's
     # handling in the main thread, or the iterator would be destroyed with them, at exit.
