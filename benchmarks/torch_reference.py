@@ -244,7 +244,9 @@ class Reference(nn.Module):
   def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """images (B, 3, H, W) -> (tokens (B, 1 + N, Dv), unit-norm embedding (B, E))."""
     tokens, pooled = self.vision(images)
-    if pooled is None:
+    if self.pool == 'max':
+      pooled = tokens[:, 1:].amax(dim=1)
+    elif pooled is None:
       pooled = tokens[:, 0] if self.pool == 'cls' else tokens.mean(dim=1)
     return tokens, _normalize(self.image_proj(pooled))
 

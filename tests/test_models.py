@@ -219,6 +219,20 @@ def test_fc_norm_pooling_normalises_the_mean_of_the_patch_tokens_taken_before_th
   np.testing.assert_allclose(emb, projected / np.linalg.norm(projected, axis=-1, keepdims=True), atol=1e-5)
 
 
+def test_max_pooling_projects_the_channel_wise_max_of_the_patch_tokens():
+  config = micro_model_config()
+  config.pool = 'max'
+  model = build(config)
+  params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  tokens, emb = model.apply({'params': params}, images, method=XModal.encode_image)
+  patches = np.asarray(tokens, np.float64)[:, 1:]  # not [CLS]
+  pooled = np.array([[max(patches[b, :, d]) for d in range(patches.shape[2])] for b in range(2)])
+  projected = pooled @ np.asarray(params['image_proj']['kernel'], np.float64) + np.asarray(params['image_proj']['bias'])
+  np.testing.assert_allclose(emb, projected / np.linalg.norm(projected, axis=-1, keepdims=True), atol=1e-5)
+  assert not np.allclose(pooled, patches.mean(axis=1), atol=1e-3)  # not the mean the other pools take
+
+
 @pytest.mark.slow  # initialises and runs three micro image towers
 def test_layer_scale_of_one_is_the_plain_block_and_small_starts_near_the_identity():
   config = micro_model_config()

@@ -74,7 +74,7 @@ def test_reference_forward_flops_are_what_torch_counts():
 
 
 @pytest.mark.slow  # compiles the micro model's encoders, fusion and loss
-@pytest.mark.parametrize('pool', ['cls', 'mean_fc_norm'])
+@pytest.mark.parametrize('pool', ['cls', 'mean_fc_norm', 'max'])
 def test_reference_computes_xmodals_outputs_from_the_same_weights(pool):
   config = micro_config(batch_size=6)
   config.model.pool = pool

@@ -22,7 +22,7 @@ from xmodal.models.fusion import FusionEncoder
 from xmodal.models.text import TextEncoder
 from xmodal.models.vit import VisionEncoder
 
-POOLS = ('cls', 'mean', 'mean_fc_norm')  # the values of `model.pool`
+POOLS = ('cls', 'mean', 'mean_fc_norm', 'max')  # the values of `model.pool`
 TEMPERATURE_RANGE = (0.001, 0.5)  # ALBEF clamps its learnable temperature to this range.
 
 
@@ -117,10 +117,13 @@ class XModal(nn.Module):
     """images (B, H, W, 3) normalised floats -> (tokens (B, 1+N, Dv), emb (B, E) float32, unit norm).
 
     The embedding projects the [CLS] token (ALBEF), with spec.pool='mean' the mean of all tokens, with 'mean_fc_norm'
-    the LayerNorm of the patch tokens' mean taken before the tower's final LayerNorm (VisionEncoder.fc_norm).
+    the LayerNorm of the patch tokens' mean taken before the tower's final LayerNorm (VisionEncoder.fc_norm), with
+    'max' the channel-wise max of the patch tokens.
     """
     tokens, pooled = self.vision(images)
-    if pooled is None:
+    if self.spec.pool == 'max':
+      pooled = jnp.max(tokens[:, 1:].astype(jnp.float32), axis=1)
+    elif pooled is None:
       pooled = self._pool(tokens, None)
     return tokens, _normalize(self.image_proj(pooled))
 
@@ -131,7 +134,7 @@ class XModal(nn.Module):
 
   def _pool(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
     """(B, L, D) tokens -> (B, D) float32: the [CLS] token, or the mean of the real tokens (spec.pool: 'mean', and
-    for text 'mean_fc_norm': BERT is post-LN, its tokens come out of a LayerNorm at every layer)."""
+    for text 'mean_fc_norm' and 'max': BERT is post-LN, its tokens come out of a LayerNorm at every layer)."""
     tokens = tokens.astype(jnp.float32)
     if self.spec.pool == 'cls':
       return tokens[:, 0]
