@@ -10,6 +10,9 @@ import pytest
 
 from helpers import ROOT
 
+# The micro model reads 10 tokens, as it was trained on: the gallery's captions are cut on purpose; not reported.
+_CAPTIONS_CUT = pytest.mark.filterwarnings('ignore:query .* cut to the model')
+
 GALLERY = 40  # test images searched: top-10 of 40 is a quarter of the gallery, so chance alone rarely passes
 TRAIN_STEPS = 200
 # Every test searches with the bundle of a model trained TRAIN_STEPS steps in a subprocess.
@@ -95,8 +98,7 @@ def test_xmodal_search_prints_the_retrievers_top_10_and_writes_a_contact_sheet(b
     assert sheet.size == (5 * 128, 2 * (128 + 28))
 
 
-# The micro model reads 10 tokens, as it was trained on: the gallery's captions are cut, on purpose, not reported.
-@pytest.mark.filterwarnings('ignore:query .* cut to the model')
+@_CAPTIONS_CUT
 def test_text_queries_rank_their_images_better_than_chance(retriever, gallery):
   folder, captions = gallery
   index = retriever.index(folder, progress=False)
@@ -150,8 +152,7 @@ def test_image_query_ranks_captions(retriever, gallery):
   assert np.mean([i in [h.index for h in row] for i, row in enumerate(hits)]) >= 0.5
 
 
-# The micro model reads 10 tokens, as it was trained on: the gallery's captions are cut, on purpose, not reported.
-@pytest.mark.filterwarnings('ignore:query .* cut to the model')
+@_CAPTIONS_CUT
 def test_faiss_flat_equals_exact_search_and_approximate_recall(retriever, gallery, capsys):
   from xmodal.inference import ranking
   from xmodal.inference.faiss_index import FaissIndex

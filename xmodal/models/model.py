@@ -121,9 +121,7 @@ class XModal(nn.Module):
     'max' the channel-wise max of the patch tokens.
     """
     tokens, pooled = self.vision(images)
-    if self.spec.pool == 'max':
-      pooled = jnp.max(tokens[:, 1:].astype(jnp.float32), axis=1)
-    elif pooled is None:
+    if pooled is None:
       pooled = self._pool(tokens, None)
     return tokens, _normalize(self.image_proj(pooled))
 
@@ -133,11 +131,14 @@ class XModal(nn.Module):
     return tokens, _normalize(self.text_proj(self._pool(tokens, mask)))
 
   def _pool(self, tokens: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """(B, L, D) tokens -> (B, D) float32: the [CLS] token, or the mean of the real tokens (spec.pool: 'mean', and
-    for text 'mean_fc_norm' and 'max': BERT is post-LN, its tokens come out of a LayerNorm at every layer)."""
+    """(B, L, D) tokens -> (B, D) float32: the [CLS] token; for images (`mask` None) with spec.pool 'max' the
+    channel-wise max of the patch tokens; else the mean of the real tokens (spec.pool: 'mean', and for text
+    'mean_fc_norm' and 'max': BERT is post-LN, its tokens come out of a LayerNorm at every layer)."""
     tokens = tokens.astype(jnp.float32)
     if self.spec.pool == 'cls':
       return tokens[:, 0]
+    if self.spec.pool == 'max' and mask is None:
+      return jnp.max(tokens[:, 1:], axis=1)
     weights = jnp.ones(tokens.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
     return jnp.einsum('bl,bld->bd', weights, tokens) / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)
 
