@@ -22,9 +22,9 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, {'size': 'tiny', 'steps': STEPS})
   config = base_config(args.size)
   # Captions are 22 tokens at most (10.2 on average): 24 keeps every word and pads a quarter of what 32 did. The
-  # image embedding pools the patch tokens before the final LayerNorm (then normalises the mean): after it, the ~60
-  # background patches of a scene weigh as much as its few object patches (validation t2i R@1 +4, shapes_recipe.md).
-  config.model.update(image_size=64, max_text_len=24, pool='mean_fc_norm')
+  # image embedding is the channel-wise max of the patch tokens: a mean drowns a small object's few patches in ~60
+  # of background, a max keeps what its patches say of its shape (shapes_recipe.md, "Regions").
+  config.model.update(image_size=64, max_text_len=24, pool='max')
   # A conv stem (3x3 stride-2 convolutions to the 8x8 token grid) with LayerScale learns shapes from scratch; the
   # linear patchify ViT stays at chance on them for hundreds of steps (docs/shapes_recipe.md, the shape probe).
   config.model.vision.update(patch_size=8, posemb_init='sincos2d', stem='conv', layer_scale_init=1e-3)
@@ -32,8 +32,11 @@ def get_config(arg=None):
   # No crop: a crop cuts off objects and relations the caption names. Minimal pairs (training images 2k, 2k+1 one
   # fact apart) share a batch, so colours alone no longer tell the batch's images apart; each caption brings one
   # written negative (a shape, colour, binding or relation broken) for ITC's columns and ITM's negatives.
+  # Each object is also a region: its box and the phrase naming it ("a small red circle"), for the region loss.
   config.data.update(tfds_name='xmodal_shapes', eval_split='test', batch_size=64, eval_batch_size=100,
-                     tokenizer='shapes', crop_scale=(1.0, 1.0), pairs=True, negatives_key='negative_captions')
+                     tokenizer='shapes', crop_scale=(1.0, 1.0), pairs=True, negatives_key='negative_captions',
+                     region_boxes_key='regions/bbox', region_phrases_key='regions/phrase', max_regions=3,
+                     max_phrase_len=8)
   # The fusion encoder and ITM head at four times the towers' rate keep ITM at its prior, so that re-ranking keeps
   # ITC's order: at the towers' rate ITM half-learns, falls back as its negatives harden, and re-ranking by it lowers
   # recall (docs/shapes_recipe.md, "ITM on trained towers"). ITM waits on an image tower that sees shapes.
@@ -41,8 +44,10 @@ def get_config(arg=None):
                       lr_multipliers=(('^(fusion|itm_head)/', 4.0),))
   # ITM on every 4th example (a quarter of the fusion cost; negatives still come from the whole batch), its negatives
   # going from easy (uniform) to hard over the run, written ones joining at the same pace.
+  # Region-phrase alignment: each object's patch tokens against its phrase, in-batch, tells the towers what each
+  # object is where it is; without it shapes stay at chance in the tokens (validation t2i R@1 +21, shapes_recipe.md).
   config.loss.update(itm_hard_warmup_steps=args.steps, itc_written_negatives=True, itm_written_negatives='replace',
-                     itm_subsample=4)
+                     itm_subsample=4, region_weight=1.0)
   config.train.update(steps=args.steps, log_every=20, checkpoint_every=200, eval_every=100)
   # Recipes are chosen on validation (curves every train.eval_every steps); test and test_hard are read once, at the
   # end of a run.

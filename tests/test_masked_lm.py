@@ -105,5 +105,5 @@ def test_mlm_needs_the_head_and_a_mask_token():
   with pytest.raises(config_lib.ConfigError, match=r'model\.mlm_head'):
     config_lib.load('configs/shapes.py', ['loss.mlm_weight=1'])
   config = config_lib.load('configs/shapes.py', ['loss.mlm_weight=1', 'model.mlm_head=True'])
-  weights = LossWeights.from_config(config.loss, config.data.tokenizer)
+  weights = LossWeights.from_config(config.loss, config.data)
   assert weights.mlm_mask_id == 4 and weights.mlm_vocab_size == 168  # the shipped vocabulary's [MASK] and size

@@ -34,7 +34,7 @@ def test_moving_average_follows_the_parameters_over_two_steps_and_a_frozen_one_s
   config_lib.validate(config)
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   built = state_lib.setup(config, mesh, 10)
-  weights = LossWeights.from_config(config.loss, config.data.tokenizer)
+  weights = LossWeights.from_config(config.loss, config.data)
   step = jit_train_step(built, weights, mesh)
   state = state_lib.create_state(built.model, built.tx, jax.random.key(0), built.shardings, momentum=built.momentum)
   assert isinstance(state, state_lib.MomentumTrainState) and state.queue is None

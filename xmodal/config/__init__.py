@@ -170,8 +170,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if 'model' in config:
         _require(config.model.get('mlm_head', False), 'loss.mlm_weight', 'needs the MLM head: set model.mlm_head=True')
       _require(0 < loss.mlm_probability < 1, 'loss.mlm_probability', f'must be in (0, 1), got {loss.mlm_probability}')
+    if loss.get('region_weight', 0) > 0 and 'data' in config:
+      _require(config.data.region_boxes_key, 'loss.region_weight',
+               'needs regions from the data: set data.region_boxes_key and data.region_phrases_key')
     _validate_momentum(config)
-    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight'):
+    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight'):
       if name in loss:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
 
@@ -192,6 +195,9 @@ def _validate_grad_accum_mode(config: ml_collections.ConfigDict) -> None:
   _require(not loss.get('itc_written_negatives'), 'loss.itc_written_negatives',
            "train.grad_accum_mode='exact' does not cache the written negatives' embeddings; set "
            "loss.itc_written_negatives=False or train.grad_accum_mode='micro'")
+  _require(not loss.get('region_weight', 0.0), 'loss.region_weight',
+           "train.grad_accum_mode='exact' does not cache the region and phrase embeddings; set "
+           "loss.region_weight=0 or train.grad_accum_mode='micro'")
 
 
 def _validate_momentum(config: ml_collections.ConfigDict) -> None:

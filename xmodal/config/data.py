@@ -57,6 +57,13 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     negatives_key: feature path of hard negative captions stored with each training image ('' = none;
       xmodal_shapes: 'negative_captions', one broken fact per caption); each example then carries one of them, for
       `loss.itm_written_negatives` / `loss.itc_written_negatives`. Read by the tfds source (random access).
+    region_boxes_key / region_phrases_key: feature paths of each training image's regions: a sequence of boxes
+      (tfds BBoxFeature: ymin, xmin, ymax, xmax in [0, 1]) and the phrases naming them, in the same order
+      (xmodal_shapes: 'regions/bbox', 'regions/phrase', one per object); '' = none. Read by the tfds source (random
+      access), for `loss.region_weight`. The boxes describe the stored image, so they need no crop
+      (crop_scale (1, 1)), no flip and no grey examples.
+    max_regions: R, regions kept per image (the first R; fewer are padded).
+    max_phrase_len: token length of a region's phrase.
     batch_size: global training batch; each of P processes yields batch_size // P.
     eval_batch_size: global evaluation batch (images; each carries up to C captions).
     shuffle_buffer: window of the stateless shuffle applied to streaming sources (wds/tfrecord/tfds stream);
@@ -103,6 +110,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       max_text_len=32,
       max_captions=5,
       negatives_key='',
+      region_boxes_key='',
+      region_phrases_key='',
+      max_regions=3,
+      max_phrase_len=8,
       pairs=False,
       batch_size=256,
       eval_batch_size=256,
@@ -136,6 +147,17 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
   if config.negatives_key and config.source != 'tfds':
     raise ValueError(f'data.negatives_key: {config.negatives_key!r} is read by the tfds source only, not '
                      f'{config.source!r}')
+  if bool(config.region_boxes_key) != bool(config.region_phrases_key):
+    raise ValueError(f'data.region_boxes_key={config.region_boxes_key!r} and data.region_phrases_key='
+                     f'{config.region_phrases_key!r}: regions need both, or neither')
+  if config.region_boxes_key:
+    if config.source != 'tfds':
+      raise ValueError(f'data.region_boxes_key: {config.region_boxes_key!r} is read by the tfds source only, not '
+                       f'{config.source!r}')
+    if tuple(config.crop_scale) != (1.0, 1.0) or config.hflip or config.grayscale_prob:
+      raise ValueError(f'data.region_boxes_key: region boxes describe the stored image; they need '
+                       f'data.crop_scale=(1.0, 1.0) (got {tuple(config.crop_scale)}), data.hflip=False (got '
+                       f'{config.hflip}) and data.grayscale_prob=0 (got {config.grayscale_prob})')
   if config.tfds_access not in TFDS_ACCESS:
     raise ValueError(f'data.tfds_access: {config.tfds_access!r} is not one of {TFDS_ACCESS}')
   if not 0 <= config.grayscale_prob <= 1:
@@ -148,7 +170,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.crop_scale: {tuple(config.crop_scale)} is not 0 < min <= max <= 1')
   if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
     raise ValueError('data.mean/data.std: need 3 channels and std > 0')
-  for name in ('image_size', 'max_text_len', 'max_captions', 'batch_size', 'eval_batch_size', 'cycle_length',
+  for name in ('image_size', 'max_text_len', 'max_captions', 'max_regions', 'max_phrase_len', 'batch_size', 'eval_batch_size', 'cycle_length',
                'unusable_limit'):
     if config[name] <= 0:
       raise ValueError(f'data.{name}: must be positive, got {config[name]}')

@@ -54,6 +54,10 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'distill_alpha': 0.0,
       # alpha rises linearly from 0 over these steps (ALBEF: the first epoch); 0 = full alpha from the start.
       'distill_warmup_steps': 0,
+      # Region-phrase alignment (X-VLM's box-text contrast, xmodal/losses/region.py), added with this weight: each
+      # region the data annotates (data.region_boxes_key), max-pooled from the patch tokens under its box, against
+      # the phrase naming it (data.region_phrases_key). 0 = off.
+      'region_weight': 0.0,
   })
   config.mesh = ml_collections.ConfigDict({
       # Sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the devices that are left.

@@ -62,6 +62,13 @@ UNUSABLE_RUN = 'xmodal:unusable-run'      # [records in a row without a usable e
 UNUSABLE_EPOCH = 'xmodal:unusable-epoch'  # [an epoch of a stream without a usable example]
 
 
+def _region_keys(config: ml_collections.ConfigDict) -> sources.RegionKeys | None:
+  """The training split's region features, or None when the config reads none."""
+  if not config.region_boxes_key:
+    return None
+  return sources.RegionKeys(config.region_boxes_key, config.region_phrases_key, config.max_regions)
+
+
 def _threads(config: ml_collections.ConfigDict) -> int:
   return config.num_parallel_calls if config.num_parallel_calls > 0 else tf.data.AUTOTUNE
 
@@ -97,16 +104,20 @@ def build_source(config: ml_collections.ConfigDict, split: str, process_index: i
         config.tfds_access == 'auto' and sources.tfds_is_random_access(builder))
     keys = (config.image_key, config.captions_key, config.id_key)
     negatives_key = config.negatives_key if train else ''
+    regions = _region_keys(config) if train else None
     named = {'data.image_key': config.image_key, 'data.captions_key': config.captions_key,
              'data.id_key': config.id_key, 'data.negatives_key': negatives_key}
+    if regions is not None:
+      named.update({'data.region_boxes_key': regions.boxes, 'data.region_phrases_key': regions.phrases})
     sources.check_tfds(builder, tfds_split, named)
     schema = sources.tfds_schema(builder, tfds_split, named)
     if random:
-      source = sources.tfds_indexed_source(builder, tfds_split, *keys, negatives_key=negatives_key)
+      source = sources.tfds_indexed_source(builder, tfds_split, *keys, negatives_key=negatives_key, regions=regions)
       return dataclasses.replace(source, schema=schema)
-    if negatives_key:
-      raise ValueError(f'data.negatives_key: {negatives_key!r} is read by random access only, and '
-                       f'{config.tfds_name} is read as a stream (data.tfds_access={config.tfds_access!r})')
+    for field, key in (('negatives_key', negatives_key), ('region_boxes_key', regions and regions.boxes)):
+      if key:
+        raise ValueError(f'data.{field}: {key!r} is read by random access only, and {config.tfds_name} is read as '
+                         f'a stream (data.tfds_access={config.tfds_access!r})')
     epoch_records = sources.tfds_stream_reader(builder, tfds_split, *keys, process_index, process_count)
     return _SingleStream(epoch_records, schema)
   what = 'data.train_shards' if train else 'data.eval_shards'
@@ -584,9 +595,9 @@ class TrainIterator(Iterator[dict]):
           f'the source reads {self._source.schema.wanted}')
     out = {'images': batch['images'], 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask'],
            'image_ids': batch['image_ids']}
-    if 'negative_ids' in batch:
-      out.update(negative_ids=batch['negative_ids'], negative_mask=batch['negative_mask'],
-                 negative_valid=batch['negative_valid'])
+    optional = ('negative_ids', 'negative_mask', 'negative_valid', 'region_boxes', 'region_ids', 'region_mask',
+                'region_valid')
+    out.update({key: batch[key] for key in optional if key in batch})
     return out
 
   def state(self) -> dict:
@@ -634,6 +645,7 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
   ds = _examples(_guarded(ds, config.unusable_limit, first_full_epoch))
   ds = ds.batch(batch, drop_remainder=True)
   tokenize = _tokenize_fn(tokenizer, config.max_text_len)
+  tokenize_phrase = _tokenize_fn(tokenizer, config.max_phrase_len)
 
   def finish(b: dict) -> dict:
     ids, mask = tokenize(b['text'])
@@ -643,6 +655,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
     if config.negatives_key:
       out['negative_ids'], out['negative_mask'] = tokenize(b['negative'])
       out['negative_valid'] = tf.strings.length(b['negative']) > 0
+    if config.region_boxes_key:
+      out['region_boxes'] = b['region_boxes']
+      out['region_ids'], out['region_mask'] = tokenize_phrase(b['region_phrases'])
+      out['region_valid'] = tf.strings.length(b['region_phrases']) > 0
     return out
 
   ds = ds.map(finish, num_parallel_calls=2, deterministic=True)

@@ -875,11 +875,23 @@ def tfds_is_random_access(builder) -> bool:
     return False
 
 
+@dataclasses.dataclass(frozen=True)
+class RegionKeys:
+  """Where a tfds dataset keeps its images' regions (data.region_boxes_key / data.region_phrases_key): per image a
+  sequence of boxes (tfds BBoxFeature: ymin, xmin, ymax, xmax in [0, 1]) and, in the same order, the phrase naming
+  each; `max_regions` of them are read."""
+  boxes: str
+  phrases: str
+  max_regions: int
+
+
 def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, id_key: str,
-                        negatives_key: str = '') -> IndexedSource:
+                        negatives_key: str = '', regions: RegionKeys | None = None) -> IndexedSource:
   """A tfds array_record split read by index: raw records in batches, parsed in the graph, vectorised.
 
-  With `negatives_key`, records also carry 'negatives': the stored hard negative captions of the image.
+  With `negatives_key`, records also carry 'negatives': the stored hard negative captions of the image. With
+  `regions`, 'region_boxes' (R, 4) float32 (ymin, xmin, ymax, xmax in [0, 1]) and 'region_phrases' (R,) string: the
+  image's first R regions, padded with zero boxes and '' phrases.
 
   Only the three needed features are parsed (`tf.io.parse_example` on the batch) — several times cheaper than tfds'
   full deserialisation of every feature. tfds stores nested features flattened with '/', which is how the config
@@ -896,6 +908,9 @@ def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, 
   spec.update({key: tf.io.RaggedFeature(tf.string) for key in text_keys})
   if id_key:
     spec[id_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+  if regions is not None:
+    spec[regions.boxes] = tf.io.RaggedFeature(tf.float32)
+    spec[regions.phrases] = tf.io.RaggedFeature(tf.string)
 
   def read_raw(indices: np.ndarray) -> np.ndarray:
     return np.array(source.__getitems__([int(i) for i in indices]), dtype=object)
@@ -910,6 +925,12 @@ def tfds_indexed_source(builder, split: str, image_key: str, captions_key: str, 
               'status': tf.zeros_like(meta['index'], tf.int32) + STATUS_OK}
     if negatives_key:
       record['negatives'] = example[negatives_key]
+    if regions is not None:
+      count = regions.max_regions
+      flat = example[regions.boxes]  # (k, None): four numbers per box
+      boxes = tf.RaggedTensor.from_row_lengths(tf.reshape(flat.values, [-1, 4]), flat.row_lengths() // 4)
+      record['region_boxes'] = boxes[:, :count].to_tensor(shape=[None, count, 4])
+      record['region_phrases'] = example[regions.phrases][:, :count].to_tensor(default_value='', shape=[None, count])
     return record
 
   def read(indices: tf.data.Dataset) -> tf.data.Dataset:

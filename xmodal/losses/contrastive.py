@@ -20,17 +20,20 @@ def positives(ids: jax.Array | None, size: int) -> jax.Array:
   return ids[:, None] == ids[None, :]
 
 
-_ABSENT = -1e9  # the logit of a column that does not exist
+ABSENT = -1e9  # the logit of a column that does not exist
 
 
-def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array, reduce: bool = True) -> jax.Array:
+  """Cross-entropy of each row's softmax against its target distribution; the mean over rows, or per row."""
+  per_row = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  return jnp.mean(per_row) if reduce else per_row
 
 
-def _accuracy(logits: jax.Array, positive: jax.Array) -> jax.Array:
-  """Fraction of rows whose top-scoring column is a positive."""
+def accuracy(logits: jax.Array, positive: jax.Array, reduce: bool = True) -> jax.Array:
+  """Whether each row's top-scoring column is a positive; the fraction of rows, or per row (float32)."""
   best = jnp.argmax(logits, axis=-1)
-  return jnp.mean(jnp.take_along_axis(positive, best[:, None], axis=-1).astype(jnp.float32))
+  hit = jnp.take_along_axis(positive, best[:, None], axis=-1)[:, 0].astype(jnp.float32)
+  return jnp.mean(hit) if reduce else hit
 
 
 def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax.Array,
@@ -60,13 +63,13 @@ def contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, temperature: jax
     extra = jnp.einsum('ie,ne->in', image_emb.astype(jnp.float32), negative_text_emb.astype(jnp.float32)) / temperature
     if negative_valid is not None:
       # Finite, not -inf: a zero target times log(0) would be NaN.
-      extra = jnp.where(negative_valid[None, :], extra, _ABSENT)
+      extra = jnp.where(negative_valid[None, :], extra, ABSENT)
     i2t_logits = jnp.concatenate([logits, extra], axis=1)
     i2t_targets = jnp.concatenate([targets, jnp.zeros_like(extra)], axis=1)
     i2t_positive = jnp.concatenate([positive, jnp.zeros(extra.shape, bool)], axis=1)
-  loss = 0.5 * (_soft_cross_entropy(i2t_logits, i2t_targets) + _soft_cross_entropy(logits.T, targets.T))
-  return loss, {'itc_loss': loss, 'itc_i2t_acc': _accuracy(i2t_logits, i2t_positive),
-                'itc_t2i_acc': _accuracy(logits.T, positive.T)}
+  loss = 0.5 * (soft_cross_entropy(i2t_logits, i2t_targets) + soft_cross_entropy(logits.T, targets.T))
+  return loss, {'itc_loss': loss, 'itc_i2t_acc': accuracy(i2t_logits, i2t_positive),
+                'itc_t2i_acc': accuracy(logits.T, positive.T)}
 
 
 class QueuedKeys(NamedTuple):
@@ -117,15 +120,15 @@ def momentum_contrastive_loss(image_emb: jax.Array, text_emb: jax.Array, tempera
   targets = positive / jnp.sum(positive, axis=-1, keepdims=True)
   # Finite, not -inf: a zero target times log(0) would be NaN.
   scores = lambda queries, keys: jnp.where(valid[None, :], jnp.einsum(
-      'ie,ke->ik', queries.astype(jnp.float32), keys) / temperature, _ABSENT)
+      'ie,ke->ik', queries.astype(jnp.float32), keys) / temperature, ABSENT)
   i2t, t2i = scores(image_emb, text_keys), scores(text_emb, image_keys)
   i2t_targets = t2i_targets = targets
   if alpha is not None:
     soft = lambda queries, keys: jax.nn.softmax(jax.lax.stop_gradient(scores(f32(queries), keys)), axis=-1)
     i2t_targets = alpha * soft(image_emb_m, text_keys) + (1 - alpha) * targets
     t2i_targets = alpha * soft(text_emb_m, image_keys) + (1 - alpha) * targets
-  loss = 0.5 * (_soft_cross_entropy(i2t, i2t_targets) + _soft_cross_entropy(t2i, t2i_targets))
-  return loss, {'itc_loss': loss, 'itc_i2t_acc': _accuracy(i2t, positive), 'itc_t2i_acc': _accuracy(t2i, positive)}
+  loss = 0.5 * (soft_cross_entropy(i2t, i2t_targets) + soft_cross_entropy(t2i, t2i_targets))
+  return loss, {'itc_loss': loss, 'itc_i2t_acc': accuracy(i2t, positive), 'itc_t2i_acc': accuracy(t2i, positive)}
 
 
 def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, scale: jax.Array, bias: jax.Array,

@@ -57,8 +57,8 @@ def _stem_flops(spec: ModelSpec) -> int:
 
 
 def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
-                  momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False
-                  ) -> dict[str, int]:
+                  momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
+                  regions: int = 0, phrase_len: int = 0) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
@@ -74,6 +74,9 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
 
   With `grad_cache` (train.grad_accum_mode='exact' with grad_accum > 1), part 'grad_cache' is the towers' and
   projections' first forward pass, which embeds the batch without gradients before the one that trains.
+
+  With `regions` per example (the region-phrase loss), part 'regions' is their phrases of `phrase_len` tokens
+  through the text tower, both projections, and each region's row of the (B R, B R) similarity.
   """
   v, t = spec.vision, spec.text
   n = 1 + (spec.image_size // v.patch_size) ** 2
@@ -97,13 +100,18 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
     parts['momentum'] = vision + text_one + projections + (keys + (mlm_pass if mlm else 0) if distill else 0)
   if grad_cache:
     parts['grad_cache'] = vision + text_one + projections
+  if regions:
+    phrase = t.depth * _layer(phrase_len, t.width, t.mlp_dim)
+    parts['regions'] = regions * (phrase + projections + 2 * batch * regions * spec.embed_dim)
   return {part: int(round(batch * value)) for part, value in parts.items()}
 
 
 def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
-                momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False) -> int:
+                momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
+                regions: int = 0, phrase_len: int = 0) -> int:
   """Model FLOPs of one training step: forward + backward = 3 x forward for what trains, forward alone for the
   momentum model and for gradient caching's first pass of the towers (which therefore cost 4 x forward);
   arguments as `forward_flops`."""
-  parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill, grad_cache)
+  parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill, grad_cache,
+                        regions, phrase_len)
   return 3 * sum(parts.values()) - 2 * (parts.get('momentum', 0) + parts.get('grad_cache', 0))

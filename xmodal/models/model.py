@@ -11,13 +11,14 @@ All methods are pure and reachable through `model.apply(variables, ..., method=X
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
-from xmodal.models import activations, layers
+from xmodal.models import activations, layers, regions
 from xmodal.models.fusion import FusionEncoder
 from xmodal.models.text import TextEncoder
 from xmodal.models.vit import VisionEncoder
@@ -141,6 +142,15 @@ class XModal(nn.Module):
       return jnp.max(tokens[:, 1:], axis=1)
     weights = jnp.ones(tokens.shape[:2], jnp.float32) if mask is None else mask.astype(jnp.float32)
     return jnp.einsum('bl,bld->bd', weights, tokens) / jnp.maximum(jnp.sum(weights, axis=1, keepdims=True), 1.0)
+
+  def embed_regions(self, image_tokens: jax.Array, boxes: jax.Array) -> jax.Array:
+    """Image tokens (B, 1+N, Dv) from `encode_image` and boxes (B, R, 4) (ymin, xmin, ymax, xmax in [0, 1]) ->
+    (B, R, E) float32 unit-norm region embeddings: the max over the patch tokens under each box, through the image
+    projection (the space ITC scores in)."""
+    patches = image_tokens[:, 1:]
+    grid = math.isqrt(patches.shape[1])
+    pooled = regions.pool_regions(patches, regions.region_cells(boxes, grid))
+    return _normalize(self.image_proj(pooled))
 
   def match(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
             image_mask: jax.Array | None = None) -> jax.Array:

@@ -49,9 +49,11 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
   return statistics.median([time_one() for _ in range(repeats)])
 
 
-def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool = False) -> dict[str, np.ndarray]:
+def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool = False,
+                    regions: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
   """Random inputs of the model's shapes; captions of random length; distinct image ids; with `negatives`, a written
-  negative caption per example too (as data.negatives_key gives)."""
+  negative caption per example too (as data.negatives_key gives); with `regions` (R, phrase length), R boxes of
+  random phrases per example (as data.region_boxes_key gives)."""
   length = spec.max_text_len
 
   def texts() -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +67,13 @@ def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool 
   if negatives:
     out['negative_ids'], out['negative_mask'] = texts()
     out['negative_valid'] = np.ones((batch,), bool)
+  if regions:
+    count, phrase_len = regions
+    corner = rng.uniform(0.0, 0.6, size=(batch, count, 2))
+    out['region_boxes'] = np.concatenate([corner, corner + 0.3], axis=-1).astype(np.float32)
+    out['region_ids'] = rng.integers(5, spec.text.vocab_size, size=(batch, count, phrase_len), dtype=np.int32)
+    out['region_mask'] = np.ones((batch, count, phrase_len), np.int32)
+    out['region_valid'] = np.ones((batch, count), bool)
   return out
 
 
@@ -121,14 +130,16 @@ def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> Compile
   rules = [tuple(r) for r in config.mesh.rules]
   built = state_lib.setup(config, mesh, max(total_steps, 2))
   model = built.model
-  weights = LossWeights.from_config(config.loss, config.data.tokenizer)
+  weights = LossWeights.from_config(config.loss, config.data)
   accum, accum_mode = config.train.grad_accum, config.train.grad_accum_mode
   jit_step = jit_train_step(built, weights, mesh, grad_accum=accum, grad_accum_mode=accum_mode)
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings, momentum=built.momentum)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    regions = (weights.regions_per_example, weights.phrase_len) if weights.region > 0 else None
     batch = sharding.host_to_global(synthetic_batch(model.spec, config.data.batch_size, np.random.default_rng(0),
-                                                    negatives=bool(config.data.negatives_key)), mesh)
+                                                    negatives=bool(config.data.negatives_key), regions=regions),
+                                    mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     options = compiler_options(config)

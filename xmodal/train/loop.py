@@ -105,7 +105,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ----------------------------------------------------------------------------------------------- update step
-  weights = LossWeights.from_config(config.loss, config.data.tokenizer)
+  weights = LossWeights.from_config(config.loss, config.data)
   jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum,
                             grad_accum_mode=config.train.grad_accum_mode,
                             skip_nonfinite=config.train.nan_policy == 'skip')

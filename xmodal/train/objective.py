@@ -1,4 +1,5 @@
-"""The training objective: ITC (+ optional sigmoid ITC), ITM on hard negatives and MLM, as one pure function.
+"""The training objective: ITC (+ optional sigmoid ITC), ITM on hard negatives, MLM and region-phrase alignment, as
+one pure function.
 
 ITM reuses the tower outputs of the ITC pass: the hard negatives are gathered from the tokens already computed, and
 only the fusion encoder runs again, on 3B pairs (B positives, B texts with a negative image, B images with a negative
@@ -64,6 +65,12 @@ class LossWeights:
   queue_size: int = 0
   distill_alpha: float = 0.0
   distill_warmup: int = 0
+  # Region-phrase alignment (losses/region.py; the batch's 'region_*' fields, data.region_boxes_key): its weight, and
+  # the regions per example and their phrases' length, which the FLOPs count needs (data.max_regions,
+  # data.max_phrase_len).
+  region: float = 0.0
+  regions_per_example: int = 0
+  phrase_len: int = 0
 
   def __post_init__(self):
     if self.momentum > 0 and (self.chunked or self.itc_written_negatives):
@@ -72,24 +79,31 @@ class LossWeights:
       raise ValueError('the queue and distillation need the momentum model: momentum > 0')
 
   @classmethod
-  def from_config(cls, loss: ml_collections.ConfigDict, tokenizer: str | None = None) -> LossWeights:
-    """The `loss` section's weights; `tokenizer` (data.tokenizer) is read only when MLM is on, for [MASK]."""
-    mlm = float(loss.mlm_weight)
+  def from_config(cls, loss: ml_collections.ConfigDict, data: ml_collections.ConfigDict | None = None
+                  ) -> LossWeights:
+    """The `loss` section's weights; the `data` section is read when MLM is on (its tokenizer's [MASK]) and when
+    the region loss is (its regions' count and phrase length)."""
+    mlm, region = float(loss.mlm_weight), float(loss.get('region_weight', 0.0))
+    if (mlm > 0 or region > 0) and data is None:
+      raise ValueError('loss.mlm_weight and loss.region_weight need the data section (LossWeights.from_config(loss, '
+                       'data))')
     mask_id, vocab_size = -1, 0
     if mlm > 0:
       from xmodal.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
-      tok = load_tokenizer(tokenizer)
+      tok = load_tokenizer(data.tokenizer)
       if tok.mask_id < 0:
-        raise ValueError(f'loss.mlm_weight={mlm} needs a [MASK] token; tokenizer {tokenizer!r} ({tok.files[0]}) '
-                         'has none')
+        raise ValueError(f'loss.mlm_weight={mlm} needs a [MASK] token; tokenizer {data.tokenizer!r} '
+                         f'({tok.files[0]}) has none')
       mask_id, vocab_size = tok.mask_id, tok.vocab_size
+    regions = (int(data.max_regions), int(data.max_phrase_len)) if region > 0 else (0, 0)
     return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight),
                chunked=bool(loss.chunked), itm_hard_warmup=int(loss.itm_hard_warmup_steps),
                itm_written_negatives=str(loss.itm_written_negatives), itm_subsample=int(loss.itm_subsample),
                itc_written_negatives=bool(loss.itc_written_negatives), mlm=mlm,
                mlm_probability=float(loss.mlm_probability), mlm_mask_id=mask_id,
                mlm_vocab_size=vocab_size, momentum=float(loss.momentum), queue_size=int(loss.queue_size),
-               distill_alpha=float(loss.distill_alpha), distill_warmup=int(loss.distill_warmup_steps))
+               distill_alpha=float(loss.distill_alpha), distill_warmup=int(loss.distill_warmup_steps),
+               region=region, regions_per_example=regions[0], phrase_len=regions[1])
 
   @property
   def itm_pairs(self) -> float:
@@ -108,7 +122,8 @@ class LossWeights:
     """Model FLOPs of a training step on a global batch of `batch` with these losses (flops.train_flops);
     `grad_cache`: the step accumulates by gradient caching (step.caches_gradients), running the towers twice."""
     return flops.train_flops(spec, batch, self.itm_pairs, self.extra_texts, self.mlm > 0, self.momentum > 0,
-                             self.queue_size, self.distill_alpha > 0, grad_cache)
+                             self.queue_size, self.distill_alpha > 0, grad_cache, self.regions_per_example,
+                             self.phrase_len)
 
   def negative_hardness(self, step: jax.Array | None) -> jax.Array:
     """1 = ALBEF's hard negatives, 0 = uniform ones; rises linearly over `itm_hard_warmup` steps."""
@@ -210,6 +225,11 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     metrics.update(contrastive_metrics)
     total += contrastive
 
+  if weights.region > 0:
+    region, region_metrics = _region_phrase(module, batch, image_tokens, temperature)
+    metrics.update(region_metrics)
+    total += weights.region * region
+
   if weights.itm > 0:
     sim = jnp.einsum('ie,te->it', image_emb, text_emb) / temperature
     itm, itm_metrics = _matching(batch, image_tokens, text_tokens, written, sim, rng, weights, step, module)
@@ -230,6 +250,18 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     g = jax.lax.stop_gradient(embedding_grads)
     total += jnp.sum(g.image * image_emb) + jnp.sum(g.text * text_emb)
   return total, metrics
+
+
+def _region_phrase(module: XModal, batch: dict[str, jax.Array], image_tokens: jax.Array, temperature: jax.Array
+                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The region-phrase loss of the batch's regions: their embeddings from the ITC pass's image tokens, their
+  phrases through the text tower (B * R short texts), scored at ITC's temperature."""
+  region_emb = module.embed_regions(image_tokens, batch['region_boxes'])
+  b, r, length = batch['region_ids'].shape
+  ids = batch['region_ids'].reshape(b * r, length)
+  _, phrase_emb = module.encode_text(ids, batch['region_mask'].reshape(b * r, length))
+  return losses.region_phrase_loss(region_emb.reshape(b * r, -1), phrase_emb, ids,
+                                   batch['region_valid'].reshape(b * r).astype(bool), temperature)
 
 
 def _corrupt(batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights) -> losses.MaskedTokens:
@@ -325,7 +357,8 @@ def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Ar
     params: its parameters (boxed or plain).
     batch: {'images' (B, H, W, 3) float, 'text_ids' (B, L) int, 'text_mask' (B, L), 'image_ids' (B,) optional,
       and optionally the data's written negatives 'negative_ids' (B, L), 'negative_mask' (B, L),
-      'negative_valid' (B,) bool}.
+      'negative_valid' (B,) bool, and regions 'region_boxes' (B, R, 4), 'region_ids' / 'region_mask' (B, R, Lp),
+      'region_valid' (B, R) bool (needed when weights.region > 0)}.
     rng: PRNG key for the hard-negative sampling.
     weights: loss weights.
     step: the training step, for the ITM negatives' hardness schedule (None = fully hard) and the distillation ramp

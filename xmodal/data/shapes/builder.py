@@ -88,6 +88,17 @@ def _metadata(scene: shapes_render.Scene) -> dict[str, Any]:
   }
 
 
+def _regions(scene: shapes_render.Scene, image_size: int) -> dict[str, Any]:
+  """Each object's bounding box (tfds order: ymin, xmin, ymax, xmax, as fractions of the side) and the phrase that
+  names it ("a small red circle"): what region-phrase alignment (`loss.region_weight`) learns from."""
+  def box(o: shapes_render.Obj) -> tfds.features.BBox:
+    lo = lambda v: float(np.clip((v - o.radius) / image_size, 0.0, 1.0))
+    hi = lambda v: float(np.clip((v + o.radius) / image_size, 0.0, 1.0))
+    return tfds.features.BBox(ymin=lo(o.y), xmin=lo(o.x), ymax=hi(o.y), xmax=hi(o.x))
+  return {'regions': {'bbox': [box(o) for o in scene.objects],
+                      'phrase': [f'a {o.size} {o.color} {o.shape}' for o in scene.objects]}}
+
+
 def _labels(names: tuple[str, ...]) -> tfds.features.ClassLabel:
   return tfds.features.ClassLabel(names=list(names))
 
@@ -128,17 +139,18 @@ def make_example(config: ShapesConfig, split: str, index: int) -> dict[str, Any]
     written_rng = np.random.default_rng([config.seed, _SPLIT_CODES[split], index, 1])
     written = [shapes_captions.negative_caption(t, written_rng, scene) or '' for t in texts]
   return {'image': _jpeg(image), 'image_id': index, 'captions': texts, 'negative_caption': negative,
-          'negative_captions': written, **_metadata(scene)}
+          'negative_captions': written, **_metadata(scene), **_regions(scene, config.image_size)}
 
 
 class XmodalShapes(tfds.core.GeneratorBasedBuilder):
   """Procedurally rendered image-caption pairs: coloured shapes, their sizes and one spatial relation."""
 
-  VERSION = tfds.core.Version('1.4.0')
+  VERSION = tfds.core.Version('1.5.0')
   RELEASE_NOTES = {'1.0.0': 'First release.', '1.1.0': 'Images stored as JPEG (quality 95, 4:4:4): faster to decode.',
                    '1.2.0': 'A validation_hard split: binding pairs to choose recipes on without reading test_hard.',
                    '1.3.0': 'negative_captions: written hard negatives of every training caption.',
-                   '1.4.0': 'Training images 2k and 2k+1 are minimal pairs (train_pairs).'}
+                   '1.4.0': 'Training images 2k and 2k+1 are minimal pairs (train_pairs).',
+                   '1.5.0': 'regions: each object\'s bounding box and the phrase that names it.'}
   BUILDER_CONFIGS = [ShapesConfig(name='default')]
   # A worker pool only pays for its start-up on big splits.
   MIN_EXAMPLES_PER_WORKER = 1000
@@ -172,6 +184,8 @@ class XmodalShapes(tfds.core.GeneratorBasedBuilder):
                 'color': _labels(shapes_render.COLORS), 'shape': _labels(shapes_render.SHAPES),
                 'size': _labels(shapes_render.SIZES), 'x': np.float32, 'y': np.float32, 'radius': np.float32,
             }),
+            # The objects as regions: a box and the phrase naming it ('a small red circle'), one per object.
+            'regions': tfds.features.Sequence({'bbox': tfds.features.BBoxFeature(), 'phrase': tfds.features.Text()}),
             # objects[subject] is `predicate` of objects[object]; 'none' and -1 for a one-object image.
             'relation': {'predicate': _labels(('none',) + shapes_render.RELATIONS), 'subject': np.int32,
                          'object': np.int32},
