@@ -188,3 +188,27 @@ def test_the_objective_adds_the_region_term_of_the_models_own_embeddings():
                                       batch['region_valid'].reshape(-1), temperature)
   np.testing.assert_allclose(metrics['region_loss'], want, rtol=1e-5)
   np.testing.assert_allclose(total, base + 0.5 * want, rtol=1e-5)
+
+
+@pytest.mark.slow  # compiles the objective's gradient on one device and on a mesh
+def test_the_region_term_sharded_equals_one_device():
+  import flax.linen as nn
+  from xmodal import sharding
+  from xmodal.train.bench import synthetic_batch
+  config = micro_config()
+  model = build(config.model)
+  params = model.init(jax.random.key(0), *dummy_inputs(model.spec))['params']
+  weights = LossWeights(itm=0.0, region=1.0, regions_per_example=3, phrase_len=6)
+  host = synthetic_batch(model.spec, 16, np.random.default_rng(4), regions=(3, 6))
+  host['region_valid'][::3, 2] = False
+  host['region_ids'][5, 1] = host['region_ids'][0, 0]  # a phrase shared across shards
+
+  def loss_and_grad(p, batch):
+    return jax.value_and_grad(lambda q: compute_loss(model, q, batch, jax.random.key(0), weights)[0])(p)
+
+  single_loss, single_grad = jax.jit(loss_and_grad)(params, jax.tree.map(jnp.asarray, host))
+  mesh = sharding.make_mesh((4, 2, 1), jax.devices()[:8])
+  with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.mesh.rules]):
+    loss, grad = jax.jit(loss_and_grad)(params, sharding.host_to_global(host, mesh))
+  np.testing.assert_allclose(loss, single_loss, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grad, single_grad)

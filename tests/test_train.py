@@ -45,6 +45,11 @@ def test_flop_count_matches_a_hand_count():
       3 * (per_example + keys) + momentum_forward)
   assert flops.train_flops(spec, batch=2, momentum=True, queue_size=6, distill=True) == 2 * (
       3 * (per_example + keys) + momentum_forward + keys)
+  # Two regions per example with phrases of 2 tokens: each phrase through the text layer, both projections, and its
+  # row of the (B R, B R) = (4, 4) similarity.
+  phrase_layer = 2 * 2 * 8 * 24 + 2 * 2 * 8 * 8 + 2 * 2 * 2 * 2 * 8 + 2 * 2 * 2 * 8 * 16
+  regions = 2 * (phrase_layer + 2 * 8 * 4 * 2 + 2 * 4 * 4)
+  assert flops.train_flops(spec, batch=2, regions=2, phrase_len=2) == 3 * 2 * (per_example + regions)
   # A conv stem instead of the patchify: 3x3 stride-2 convolutions 8x8x3 -> 4x4x8 -> 2x2x8, then 1x1 to width 8.
   config.vision.stem = 'conv'
   stem = 2 * 16 * 9 * 3 * 8 + 2 * 4 * 9 * 8 * 8 + 2 * 4 * 8 * 8
@@ -52,12 +57,13 @@ def test_flop_count_matches_a_hand_count():
 
 
 @pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis
-@pytest.mark.parametrize('written, stem, mlm, momentum', [('off', 'patch', False, False), ('add', 'conv', False, False),
-                                                          ('replace', 'patch', True, False),
-                                                          ('off', 'patch', True, True)])
-def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum):
+@pytest.mark.parametrize('written, stem, mlm, momentum, regions', [
+    ('off', 'patch', False, False, 0), ('add', 'conv', False, False, 0), ('replace', 'patch', True, False, 0),
+    ('off', 'patch', True, True, 0), ('off', 'conv', False, False, 3)])
+def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, regions):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs (with the
-  momentum model: its forward, a queue of 32 and distillation of ITC and MLM, beside the loss's)."""
+  momentum model: its forward, a queue of 32 and distillation of ITC and MLM, beside the loss's; with regions, their
+  phrases through the text tower and their projections)."""
   from xmodal.losses import QueuedKeys
   from xmodal.train.objective import compute_loss, momentum_outputs
   config = micro_config()
@@ -69,8 +75,10 @@ def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum):
   queue_size = 32 if momentum else 0
   weights = LossWeights(itm_written_negatives=written, mlm=float(mlm), mlm_mask_id=4,
                         mlm_vocab_size=config.model.text.vocab_size, momentum=0.995 * momentum,
-                        queue_size=queue_size, distill_alpha=0.4 * momentum)
-  batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True))
+                        queue_size=queue_size, distill_alpha=0.4 * momentum, region=float(regions > 0),
+                        regions_per_example=regions, phrase_len=8 if regions else 0)
+  batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True,
+                                                    regions=(regions, 8) if regions else None))
 
   def forward(p, m, b):  # m: the momentum parameters, an argument of their own (XLA would fold a second use of p)
     rng = jax.random.key(0)
@@ -81,7 +89,7 @@ def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum):
     return compute_loss(model, p, b, rng, weights, teacher=momentum_outputs(model, m, b, rng, weights), queue=queue)[0]
   xla = jax.jit(forward).lower(params, params, batch).compile().cost_analysis()['flops']
   ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts, mlm, momentum, queue_size,
-                                 momentum).values())
+                                 momentum, regions=regions, phrase_len=weights.phrase_len).values())
   # At width 32 the elementwise work (LayerNorm, softmax, GELU; with MLM a log-softmax over the vocabulary at every
   # position) is a quarter of XLA's count; a missed matmul part (a tower, the fusion pairs) would cost far more.
   assert 0.7 * xla <= ours <= 1.05 * xla, (ours, xla)
