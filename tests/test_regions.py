@@ -1,5 +1,5 @@
-"""Region-phrase alignment: boxes to patch cells, max pooling and the loss against plain loops; the regions xmodal_shapes
-stores and the training pipeline yields; the objective's region term as its docstring says."""
+"""Region-phrase alignment: boxes to patch cells, max pooling and the loss against plain loops; the regions
+xmodal_shapes stores and the training pipeline yields; the objective's region term as its docstring says."""
 
 import jax
 import jax.numpy as jnp

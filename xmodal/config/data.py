@@ -170,7 +170,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'data.crop_scale: {tuple(config.crop_scale)} is not 0 < min <= max <= 1')
   if len(config.mean) != 3 or len(config.std) != 3 or min(config.std) <= 0:
     raise ValueError('data.mean/data.std: need 3 channels and std > 0')
-  for name in ('image_size', 'max_text_len', 'max_captions', 'max_regions', 'max_phrase_len', 'batch_size', 'eval_batch_size', 'cycle_length',
-               'unusable_limit'):
+  for name in ('image_size', 'max_text_len', 'max_captions', 'max_regions', 'max_phrase_len', 'batch_size',
+               'eval_batch_size', 'cycle_length', 'unusable_limit'):
     if config[name] <= 0:
       raise ValueError(f'data.{name}: must be positive, got {config[name]}')

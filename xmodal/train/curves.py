@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 Series = tuple[np.ndarray, np.ndarray]  # (steps (N,) int64, values (N,) float64), sorted by step
 
 LOSS_KEYS = ('loss', 'itc_loss', 'itm_loss', 'sigmoid_loss', 'mlm_loss', 'region_loss')
-ACCURACY_KEYS = ('itc_i2t_acc', 'itc_t2i_acc', 'itm_acc', 'mlm_acc', 'region_acc')  # fractions in [0, 1], drawn in percent
+# Fractions in [0, 1], drawn in percent.
+ACCURACY_KEYS = ('itc_i2t_acc', 'itc_t2i_acc', 'itm_acc', 'mlm_acc', 'region_acc')
 RETRIEVAL_KEYS = ('itc/t2i_r1', 'itc/i2t_r1', 'itc+itm/t2i_r1')  # under 'val/' (curve) and 'eval/' (final markers)
 BINDING_KEYS = ('binding/itc', 'binding/itm')
 ORACLE_KEYS = (('oracle/t2i_r1', 'oracle t2i'), ('oracle/i2t_r1', 'oracle i2t'))
