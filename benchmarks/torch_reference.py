@@ -85,16 +85,20 @@ class Attention(nn.Module):
       self.kv = _dense(kv_width, 2 * width)
     self.out = _dense(width, width)
 
-  def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: torch.Tensor | None = None
-              ) -> torch.Tensor:
-    """x (B, Lq, D), mask (B, Lk) bool (True = a real key) or None, kv (B, Lk, Dkv) or None -> (B, Lq, D)."""
+  def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: torch.Tensor | None = None,
+              kv_index: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, Lq, D), mask (B, Lk) bool (True = a real key) or None, kv (B, Lk, Dkv) or None -> (B, Lq, D); with
+    `kv_index` (B,), kv holds (M, Lk, Dkv) distinct inputs, projected once each and gathered per query row."""
     batch, length, width = x.shape
     head_dim = width // self.heads
     if kv is None:
       q, k, v = self.qkv(x).view(batch, length, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
     else:
       q = self.query(x).view(batch, length, self.heads, head_dim).transpose(1, 2)
-      k, v = self.kv(kv).view(batch, kv.shape[1], 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+      projected = self.kv(kv)
+      if kv_index is not None:
+        projected = projected.index_select(0, kv_index)
+      k, v = projected.view(batch, kv.shape[1], 2, self.heads, head_dim).permute(2, 0, 3, 1, 4)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None, None, :])
     return self.out(out.transpose(1, 2).reshape(batch, length, width))
 
@@ -143,9 +147,10 @@ class FusionBlock(nn.Module):
     self.cross_attn, self.ln_cross = Attention(width, heads, kv_width=image_width), nn.LayerNorm(width, eps=eps)
     self.mlp, self.ln2 = Mlp(width, mlp_dim), nn.LayerNorm(width, eps=eps)
 
-  def forward(self, x: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+  def forward(self, x: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor,
+              image_index: torch.Tensor | None = None) -> torch.Tensor:
     x = self.ln1(x + self.attn(x, mask))
-    x = self.ln_cross(x + self.cross_attn(x, None, kv=image_tokens))
+    x = self.ln_cross(x + self.cross_attn(x, None, kv=image_tokens, kv_index=image_index))
     return self.ln2(x + self.mlp(x))
 
 
@@ -209,7 +214,8 @@ class TextEncoder(nn.Module):
 
 
 class FusionEncoder(nn.Module):
-  """(text tokens (P, L, Dt), mask (P, L) bool, image tokens (P, N, Dv)) -> fused text tokens (P, L, Dt)."""
+  """(text tokens (P, L, Dt), mask (P, L) bool, image tokens (P, N, Dv)) -> fused text tokens (P, L, Dt); with an
+  image index (P,), image tokens (M, N, Dv) and pair i reads image index[i]."""
 
   def __init__(self, model: ml_collections.ConfigDict):
     super().__init__()
@@ -217,9 +223,10 @@ class FusionEncoder(nn.Module):
     self.layers = nn.ModuleList(FusionBlock(t.width, t.heads, t.mlp_dim, t.layer_norm_eps, model.vision.width)
                                 for _ in range(model.fusion_depth))
 
-  def forward(self, x: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+  def forward(self, x: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor,
+              image_index: torch.Tensor | None = None) -> torch.Tensor:
     for layer in self.layers:
-      x = layer(x, mask, image_tokens)
+      x = layer(x, mask, image_tokens, image_index)
     return x
 
 
@@ -260,9 +267,11 @@ class Reference(nn.Module):
       pooled = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
     return tokens, _normalize(self.text_proj(pooled))
 
-  def match(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-    """(text tokens (P, L, Dt), mask (P, L) bool, image tokens (P, N, Dv)) -> match logits (P, 2), 1 = match."""
-    return self.itm_head(self.fusion(text_tokens, text_mask, image_tokens)[:, 0])
+  def match(self, text_tokens: torch.Tensor, text_mask: torch.Tensor, image_tokens: torch.Tensor,
+            image_index: torch.Tensor | None = None) -> torch.Tensor:
+    """(text tokens (P, L, Dt), mask (P, L) bool, image tokens (P, N, Dv)[, image index (P,) into (M, N, Dv)
+    image tokens]) -> match logits (P, 2), 1 = match."""
+    return self.itm_head(self.fusion(text_tokens, text_mask, image_tokens, image_index)[:, 0])
 
   def clamped_temperature(self) -> torch.Tensor:
     return self.temperature.clamp(*TEMPERATURE_RANGE)
@@ -312,11 +321,17 @@ def compute_loss(model: Reference, batch: Mapping[str, torch.Tensor], generator:
     image_for_text, text_for_image, valid = _sample_negatives(logits, positive, generator)
     pick = slice(None, None, loss.itm_subsample)
     mask = batch['text_mask']
-    # Rows: the positives, texts with a negative image, images with a negative text.
+    # Rows: the positives, texts with a negative image, images with a negative text. As xmodal does, the fusion
+    # encoder projects each image's keys and values once and gathers them for its pairs, where the pairs outnumber
+    # the images (xmodal/models/flops.py: fusion_image_passes).
     pair_text = torch.cat([text_tokens[pick], text_tokens[pick], text_tokens[text_for_image[pick]]])
     pair_mask = torch.cat([mask[pick], mask[pick], mask[text_for_image[pick]]])
-    pair_image = torch.cat([image_tokens[pick], image_tokens[image_for_text[pick]], image_tokens[pick]])
-    match_logits = model.match(pair_text, pair_mask, pair_image)
+    own = torch.arange(image_tokens.shape[0])[pick]
+    pair_index = torch.cat([own, image_for_text[pick], own])
+    if pair_index.shape[0] > image_tokens.shape[0]:
+      match_logits = model.match(pair_text, pair_mask, image_tokens, pair_index)
+    else:
+      match_logits = model.match(pair_text, pair_mask, image_tokens[pair_index])
     size = image_tokens[pick].shape[0]
     labels = torch.cat([torch.ones(size, dtype=torch.long), torch.zeros(2 * size, dtype=torch.long)])
     weights = torch.cat([torch.ones(size), valid[pick].float(), valid[pick].float()])
@@ -431,11 +446,12 @@ def forward_flops(model: Reference, batch: int, text_len: int, itm_pairs: float 
   per_example = {
       'vision': stem + sum(_self_attention(b.attn, n) + _mlp(b.mlp, n) for b in vision.layers),
       'text': sum(_self_attention(b.attn, text_len) + _mlp(b.mlp, text_len) for b in model.text.layers),
-      # Each pair projects its image's tokens to keys and values again (as xmodal's fusion encoder does).
-      'fusion': itm_pairs * sum(
-          _self_attention(b.attn, text_len) + _linear(b.cross_attn.query, text_len) + _linear(b.cross_attn.kv, n)
-          + _attention_core(text_len, n, b.cross_attn.out.in_features) + _linear(b.cross_attn.out, text_len)
-          + _mlp(b.mlp, text_len) for b in model.fusion.layers),
+      # Keys and values from an image's tokens once per pair, or once per image where the pairs outnumber them.
+      'fusion': sum(
+          itm_pairs * (_self_attention(b.attn, text_len) + _linear(b.cross_attn.query, text_len)
+                       + _attention_core(text_len, n, b.cross_attn.out.in_features)
+                       + _linear(b.cross_attn.out, text_len) + _mlp(b.mlp, text_len))
+          + min(itm_pairs, 1) * _linear(b.cross_attn.kv, n) for b in model.fusion.layers),
       # One pooled token per image and per text, one per pair; one row of the (B, B) similarity per example.
       'heads': (_linear(model.image_proj, 1) + _linear(model.text_proj, 1) + itm_pairs * _linear(model.itm_head, 1)
                 + 2 * batch * model.image_proj.out_features),

@@ -233,6 +233,32 @@ def test_max_pooling_projects_the_channel_wise_max_of_the_patch_tokens():
   assert not np.allclose(pooled, patches.mean(axis=1), atol=1e-3)  # not the mean the other pools take
 
 
+def test_match_by_image_index_equals_match_on_copies_with_gradients():
+  """Pairs that name their images by index (ITM's negatives reuse the batch's images, keys and values projected
+  once per image) score as the same pairs given copies of the images, and each image's gradient is the sum over
+  the pairs that read it."""
+  model = build(micro_model_config())
+  params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(3, 17, model.spec.vision.width)), jnp.float32)
+  text = jnp.asarray(rng.normal(size=(5, 8, model.spec.text.width)), jnp.float32)
+  mask = jnp.asarray(np.arange(8)[None, :] < np.array([8, 3, 5, 8, 1])[:, None])
+  index = jnp.array([2, 0, 2, 1, 2])
+
+  def scores(image_tokens, indexed):
+    if indexed:
+      logits = model.apply({'params': params}, text, mask, image_tokens, None, index, method=XModal.match)
+    else:
+      logits = model.apply({'params': params}, text, mask, image_tokens[index], method=XModal.match)
+    return jnp.sum(logits * jnp.array([[0.3, -1.0]])), logits
+
+  (_, by_index), grad_by_index = jax.value_and_grad(lambda x: scores(x, True), has_aux=True)(images)
+  (_, by_copy), grad_by_copy = jax.value_and_grad(lambda x: scores(x, False), has_aux=True)(images)
+  np.testing.assert_allclose(by_index, by_copy, atol=1e-5)
+  np.testing.assert_allclose(grad_by_index, grad_by_copy, atol=1e-5)
+  assert float(jnp.abs(grad_by_index[2]).sum()) > float(jnp.abs(grad_by_index[0]).sum())  # read three times
+
+
 @pytest.mark.slow  # initialises and runs three micro image towers
 def test_layer_scale_of_one_is_the_plain_block_and_small_starts_near_the_identity():
   config = micro_model_config()

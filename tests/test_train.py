@@ -28,15 +28,23 @@ def test_flop_count_matches_a_hand_count():
   patch = 2 * 4 * 48 * 8  # 4 patches x (48 -> 8)
   vit_layer = 2 * 5 * 8 * 24 + 2 * 5 * 8 * 8 + 2 * 2 * 5 * 5 * 8 + 2 * 2 * 5 * 8 * 16
   text_layer = 2 * 3 * 8 * 24 + 2 * 3 * 8 * 8 + 2 * 2 * 3 * 3 * 8 + 2 * 2 * 3 * 8 * 16
-  cross = 2 * 3 * 8 * 8 + 2 * 5 * 8 * 16 + 2 * 2 * 3 * 5 * 8 + 2 * 3 * 8 * 8
+  image_keys = 2 * 5 * 8 * 16  # cross-attention's K and V from one image's 5 tokens
+  cross = 2 * 3 * 8 * 8 + image_keys + 2 * 2 * 3 * 5 * 8 + 2 * 3 * 8 * 8
   heads = 2 * 8 * 4 * 2 + 3 * 2 * 8 * 2 + 2 * 2 * 4  # two projections, ITM head on 3 pairs, similarity row (B=2)
-  per_example = patch + vit_layer + text_layer + 3 * (text_layer + cross) + heads
+  # Three pairs per example share the batch's images: K and V once per image, not per pair.
+  per_example = patch + vit_layer + text_layer + 3 * (text_layer + cross) - 2 * image_keys + heads
   assert flops.train_flops(spec, batch=2) == 3 * 2 * per_example
-  # Without ITM the fusion encoder and its head do no work; with written negatives added, 4 pairs and 2 captions.
+  # Without ITM the fusion encoder and its head do no work; with written negatives added, 4 pairs (the fourth on an
+  # image already projected) and 2 captions.
   itm_head = 2 * 8 * 2
-  assert flops.train_flops(spec, batch=2, itm_pairs=0) == 3 * 2 * (per_example - 3 * (text_layer + cross + itm_head))
+  assert flops.train_flops(spec, batch=2, itm_pairs=0) == 3 * 2 * (
+      per_example - 3 * (text_layer + cross + itm_head) + 2 * image_keys)
   assert flops.train_flops(spec, batch=2, itm_pairs=4, extra_texts=1) == 3 * 2 * (
-      per_example + 2 * text_layer + cross + itm_head)
+      per_example + 2 * text_layer + cross - image_keys + itm_head)
+  # Every 4th example's 3 pairs: fewer pairs than images, each pair projects its own copy (batch 4: a similarity
+  # row of 4).
+  assert flops.train_flops(spec, batch=4, itm_pairs=0.75) == 3 * 4 * (
+      per_example - 2.25 * (text_layer + cross + itm_head) + 2 * image_keys + 2 * 2 * 4)
   # The momentum model with a queue of 6: ITC's two directions score B + 6 momentum keys (trained: forward and
   # backward), and the momentum towers and projections run forward once; distillation adds its similarities once.
   keys = 2 * 2 * (2 + 6) * 4

@@ -56,13 +56,21 @@ def _stem_flops(spec: ModelSpec) -> int:
   return total + 2 * patches * channels_in * v.width
 
 
+def fusion_image_passes(itm_pairs: float) -> float:
+  """Per example, how many times ITM's fusion pass projects image tokens to cross-attention keys and values, for
+  `itm_pairs` pairs per example: once per pair while there are no more pairs than images (each pair's own copy);
+  beyond that once per image of the batch, gathered for the pairs that reuse it (the negatives)."""
+  return min(itm_pairs, 1.0)
+
+
 def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
                   momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
                   regions: int = 0, phrase_len: int = 0) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
-  `LossWeights.itm_pairs`); its cross-attention projects the image tokens to keys and values once per pair.
+  `LossWeights.itm_pairs`); its cross-attention projects image tokens to keys and values `fusion_image_passes`
+  times per example.
   `extra_texts` x B more captions go through the text tower (the data's written negatives). With `mlm`, each
   corrupted caption goes through the text tower and the fusion encoder once more, and the MLM head scores every
   position against the vocabulary.
@@ -84,10 +92,12 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   vision = _stem_flops(spec) + v.depth * _layer(n, v.width, v.mlp_dim)
   text_one = t.depth * _layer(length, t.width, t.mlp_dim)
   text = (1 + extra_texts) * text_one
-  cross = (2 * length * t.width * t.width + 2 * n * v.width * (2 * t.width)  # Q; K and V from image tokens
+  image_keys = 2 * n * v.width * (2 * t.width)  # K and V from one image's tokens
+  cross = (2 * length * t.width * t.width + image_keys  # Q; K and V
            + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output
   fusion_pair = spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
-  fusion = itm_pairs * fusion_pair
+  # K and V are projected once per image where the pairs outnumber the images (train/objective.py's ITM).
+  fusion = itm_pairs * fusion_pair - (itm_pairs - fusion_image_passes(itm_pairs)) * spec.fusion_depth * image_keys
   projections = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim
   heads = projections + itm_pairs * 2 * t.width * 2
   similarity = 2 * batch * spec.embed_dim  # one row of the (B, B) similarity matrix per example

@@ -88,8 +88,13 @@ class Attention(nn.Module):
   init: str = 'bert'
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None) -> jax.Array:
-    """x (B, Lq, D), mask (B, Lk) bool, kv (B, Lk, Dkv) or None -> (B, Lq, D)."""
+  def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
+               kv_index: jax.Array | None = None) -> jax.Array:
+    """x (B, Lq, D), mask (B, Lk) bool, kv (B, Lk, Dkv) or None -> (B, Lq, D).
+
+    With `kv_index` (B,) int, `kv` holds (M, Lk, Dkv) distinct inputs and query row i reads `kv[kv_index[i]]`: keys
+    and values are projected once per distinct input and gathered, not once per query row.
+    """
     width = x.shape[-1]
     head_dim = width // self.heads
     if kv is None:
@@ -101,6 +106,8 @@ class Attention(nn.Module):
       q = Projection((self.heads, head_dim), ('heads', 'kv'), dtype=self.dtype, init=self.init, name='query')(x)
       kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
                            name='kv')(kv)
+      if kv_index is not None:
+        kv_proj = jnp.take(kv_proj, kv_index, axis=0)
       k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
     out = dot_product_attention(q, k, v, mask, impl=self.impl)
     return HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(out)
@@ -189,10 +196,12 @@ class FusionBlock(nn.Module):
   init: str = 'bert'  # KERNEL_INITS
 
   @nn.compact
-  def __call__(self, x, mask, image_tokens, image_mask):
+  def __call__(self, x, mask, image_tokens, image_mask, image_index=None):
+    """`image_index` None: row i reads image_tokens[i]; else image_tokens[image_index[i]] (image_mask is per row)."""
     attn = Attention(self.heads, self.dtype, self.impl, self.init, name='attn')
     x = LayerNorm(self.eps, self.dtype, name='ln1')(x + attn(x, mask))
-    cross = Attention(self.heads, self.dtype, self.impl, self.init, name='cross_attn')(x, image_mask, kv=image_tokens)
+    cross = Attention(self.heads, self.dtype, self.impl, self.init, name='cross_attn')(x, image_mask, kv=image_tokens,
+                                                                                     kv_index=image_index)
     x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)
     x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, self.init, name='mlp')(x))
     return constrain(x, 'batch', 'length', 'embed'), None

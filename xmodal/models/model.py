@@ -153,12 +153,13 @@ class XModal(nn.Module):
     return _normalize(self.image_proj(pooled))
 
   def match(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
-            image_mask: jax.Array | None = None) -> jax.Array:
+            image_mask: jax.Array | None = None, image_index: jax.Array | None = None) -> jax.Array:
     """(text tokens (B, L, Dt), text mask (B, L), image tokens (B, N, Dv)[, image mask (B, N)]) -> logits (B, 2).
 
-    Logit 1 is "matches", logit 0 "does not match" (ALBEF's order).
+    Logit 1 is "matches", logit 0 "does not match" (ALBEF's order). With `image_index` (B,) int, image tokens (and
+    mask) hold M images and text i is paired with image `image_index[i]` (`FusionEncoder`).
     """
-    fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask)
+    fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
 
   def predict_masked(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:

@@ -307,11 +307,14 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
   rng, written_rng = jax.random.split(rng)
   negatives = losses.sample_hard_negatives(rng, sim, batch.get('image_ids'), hardness)
   pick = slice(None, None, weights.itm_subsample)  # strided: every shard of a sharded batch keeps its share
-  # Rows: n positives, then n texts with their negative image, then n images with their negative text.
-  negative_image = image_tokens[negatives.image_for_text[pick]]
+  # Rows: n positives, then n texts with their negative image, then n images with their negative text. Rows name
+  # their image by its index in the batch; the fusion encoder projects each image's keys and values once and
+  # gathers them, where the pairs outnumber the batch's images (flops.fusion_image_passes).
+  own_image = jnp.arange(image_tokens.shape[0])[pick]
+  negative_image = negatives.image_for_text[pick]
   negative_text = text_tokens[negatives.text_for_image[pick]]
   negative_mask = batch['text_mask'][negatives.text_for_image[pick]]
-  image_tokens, text_tokens, text_mask = image_tokens[pick], text_tokens[pick], batch['text_mask'][pick]
+  text_tokens, text_mask = text_tokens[pick], batch['text_mask'][pick]
   negative_text_valid = negatives.text_for_image_valid[pick]
   written = written if weights.itm_written_negatives != 'off' else None
   if written is not None:
@@ -326,15 +329,21 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     negative_text_valid = use[:, 0, 0] | negative_text_valid
   pair_text = [text_tokens, text_tokens, negative_text]
   pair_mask = [text_mask, text_mask, negative_mask]
-  pair_image = [image_tokens, negative_image, image_tokens]
+  pair_image = [own_image, negative_image, own_image]
   negative_valid = [negatives.image_for_text_valid[pick], negative_text_valid]
   if written is not None and weights.itm_written_negatives == 'add':
     pair_text.append(written_tokens)
     pair_mask.append(written_mask)
-    pair_image.append(image_tokens)
+    pair_image.append(own_image)
     negative_valid.append(written_valid)
-  logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), jnp.concatenate(pair_image))
-  size = image_tokens.shape[0]
+  if flops.fusion_image_passes(weights.itm_pairs) < weights.itm_pairs:
+    logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), image_tokens,
+                          image_index=jnp.concatenate(pair_image))
+  else:  # no more pairs than images: projecting the pairs' own copies is less work
+    own_tokens = image_tokens[pick]
+    copies = [own_tokens if rows is own_image else image_tokens[rows] for rows in pair_image]
+    logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), jnp.concatenate(copies))
+  size = own_image.shape[0]
   itm, metrics = losses.matching_loss(logits[:size], logits[size:], jnp.concatenate(negative_valid))
   metrics['itm_hardness'] = hardness
   if written is not None:
