@@ -16,6 +16,7 @@ SHAPES = 'configs/shapes.py'
     ('model.text.width=130', 'model.text.width'),
     ('model.image_size=60', 'model.image_size'),
     ('model.attention=flash', 'model.attention'),
+    ('model.fusion_word_window=24', 'model.fusion_word_window'),
     ('nosuchsection.x=1', 'nosuchsection'),
 ])
 def test_bad_override_names_the_key(override, key):

@@ -356,3 +356,49 @@ import xmodal.models, xmodal.losses, xmodal.train.objective, xmodal.train.step, 
 assert 'tensorflow' not in sys.modules
 '''
   subprocess.run([sys.executable, '-c', code], check=True, timeout=120)
+
+
+def test_word_window_mixes_each_token_with_the_tokens_before_it_and_never_with_padding():
+  """WordWindow against a plain loop: token i becomes LN(x_i + b + sum_k W_k x_{i-k}) over the real tokens at most
+  `window` before it; a later token, a farther one or a padding token changes nothing."""
+  from xmodal.models.fusion import WordWindow
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 6, 8)).astype(np.float32)
+  mask = np.arange(6)[None, :] < np.array([6, 4])[:, None]
+  module = WordWindow(window=2, eps=1e-6, kernel_init='lecun')
+  params = nn.unbox(module.init(jax.random.key(0), x, mask)['params'])
+  params['bias'] = jnp.asarray(rng.normal(size=8), jnp.float32)
+  out = np.asarray(module.apply({'params': params}, x, mask))
+  kernel, bias = np.asarray(params['kernel'], np.float64), np.asarray(params['bias'], np.float64)
+  xm = np.where(mask[..., None], x, 0.0).astype(np.float64)
+  for b in range(2):
+    for i in range(6):
+      mixed = xm[b, i] + bias + sum(xm[b, i - k] @ kernel[k] for k in range(3) if i - k >= 0)
+      expected = (mixed - mixed.mean()) / np.sqrt(mixed.var() + 1e-6)  # the LayerNorm's scale 1, bias 0 at init
+      if mask[b, i]:
+        np.testing.assert_allclose(out[b, i], expected, atol=1e-4)
+  changed = x.copy()
+  changed[0, 2] += 1.0  # a real token: it and the two after it move; those before it and three after do not
+  changed[1, 5] += 1.0  # padding: nothing moves
+  moved = np.abs(np.asarray(module.apply({'params': params}, changed, mask)) - out).max(axis=-1) > 1e-6
+  np.testing.assert_array_equal(moved[0], [False, False, True, True, True, False])
+  assert not moved[1, :4].any()
+
+
+def test_word_window_is_a_fusion_parameter_and_changes_the_match():
+  config = micro_model_config()
+  config.fusion_word_window = 2
+  model = build(config)
+  params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  fusion = params['fusion']
+  assert fusion['word_window']['kernel'].shape == (3, config.text.width, config.text.width)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(2, 17, model.spec.vision.width)), jnp.float32)
+  text = jnp.asarray(rng.normal(size=(2, 8, model.spec.text.width)), jnp.float32)
+  mask = jnp.ones((2, 8), bool)
+  with_window = model.apply({'params': params}, text, mask, images, method=XModal.match)
+  zeroed = jax.tree.map(jnp.zeros_like, fusion['word_window'])
+  zeroed['ln'] = fusion['word_window']['ln']
+  without = model.apply({'params': {**params, 'fusion': {**fusion, 'word_window': zeroed}}}, text, mask, images,
+                        method=XModal.match)
+  assert not np.allclose(with_window, without, atol=1e-4)

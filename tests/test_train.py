@@ -62,6 +62,11 @@ def test_flop_count_matches_a_hand_count():
   config.vision.stem = 'conv'
   stem = 2 * 16 * 9 * 3 * 8 + 2 * 4 * 9 * 8 * 8 + 2 * 4 * 8 * 8
   assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * (per_example - patch + stem)
+  # A word window of 1 at the fusion encoder's input: each pair's 3 tokens mixed from 2 positions (16 -> 8).
+  config.fusion_word_window = 1
+  window = 2 * 3 * 16 * 8
+  assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * (
+      per_example - patch + stem + 3 * window)
 
 
 @pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis

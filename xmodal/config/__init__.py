@@ -266,6 +266,8 @@ def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> N
   _require(model.pool in POOLS, f'{prefix}.pool', f'{model.pool!r} is not one of {POOLS}')
   _require(model.fusion_init in KERNEL_INITS, f'{prefix}.fusion_init',
            f'{model.fusion_init!r} is not one of {KERNEL_INITS}')
+  _require(0 <= model.fusion_word_window < model.max_text_len, f'{prefix}.fusion_word_window',
+           f'must be in [0, max_text_len={model.max_text_len}), got {model.fusion_word_window}')
   _require(model.dtype in COMPUTE_DTYPES, f'{prefix}.dtype', f'{model.dtype!r} is not one of {COMPUTE_DTYPES}')
   _require(0.001 <= model.temperature_init <= 0.5, f'{prefix}.temperature_init',
            f'{model.temperature_init} is outside [0.001, 0.5]')

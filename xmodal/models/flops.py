@@ -95,7 +95,8 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   image_keys = 2 * n * v.width * (2 * t.width)  # K and V from one image's tokens
   cross = (2 * length * t.width * t.width + image_keys  # Q; K and V
            + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output
-  fusion_pair = spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
+  word_window = 2 * length * (spec.fusion_word_window + 1) * t.width * t.width if spec.fusion_word_window else 0
+  fusion_pair = word_window + spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
   # K and V are projected once per image where the pairs outnumber the images (train/objective.py's ITM).
   fusion = itm_pairs * fusion_pair - (itm_pairs - fusion_image_passes(itm_pairs)) * spec.fusion_depth * image_keys
   projections = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim

@@ -69,6 +69,7 @@ class ModelSpec:
   scan_layers: bool = True
   mlm_head: bool = False
   fusion_init: str = 'bert'
+  fusion_word_window: int = 0
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> ModelSpec:
@@ -91,7 +92,7 @@ class XModal(nn.Module):
     self.text = TextEncoder(s.text.vocab_size, s.text.width, s.text.depth, s.text.heads, s.text.mlp_dim,
                             s.text.max_positions, s.text.type_vocab_size, s.text.layer_norm_eps, **common)
     self.fusion = FusionEncoder(s.fusion_depth, s.text.heads, s.text.mlp_dim, s.text.layer_norm_eps,
-                                 init=s.fusion_init, **common)
+                                 init=s.fusion_init, word_window=s.fusion_word_window, **common)
     dense = lambda features, name: nn.Dense(
         features, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
         kernel_init=layers.with_names(layers.default_kernel_init, 'embed', None),
