@@ -80,7 +80,7 @@ def synthetic_match(text_tokens, text_mask, image_tokens):
   return jnp.stack([-s, s], axis=-1)
 
 
-def pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, score):
+def pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, score, temperature):
   """One (text, image) pair per match call, top-k by full sort of each query's similarities."""
   num_images, num_texts = sim.shape
   i2t = np.full(sim.shape, -np.inf)
@@ -88,7 +88,8 @@ def pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, sco
 
   def pair_score(i, j):
     logit = float(match_one(text_tokens[j:j + 1], text_mask[j:j + 1], image_tokens[i:i + 1])[0, 1])
-    return logit + (float(sim[i, j]) if score == 'itm+itc' else 0.0)
+    itc = {'itm': 0.0, 'itm+itc': float(sim[i, j]), 'itm+itc_logit': float(sim[i, j]) / temperature}[score]
+    return logit + itc
 
   for i in range(num_images):
     for j in np.argsort(-sim[i])[:k]:
@@ -99,15 +100,23 @@ def pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, sco
   return i2t, t2i
 
 
-def check_rerank(match_fn, match_one, image_tokens, text_tokens, text_mask, sim, t2i, k, chunk_size, score, atol):
+def check_rerank(match_fn, match_one, image_tokens, text_tokens, text_mask, sim, t2i, k, chunk_size, score, atol,
+                 temperature=0.05):
   got_i2t, got_t2i = evaluation.rerank.rerank(match_fn, image_tokens, text_tokens, text_mask, sim, k, chunk_size,
-                                                score)
-  want_i2t, want_t2i = pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, score)
+                                                score, temperature=temperature)
+  want_i2t, want_t2i = pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, score, temperature)
   for got, want in ((got_i2t, want_i2t), (got_t2i, want_t2i)):
     np.testing.assert_array_equal(np.isinf(got), np.isinf(want))  # the same top-k candidates
     np.testing.assert_allclose(got[np.isfinite(want)], want[np.isfinite(want)], atol=atol, rtol=1e-4)
   assert_metrics_close(evaluation.retrieval_metrics(got_i2t, t2i, sim_t2i=got_t2i),
                        brute_force_metrics(want_i2t, t2i, want_t2i))
+
+
+def test_the_logit_score_needs_a_temperature():
+  args = (jax.jit(synthetic_match), np.zeros((2, 5, 4), np.float32), np.zeros((2, 6, 4), np.float32),
+          np.ones((2, 6), np.int32), np.eye(2, dtype=np.float32), 1)
+  with pytest.raises(ValueError, match='temperature'):
+    evaluation.rerank.rerank(*args, score='itm+itc_logit')
 
 
 @pytest.mark.parametrize('score', evaluation.ITM_SCORES)
@@ -169,7 +178,7 @@ def test_rerank_with_perfect_itm_over_all_candidates_ranks_perfectly():
   assert evaluation.retrieval_metrics(sim, t2i)['r_mean'] < 90  # ITC alone is far from perfect
   for score in evaluation.ITM_SCORES:
     i2t, t2i_scores = evaluation.rerank.rerank(jax.jit(perfect_match), image_tokens, text_tokens, text_mask, sim,
-                                      k=t2i.size, chunk_size=16, score=score)
+                                      k=t2i.size, chunk_size=16, score=score, temperature=1.0)
     metrics = evaluation.retrieval_metrics(i2t, t2i, sim_t2i=t2i_scores)
     assert all(v == 100.0 for v in metrics.values()), (score, metrics)
 

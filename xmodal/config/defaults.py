@@ -104,7 +104,7 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
   })
   config.eval = ml_collections.ConfigDict({
       'k': 128,  # ITC candidates re-ranked by ITM per query (ALBEF: 128 Flickr30K, 256 COCO)
-      'score': 'itm',  # 'itm' (ALBEF) or 'itm+itc' (BLIP)
+      'score': 'itm',  # 'itm' (ALBEF), 'itm+itc' (BLIP) or 'itm+itc_logit' (evaluation/rerank.py)
       'chunk_size': 256,  # (query, candidate) pairs per fusion-encoder call
       'binding_split': '',  # a split of (true, hard negative) caption pairs, e.g. 'test_hard' ('' = none)
       # What train.eval_every evaluates: a split to choose recipes on ('' = none), its first `validation_images`

@@ -7,6 +7,10 @@ by that score and every other candidate scores -inf, i.e. ranks below all of the
 Score variants ('itm_score' in the config):
   'itm'      the ITM logit of class 1 ("match"), as ALBEF ranks (the raw logit, not its softmax probability).
   'itm+itc'  that logit plus the pair's ITC cosine similarity, as BLIP ranks.
+  'itm+itc_logit'  that logit plus the pair's ITC logit (cosine / the model's temperature): both are log-odds, so
+             the sum weighs each model by its own confidence. On the shapes data, where ITM knows colour binding but
+             not relations, ITC's cosine is ~40x too weak beside ITM's logit and re-ranking by 'itm+itc' loses
+             t2i R@1 that this score gains (docs/shapes_recipe.md, "Re-ranking by both logits").
 
 Pairs come from both directions (image queries over texts, text queries over images); a pair in both top-k sets is
 scored once. Image and text tokens are computed once per item (`embed.embed_dataset`) and gathered per pair.
@@ -30,7 +34,7 @@ import numpy as np
 from xmodal.inference.ranking import top_k
 from xmodal.models.model import XModal
 
-ITM_SCORES = ('itm', 'itm+itc')
+ITM_SCORES = ('itm', 'itm+itc', 'itm+itc_logit')
 
 # (text tokens (P, L, Dt), text mask (P, L), image tokens (P, N, Dv)) -> match logits (P, 2).
 MatchFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -111,7 +115,8 @@ def score_pairs(match_fn: MatchFn, text_tokens, text_mask, image_tokens, text_id
 
 
 def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndarray, k: int, chunk_size: int = 256,
-           score: str = 'itm', progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
+           score: str = 'itm', progress: Progress | None = None, temperature: float | None = None
+           ) -> tuple[np.ndarray, np.ndarray]:
   """Re-ranked score matrices of both directions.
 
   Args:
@@ -124,6 +129,7 @@ def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndar
     chunk_size: pairs per fusion call.
     score: one of `ITM_SCORES`.
     progress: optional, over the distinct pairs of both directions; see `Progress`.
+    temperature: ITC's temperature (`XModal.temperature`); needed by score 'itm+itc_logit'.
 
   Returns:
     (i2t, t2i), both (num_images, num_texts) float32 indexed [image, text]: i2t ranks texts for each image (row),
@@ -132,6 +138,8 @@ def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndar
   """
   if score not in ITM_SCORES:
     raise ValueError(f'unknown ITM score {score!r}; valid: {ITM_SCORES}')
+  if score == 'itm+itc_logit' and not (temperature and temperature > 0):
+    raise ValueError(f"score 'itm+itc_logit' needs ITC's temperature (> 0), got {temperature}")
   if k < 1 or chunk_size < 1:
     raise ValueError(f'k and chunk_size must be positive, got k={k}, chunk_size={chunk_size}')
   sim = np.asarray(sim, np.float32)
@@ -152,6 +160,8 @@ def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndar
                             progress)
   if score == 'itm+itc':
     pair_scores = pair_scores + sim[pair_images, pair_texts]
+  elif score == 'itm+itc_logit':
+    pair_scores = pair_scores + sim[pair_images, pair_texts] / np.float32(temperature)
   scores = pair_scores[inverse]
   split = i2t_texts.size
   i2t = np.full(sim.shape, -np.inf, np.float32)

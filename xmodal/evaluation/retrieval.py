@@ -76,7 +76,7 @@ def binding_accuracy(match_fn: MatchFn, binding: BindingSet, chunk_size: int = 2
 
 def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, chunk_size: int = 256,
                        score: str = 'itm', binding: BindingSet | None = None,
-                       progress: Progress | None = None) -> dict[str, Any]:
+                       progress: Progress | None = None, temperature: float | None = None) -> dict[str, Any]:
   """ITC-only and ITC top-k + ITM re-ranked retrieval metrics of an embedded split, and binding accuracy.
 
   Args:
@@ -87,6 +87,7 @@ def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, c
     score: the re-ranking score, one of `ITM_SCORES`.
     binding: optional hard-negative set (e.g. xmodal_shapes test_hard).
     progress: optional, told the pairs re-ranked so far and in all (`rerank.Progress`).
+    temperature: ITC's temperature, for score 'itm+itc_logit'.
 
   Returns:
     {'itc': metrics[, 'itc+itm': metrics][, 'binding': {'itc', 'itm', 'count'}]}, metrics keyed by `METRIC_KEYS`.
@@ -95,7 +96,7 @@ def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, c
   results: dict[str, Any] = {'itc': retrieval_metrics(sim, embedded.text_to_image)}
   if k > 0:
     i2t, t2i = rerank(match_fn, embedded.image_tokens, embedded.text_tokens, embedded.text_mask, sim, k,
-                      chunk_size=chunk_size, score=score, progress=progress)
+                      chunk_size=chunk_size, score=score, progress=progress, temperature=temperature)
     results['itc+itm'] = retrieval_metrics(i2t, embedded.text_to_image, sim_t2i=t2i)
   if binding is not None:
     results['binding'] = binding_accuracy(match_fn, binding, chunk_size)

@@ -112,7 +112,8 @@ def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache,
   try:
     results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=k,
                                     chunk_size=config.eval.chunk_size, score=config.eval.score, binding=binding,
-                                    progress=rerank_bar)
+                                    progress=rerank_bar,
+                                    temperature=float(model.apply(variables, method=XModal.temperature)))
   finally:
     if rerank_bar is not None:
       rerank_bar.close()
