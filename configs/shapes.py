@@ -6,8 +6,9 @@ Renders xmodal_shapes into tfds' data_dir on first use (no download; `--config.d
 for `train.steps` at batch 64, then prints ITC and ITC + ITM re-ranking recalls on the 1,000-image test split and
 the attribute-binding accuracy on test_hard, and draws WORKDIR/curves.png.
 
-Expected (2-core AMD EPYC, 8 min 0 s): ITC R@1 t2i 43.2, i2t 41.3 (oracle 69.6 / 67.2); ITC+ITM about the same;
-binding ITC 51.9, ITM 49.2 (chance). docs/shapes_recipe.md has how the recipe was chosen.
+Expected (2-core AMD EPYC, 10 min 45 s to 11 min 30 s): ITC R@1 t2i 41.7, i2t 39.7 (oracle 69.6 / 67.2); ITC+ITM
+49.4 / 48.9; binding ITC 49.9, ITM 65.2 (swapped colours told apart, reversed relations at chance).
+docs/shapes_recipe.md has how the recipe was chosen.
 
 Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; steps — training steps.
 """
