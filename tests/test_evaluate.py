@@ -264,6 +264,12 @@ def test_binding_accuracy_matches_hand_computation():
   swapped = evaluation.BindingSet(image_emb, image_tokens, binding.negative, binding.true)
   assert evaluation.binding_accuracy(jax.jit(perfect_match), swapped, chunk_size=3) == pytest.approx({
       'itc': 25.0, 'itm': 25.0, 'count': 4, 'itm_spread': np.sqrt(93.75)})
+  # By kind: images 0 and 1 win ITM, 2 and 3 do not; ITC wins 0 and 3.
+  labelled = dataclasses.replace(binding, kinds=np.array(['colours', 'colours', 'relation', 'relation']))
+  assert evaluation.binding_accuracy(jax.jit(perfect_match), labelled, chunk_size=3)['kinds'] == {
+      'colours': {'itc': 50.0, 'itm': 100.0, 'count': 2}, 'relation': {'itc': 50.0, 'itm': 0.0, 'count': 2}}
+  with pytest.raises(ValueError, match='3 binding kinds for 4 images'):
+    evaluation.binding_accuracy(jax.jit(perfect_match), dataclasses.replace(binding, kinds=np.array(['a'] * 3)))
   # An ITM that answers the same for every pair: spread 0, and every pair a tie, so accuracy 0, not 50.
   constant = jax.jit(lambda text_tokens, text_mask, image_tokens: jnp.zeros((text_tokens.shape[0], 2)))
   assert evaluation.binding_accuracy(constant, binding, chunk_size=3) == pytest.approx({
@@ -330,3 +336,8 @@ def test_evaluate_retrieval_and_table():
   assert lines[0].split()[:3] == ['i2t', 'R@1', 'R@5'] and lines[1].startswith('ITC ')
   assert lines[2].split() == ['ITC+ITM'] + ['100.00'] * 7
   assert 'binding accuracy (12 images)' in table and 'zero-shot top-1: 42.00' in table
+  kinds = np.array(['colours'] * 5 + ['relation'] * 7)
+  by_kind = evaluation.evaluate_retrieval(embedded, jax.jit(perfect_match), k=2, chunk_size=32,
+                                          binding=dataclasses.replace(binding, kinds=kinds))
+  table = evaluation.format_table(by_kind)
+  assert '  colours (5 images): ITC' in table and '  relation (7 images): ITC' in table

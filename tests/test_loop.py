@@ -87,6 +87,10 @@ def test_validation_curves_and_the_oracle_are_written(shapes_dir, tmp_path):
   # The final evaluation reads the test split once, with its oracle row.
   assert results['split'] == 'test' and results['oracle']['t2i_r1'] >= results['itc']['t2i_r1']
   assert 'oracle' in loop.evaluation.format_table(results)
+  # Binding also per kind of negative, read from test_hard's captions, every pair counted once.
+  kinds = results['binding']['kinds']
+  assert set(kinds) <= {'colours', 'relation'} and sum(k['count'] for k in kinds.values()) == results['binding']['count']
+  assert f'  {next(iter(kinds))} (' in loop.evaluation.format_table(results)
   with Image.open(tmp_path / 'run' / 'curves.png') as png:
     assert png.format == 'PNG' and png.size[0] > 500
 

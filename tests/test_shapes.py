@@ -182,6 +182,35 @@ def test_hard_negative_breaks_exactly_one_binding(builder):
   assert kinds['colors'] and kinds['relation'], kinds
 
 
+def test_binding_kind_reads_what_the_hard_pair_broke():
+  from xmodal.data.shapes import captions as shapes_captions
+  kind = shapes_captions.binding_kind
+  assert kind('a red circle left of a blue box', 'a blue circle left of a red box') == 'colours'
+  assert kind('a red circle left of a blue box', 'a blue box left of a red circle') == 'relation'
+  assert kind('a red circle above one small blue box', 'a small blue box above one red circle') == 'relation'
+  # Phrases that differ only in colour: the phrase swap is the colour swap.
+  assert kind('a red circle below a blue circle', 'a blue circle below a red circle') == 'colours'
+  assert kind('a red circle left of a blue box', 'a red box left of a blue circle') == 'relation'  # not colours
+  with pytest.raises(ValueError, match='different lengths'):
+    kind('a red circle left of a blue box', 'a small blue box left of a red circle')
+  # Against the kind `hard_pair` drew, on generated scenes.
+  rng = np.random.default_rng(3)
+  counts = collections.Counter()
+  for _ in range(300):
+    pair = shapes_captions.hard_pair(shapes_render.sample_scene(rng, 64, min_objects=2), rng)
+    if pair is None:
+      continue
+    positive, negative, drawn = pair
+    read = kind(positive, negative)
+    counts[drawn, read] += 1
+    if drawn == 'colors':
+      assert read == 'colours', (positive, negative)
+    elif read == 'colours':  # a relation reversal that reads as a colour swap: its phrases differ in colour only
+      changed = [(a, b) for a, b in zip(positive.split(), negative.split()) if a != b]
+      assert len(changed) == 2, (positive, negative)
+  assert counts['relation', 'relation'] > 50 and counts['colors', 'colours'] > 50, counts
+
+
 def test_training_images_carry_a_false_negative_per_caption(builder):
   from xmodal.data.shapes import captions as shapes_captions
   for record in _records(builder, 'train'):

@@ -27,11 +27,14 @@ class BindingSet:
   """Images each with a true caption and a hard negative (e.g. colours swapped between shapes).
 
   image_emb (B, E), image_tokens (B, N, Dv); `true` and `negative` hold B texts each, row b belonging to image b.
+  kinds: optional (B,) labels of what each negative breaks (e.g. 'colours', 'relation'): accuracy is also reported
+  per label.
   """
   image_emb: np.ndarray
   image_tokens: np.ndarray
   true: Texts
   negative: Texts
+  kinds: np.ndarray | None = None
 
 
 def binding_set_from_pairs(embedded: Embedded) -> BindingSet:
@@ -56,7 +59,8 @@ def binding_accuracy(match_fn: MatchFn, binding: BindingSet, chunk_size: int = 2
   Returns:
     {'itc': percent, 'itm': percent, 'count': number of images, 'itm_spread': the standard deviation of ITM's scores
     over all 2B pairs}. A spread near zero says ITM gives every pair the same score (a fusion encoder at its prior):
-    its accuracy then counts rounding noise and ties, and can read below 50.
+    its accuracy then counts rounding noise and ties, and can read below 50. With `binding.kinds`, also
+    'kinds': {label: {'itc', 'itm', 'count'}} over each label's images, labels sorted.
   """
   image_emb = np.asarray(binding.image_emb, np.float32)
   count = image_emb.shape[0]
@@ -70,8 +74,17 @@ def binding_accuracy(match_fn: MatchFn, binding: BindingSet, chunk_size: int = 2
     return itc, itm
 
   (true_itc, true_itm), (neg_itc, neg_itm) = scores(binding.true), scores(binding.negative)
-  return {'itc': pairwise_accuracy(true_itc, neg_itc), 'itm': pairwise_accuracy(true_itm, neg_itm),
-          'count': count, 'itm_spread': float(np.std(np.concatenate([true_itm, neg_itm])))}
+  result = {'itc': pairwise_accuracy(true_itc, neg_itc), 'itm': pairwise_accuracy(true_itm, neg_itm),
+            'count': count, 'itm_spread': float(np.std(np.concatenate([true_itm, neg_itm])))}
+  if binding.kinds is not None:
+    kinds = np.asarray(binding.kinds)
+    if kinds.shape != (count,):
+      raise ValueError(f'{kinds.shape[0] if kinds.ndim else kinds.size} binding kinds for {count} images')
+    result['kinds'] = {str(kind): {'itc': pairwise_accuracy(true_itc[kinds == kind], neg_itc[kinds == kind]),
+                                   'itm': pairwise_accuracy(true_itm[kinds == kind], neg_itm[kinds == kind]),
+                                   'count': int(np.sum(kinds == kind))}
+                       for kind in sorted(set(kinds.tolist()))}
+  return result
 
 
 def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, chunk_size: int = 256,
@@ -125,6 +138,8 @@ def format_table(results: dict[str, Any]) -> str:
     b = results['binding']
     lines.append(f'binding accuracy ({b["count"]} images): ITC {b["itc"]:.2f}  ITM {b["itm"]:.2f}'
                  f'  (ITM scores spread {b["itm_spread"]:.3g})')
+    for kind, k in b.get('kinds', {}).items():
+      lines.append(f'  {kind} ({k["count"]} images): ITC {k["itc"]:.2f}  ITM {k["itm"]:.2f}')
   if 'zero_shot' in results:
     lines.append(f'zero-shot top-1: {results["zero_shot"]:.2f}')
   return '\n'.join(lines)

@@ -7,6 +7,7 @@ the validation split (eval.validation_*) every train.eval_every steps, to choose
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -107,7 +108,11 @@ def _evaluate(config, model, params, mesh, data, binding_split, k, local, cache,
   binding = None
   if binding_split:
     pairs, _ = batches(('binding', binding_split), lambda: pipeline.binding_iterator(data, binding_split, **local))
-    binding = ev.binding_set_from_pairs(ev.embed_dataset(model, variables, with_bar(binding_split, pairs), mesh))
+    embedded_pairs = ev.embed_dataset(model, variables, with_bar(binding_split, pairs), mesh)
+    binding = ev.binding_set_from_pairs(embedded_pairs)
+    kinds = binding_kinds(data.tfds_name, data.tfds_data_dir, binding_split) if data.source == 'tfds' else None
+    if kinds is not None:
+      binding = dataclasses.replace(binding, kinds=np.array([kinds[int(i)] for i in embedded_pairs.image_ids]))
   rerank_bar = _Bar('ITM re-rank', 'pair') if progress and k > 0 else None
   try:
     results = ev.evaluate_retrieval(embedded, ev.match_fn_for(model, variables), k=k,
@@ -180,6 +185,18 @@ def oracle_metrics(tfds_name: str, data_dir: str, split: str) -> dict[str, float
   scenes, captions = shapes.read_split(builder, split)
   text_to_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
   return oracle.oracle_metrics(scenes, [c for cs in captions for c in cs], text_to_image)
+
+
+@functools.lru_cache(maxsize=8)
+def binding_kinds(tfds_name: str, data_dir: str, split: str) -> dict[int, str] | None:
+  """image_id -> what its negative breaks ('colours' or 'relation') on a hard split of xmodal_shapes; None for any
+  other dataset. Cached like `oracle_metrics`."""
+  from xmodal.data import sources
+  from xmodal.data.shapes import builder as shapes
+  builder = sources.tfds_builder(tfds_name, data_dir)
+  if builder.name != 'xmodal_shapes':
+    return None
+  return shapes.read_binding_kinds(builder, split)
 
 
 def flatten(results: dict[str, Any]) -> dict[str, float]:

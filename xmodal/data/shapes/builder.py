@@ -250,6 +250,19 @@ def load_split(split: str, data_dir: str | None = None, config: ShapesConfig | N
   return read_split(builder, split)
 
 
+def read_binding_kinds(builder: tfds.core.DatasetBuilder, split: str) -> dict[int, str]:
+  """image_id -> the binding its hard pair breaks (`shapes_captions.binding_kind`), for a hard split (`HARD_SPLITS`,
+  sliced or not) of a prepared xmodal_shapes builder."""
+  source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+  text = lambda value: value.decode() if isinstance(value, bytes) else str(value)
+  kinds = {}
+  for i in range(len(source)):
+    record = source[i]
+    kinds[int(record['image_id'])] = shapes_captions.binding_kind(text(record['captions'][0]),
+                                                                  text(record['negative_caption']))
+  return kinds
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str
                ) -> tuple[list[shapes_render.Scene], list[list[str]]]:
   """`load_split` of any prepared xmodal_shapes builder (e.g. `tfds.builder_from_directory` of a version folder);

@@ -202,6 +202,27 @@ def hard_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | 
   return None
 
 
+BINDING_KINDS = ('colours', 'relation')  # what a hard pair's negative breaks, as `binding_kind` reads it
+
+
+def binding_kind(true: str, negative: str) -> str:
+  """Which binding a `hard_pair` negative breaks, read from the two texts: 'colours' when they differ in exactly two
+  words, two colour words that trade places; 'relation' otherwise (the two noun phrases swapped).
+
+  A pair whose phrases differ only in colour ("a red circle left of a blue circle") reads as 'colours' whichever way
+  it was written: swapping those phrases and swapping their colours give the same text.
+  """
+  a, b = true.split(), negative.split()
+  if len(a) != len(b):
+    raise ValueError(f'not a hard pair (different lengths): {true!r} / {negative!r}')
+  changed = [i for i in range(len(a)) if a[i] != b[i]]
+  colour = lambda word: word in _CANONICAL[id(COLOR_WORDS)]
+  if (len(changed) == 2 and all(colour(a[i]) for i in changed)
+      and (a[changed[0]], a[changed[1]]) == (b[changed[1]], b[changed[0]])):
+    return 'colours'
+  return 'relation'
+
+
 @dataclasses.dataclass(frozen=True)
 class Statement:
   """What one reading of a caption states.
