@@ -6,8 +6,9 @@ Renders xmodal_shapes into tfds' data_dir on first use (no download; `--config.d
 for `train.steps` at batch 64, then prints ITC and ITC + ITM re-ranking recalls on the 1,000-image test split and
 the attribute-binding accuracy on test_hard, and draws WORKDIR/curves.png.
 
-Expected (2-core AMD EPYC, 10 min 45 s to 11 min 30 s): ITC R@1 t2i 41.7, i2t 39.7 (oracle 69.6 / 67.2); ITC+ITM
-49.4 / 48.9; binding ITC 49.9, ITM 65.2 (swapped colours told apart, reversed relations at chance).
+Expected (2-core AMD EPYC, 10 min 45 s to 11 min 30 s; 14 min 15 s on a slower one): ITC R@1 t2i 41.7, i2t 39.7
+(oracle 69.6 / 67.2); ITC+ITM 49.4 / 48.9; binding ITC 49.9, ITM 65.2 (swapped colours 82.4, reversed relations 49.8:
+chance).
 docs/shapes_recipe.md has how the recipe was chosen.
 
 Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; steps — training steps.
@@ -16,7 +17,7 @@ Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; 
 from xmodal import config as config_lib
 from xmodal.config.defaults import base_config
 
-STEPS = 800  # with the evaluation, fits in twelve minutes on a 2-core CPU (README, "Shapes run")
+STEPS = 800  # with the evaluation, twelve minutes on README's 2-core CPU, fourteen on a slower one ("Shapes run")
 
 
 def get_config(arg=None):
