@@ -79,11 +79,12 @@ def binding_accuracy(match_fn: MatchFn, binding: BindingSet, chunk_size: int = 2
   if binding.kinds is not None:
     kinds = np.asarray(binding.kinds)
     if kinds.shape != (count,):
-      raise ValueError(f'{kinds.shape[0] if kinds.ndim else kinds.size} binding kinds for {count} images')
-    result['kinds'] = {str(kind): {'itc': pairwise_accuracy(true_itc[kinds == kind], neg_itc[kinds == kind]),
-                                   'itm': pairwise_accuracy(true_itm[kinds == kind], neg_itm[kinds == kind]),
-                                   'count': int(np.sum(kinds == kind))}
-                       for kind in sorted(set(kinds.tolist()))}
+      raise ValueError(f'{kinds.size} binding kinds for {count} images')
+    result['kinds'] = {}
+    for kind in sorted(set(kinds.tolist())):
+      rows = kinds == kind
+      result['kinds'][str(kind)] = {'itc': pairwise_accuracy(true_itc[rows], neg_itc[rows]),
+                                    'itm': pairwise_accuracy(true_itm[rows], neg_itm[rows]), 'count': int(rows.sum())}
   return result
 
 

@@ -176,11 +176,10 @@ def _split_size(data: ml_collections.ConfigDict, split: str) -> int | None:
 def oracle_metrics(tfds_name: str, data_dir: str, split: str) -> dict[str, float] | None:
   """The oracle's expected recalls (xmodal.evaluation.oracle) on a split of xmodal_shapes, whose records carry their
   scenes; None for any other dataset. Cached: a run validates the same slice many times."""
-  from xmodal.data import sources
   from xmodal.data.shapes import builder as shapes
   from xmodal.evaluation import oracle
-  builder = sources.tfds_builder(tfds_name, data_dir)
-  if builder.name != 'xmodal_shapes':
+  builder = _shapes_builder(tfds_name, data_dir)
+  if builder is None:
     return None
   scenes, captions = shapes.read_split(builder, split)
   text_to_image = np.repeat(np.arange(len(captions)), [len(c) for c in captions])
@@ -191,12 +190,16 @@ def oracle_metrics(tfds_name: str, data_dir: str, split: str) -> dict[str, float
 def binding_kinds(tfds_name: str, data_dir: str, split: str) -> dict[int, str] | None:
   """image_id -> what its negative breaks ('colours' or 'relation') on a hard split of xmodal_shapes; None for any
   other dataset. Cached like `oracle_metrics`."""
-  from xmodal.data import sources
   from xmodal.data.shapes import builder as shapes
+  builder = _shapes_builder(tfds_name, data_dir)
+  return None if builder is None else shapes.read_binding_kinds(builder, split)
+
+
+def _shapes_builder(tfds_name: str, data_dir: str):
+  """The tfds builder of `tfds_name` when it is xmodal_shapes, whose records carry their scenes; else None."""
+  from xmodal.data import sources
   builder = sources.tfds_builder(tfds_name, data_dir)
-  if builder.name != 'xmodal_shapes':
-    return None
-  return shapes.read_binding_kinds(builder, split)
+  return builder if builder.name == 'xmodal_shapes' else None
 
 
 def flatten(results: dict[str, Any]) -> dict[str, float]:

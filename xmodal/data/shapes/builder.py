@@ -250,27 +250,30 @@ def load_split(split: str, data_dir: str | None = None, config: ShapesConfig | N
   return read_split(builder, split)
 
 
+def _records(builder: tfds.core.DatasetBuilder, split: str) -> Iterator[dict[str, Any]]:
+  """The records of a split (sliced or not) in order, images left encoded."""
+  source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
+  return (source[i] for i in range(len(source)))
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def read_binding_kinds(builder: tfds.core.DatasetBuilder, split: str) -> dict[int, str]:
   """image_id -> the binding its hard pair breaks (`shapes_captions.binding_kind`), for a hard split (`HARD_SPLITS`,
   sliced or not) of a prepared xmodal_shapes builder."""
-  source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
-  text = lambda value: value.decode() if isinstance(value, bytes) else str(value)
-  kinds = {}
-  for i in range(len(source)):
-    record = source[i]
-    kinds[int(record['image_id'])] = shapes_captions.binding_kind(text(record['captions'][0]),
-                                                                  text(record['negative_caption']))
-  return kinds
+  return {int(record['image_id']): shapes_captions.binding_kind(_text(record['captions'][0]),
+                                                                _text(record['negative_caption']))
+          for record in _records(builder, split)}
 
 
 def read_split(builder: tfds.core.DatasetBuilder, split: str
                ) -> tuple[list[shapes_render.Scene], list[list[str]]]:
   """`load_split` of any prepared xmodal_shapes builder (e.g. `tfds.builder_from_directory` of a version folder);
   `split` may be sliced ('validation[:500]')."""
-  source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})
   scenes, captions = [], []
-  for i in range(len(source)):
-    record = source[i]
+  for record in _records(builder, split):
     scenes.append(record_scene(record))
-    captions.append([c.decode() if isinstance(c, bytes) else str(c) for c in record['captions']])
+    captions.append([_text(c) for c in record['captions']])
   return scenes, captions

@@ -202,9 +202,6 @@ def hard_pair(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str] | 
   return None
 
 
-BINDING_KINDS = ('colours', 'relation')  # what a hard pair's negative breaks, as `binding_kind` reads it
-
-
 def binding_kind(true: str, negative: str) -> str:
   """Which binding a `hard_pair` negative breaks, read from the two texts: 'colours' when they differ in exactly two
   words, two colour words that trade places; 'relation' otherwise (the two noun phrases swapped).
