@@ -182,33 +182,54 @@ def test_hard_negative_breaks_exactly_one_binding(builder):
   assert kinds['colors'] and kinds['relation'], kinds
 
 
-def test_binding_kind_reads_what_the_hard_pair_broke():
+def test_binding_kind_says_whether_only_the_relation_is_false():
   from xmodal.data.shapes import captions as shapes_captions
+  from xmodal.data.shapes.render import Obj, Scene
   kind = shapes_captions.binding_kind
-  assert kind('a red circle left of a blue box', 'a blue circle left of a red box') == 'colours'
-  assert kind('a red circle left of a blue box', 'a blue box left of a red circle') == 'relation'
-  assert kind('a red circle above one small blue box', 'a small blue box above one red circle') == 'relation'
-  # Phrases that differ only in colour: the phrase swap is the colour swap.
-  assert kind('a red circle below a blue circle', 'a blue circle below a red circle') == 'colours'
-  assert kind('a red circle left of a blue box', 'a red box left of a blue circle') == 'relation'  # not colours
-  with pytest.raises(ValueError, match='different lengths'):
-    kind('a red circle left of a blue box', 'a small blue box left of a red circle')
-  # Against the kind `hard_pair` drew, on generated scenes.
+
+  def scene(*objects):  # the first object left of the second (x 16 and 48)
+    return Scene(tuple(Obj(c, s, z, x, 32.0, 6.0) for (c, s, z), x in zip(objects, (16.0, 48.0, 32.0))), (0, 'left', 1))
+
+  red_circle_blue_box = scene(('red', 'circle', 'small'), ('blue', 'square', 'large'))
+  assert kind(red_circle_blue_box, 'a blue circle left of a red box') == 'colours'  # no blue circle, no red box
+  assert kind(red_circle_blue_box, 'a blue box left of a red circle') == 'relation'  # phrases swapped
+  assert kind(red_circle_blue_box, 'a large blue block is to the left of one small red disk') == 'relation'
+  # Objects that differ only in colour: swapping their colours is swapping them.
+  two_circles = scene(('red', 'circle', 'small'), ('blue', 'circle', 'small'))
+  assert kind(two_circles, 'a blue circle left of a red circle') == 'relation'
+  assert kind(two_circles, 'a small blue circle left of a red disk') == 'relation'
+  # ... unless their sizes tell them apart, and a phrase says so.
+  two_sizes = scene(('red', 'circle', 'small'), ('blue', 'circle', 'large'))
+  assert kind(two_sizes, 'a small blue circle left of a large red circle') == 'colours'
+  assert kind(two_sizes, 'a small blue circle left of a red circle') == 'colours'  # no small blue circle
+  assert kind(two_sizes, 'a blue circle left of a red circle') == 'relation'
+  # A third object can make a swapped phrase true.
+  with_third = scene(('red', 'circle', 'small'), ('blue', 'square', 'small'), ('blue', 'circle', 'small'))
+  assert kind(with_third, 'a blue circle left of a red square') == 'colours'
+  assert kind(with_third, 'a blue circle left of a red circle') == 'relation'  # the third is a blue circle
+  with pytest.raises(ValueError, match='states no relation'):
+    kind(red_circle_blue_box, 'a red circle and a blue box')
+  # Against the kind `hard_pair` drew, on generated scenes: a drawn relation reversal always reads as one; a drawn
+  # colour swap reads as a relation reversal exactly when the swapped objects have the same shape and size.
   rng = np.random.default_rng(3)
   counts = collections.Counter()
-  for _ in range(300):
-    pair = shapes_captions.hard_pair(shapes_render.sample_scene(rng, 64, min_objects=2), rng)
+  for _ in range(400):
+    generated = shapes_render.sample_scene(rng, 64, min_objects=2)
+    pair = shapes_captions.hard_pair(generated, rng)
     if pair is None:
       continue
     positive, negative, drawn = pair
-    read = kind(positive, negative)
+    read = kind(generated, negative)
     counts[drawn, read] += 1
-    if drawn == 'colors':
-      assert read == 'colours', (positive, negative)
-    elif read == 'colours':  # a relation reversal that reads as a colour swap: its phrases differ in colour only
-      changed = [(a, b) for a, b in zip(positive.split(), negative.split()) if a != b]
-      assert len(changed) == 2, (positive, negative)
+    if drawn == 'relation':
+      assert read == 'relation', (positive, negative, generated)
+    elif len(generated.objects) == 2:  # no third object that a swapped phrase could name
+      a, b = generated.objects
+      (statement,) = shapes_captions.parse_caption(positive)
+      no_sizes = all(phrase.size is None for phrase in statement.phrases)
+      assert (read == 'relation') == (a.shape == b.shape and (a.size == b.size or no_sizes)), (positive, negative)
   assert counts['relation', 'relation'] > 50 and counts['colors', 'colours'] > 50, counts
+  assert counts['colors', 'relation'] > 5, counts  # same-shape colour swaps occur
 
 
 def test_training_images_carry_a_false_negative_per_caption(builder):

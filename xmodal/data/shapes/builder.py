@@ -263,8 +263,7 @@ def _text(value) -> str:
 def read_binding_kinds(builder: tfds.core.DatasetBuilder, split: str) -> dict[int, str]:
   """image_id -> the binding its hard pair breaks (`shapes_captions.binding_kind`), for a hard split (`HARD_SPLITS`,
   sliced or not) of a prepared xmodal_shapes builder."""
-  return {int(record['image_id']): shapes_captions.binding_kind(_text(record['captions'][0]),
-                                                                _text(record['negative_caption']))
+  return {int(record['image_id']): shapes_captions.binding_kind(record_scene(record), _text(record['negative_caption']))
           for record in _records(builder, split)}
 
 
