@@ -18,7 +18,6 @@ other would not. What they share is the heap (glibc malloc) and the caches, one 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -30,21 +29,9 @@ import jax
 import numpy as np
 import torch
 
-import torch_reference  # this folder, which Python puts on the path for a script
-from xmodal import config as config_lib
+import config_args  # this folder, which Python puts on the path for a script
+import torch_reference
 from xmodal.train import bench, optim
-
-
-def _parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--config', required=True, help='a config file[:arg], e.g. configs/bench_cpu.py')
-  parser.add_argument('--rounds', type=int, default=3, help='A B rounds')
-  parser.add_argument('--steps', type=int, default=5, help='timed steps per side and round')
-  args, rest = parser.parse_known_args(argv)
-  unknown = [a for a in rest if not a.startswith('--config.')]
-  if unknown:
-    parser.error(f'unrecognised arguments: {" ".join(unknown)} (config overrides are --config.a.b=value)')
-  return args, rest
 
 
 def _timed(run_one: Callable[[], object], steps: int) -> list[float]:
@@ -114,8 +101,10 @@ def compare(config, rounds: int, steps: int) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args, overrides = _parse(argv)
-  config = config_lib.load(args.config, overrides)
+  parser = config_args.parser(__doc__.split('\n')[0], 'configs/bench_cpu.py')
+  parser.add_argument('--rounds', type=int, default=3, help='A B rounds')
+  parser.add_argument('--steps', type=int, default=5, help='timed steps per side and round')
+  args, config = config_args.parse(parser, argv)
   print(json.dumps(compare(config, args.rounds, args.steps)))
   return 0
 
