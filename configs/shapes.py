@@ -6,7 +6,7 @@ Renders xmodal_shapes into tfds' data_dir on first use (no download; `--config.d
 for `train.steps` at batch 64, then prints ITC and ITC + ITM re-ranking recalls on the 1,000-image test split and
 the attribute-binding accuracy on test_hard, and draws WORKDIR/curves.png.
 
-Expected (2-core AMD EPYC, 10 min 45 s to 11 min 30 s; 14 min 15 s on a slower one): ITC R@1 t2i 41.7, i2t 39.7
+Expected (2-core AMD EPYC, 10 min 45 s to 11 min 30 s; 14 to 16 min on a slower one): ITC R@1 t2i 41.7, i2t 39.7
 (oracle 69.6 / 67.2); ITC+ITM 49.4 / 48.9; binding ITC 49.9, ITM 65.2 (a colour on the wrong object 89.2,
 only the relation wrong 49.3: chance).
 docs/shapes_recipe.md has how the recipe was chosen.
