@@ -22,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -30,17 +29,9 @@ import numpy as np
 import torch
 
 import config_args  # this folder, which Python puts on the path for a script
+import timing
 import torch_reference
 from xmodal.train import bench, optim
-
-
-def _timed(run_one: Callable[[], object], steps: int) -> list[float]:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    run_one()
-    times.append(time.perf_counter() - start)
-  return times
 
 
 def compare(config, rounds: int, steps: int) -> dict:
@@ -75,7 +66,7 @@ def compare(config, rounds: int, steps: int) -> dict:
     for round_index in range(rounds):
       for name, run_one in sides.items():
         run_one()
-        round_times = _timed(run_one, steps)
+        round_times = timing.timed(run_one, steps)
         times[name] += round_times
         median = statistics.median(round_times)
         print(f'round {round_index + 1} {name:>6}: {median:.3f} s/step, {batch_size / median:.1f} examples/s',

@@ -24,12 +24,12 @@ import re
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Iterable, Sequence
 
 import jax
 
 import config_args  # this folder, which Python puts on the path for a script
+import timing
 from xmodal.train import bench
 
 # Operations that only contain others (their bodies' operations are traced on their own).
@@ -118,11 +118,7 @@ def profile(config, steps: int = 2, warmup: int = 3, timed: int = 4) -> dict:
   with step.context(), tempfile.TemporaryDirectory() as directory:
     for _ in range(warmup):
       step.run_one()
-    times = []
-    for _ in range(timed):
-      start = time.perf_counter()
-      step.run_one()
-      times.append(time.perf_counter() - start)
+    times = timing.timed(step.run_one, timed)
     durations = traced_durations(_trace_steps(step, steps, pathlib.Path(directory)), operations)
   if not durations:
     raise SystemExit('the trace holds no operation of the compiled step (did the profiler record the CPU client?)')

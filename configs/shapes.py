@@ -17,7 +17,7 @@ Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; 
 from xmodal import config as config_lib
 from xmodal.config.defaults import base_config
 
-STEPS = 800  # with the evaluation, twelve minutes on README's 2-core CPU, fourteen on a slower one ("Shapes run")
+STEPS = 800  # with the evaluation: twelve minutes on README's 2-core CPU, 14-16 on a slower one ("Shapes run")
 
 
 def get_config(arg=None):
