@@ -67,29 +67,47 @@ def test_flop_count_matches_a_hand_count():
   window = 2 * 3 * 16 * 8
   assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * (
       per_example - patch + stem + 3 * window)
+  # The Locator: one more fusion layer per pair (its K and V once per image), its head (8 -> 2) and the place's
+  # dense layer (2 -> 8); each of the now two cross-attentions reads where it looked: its 3 x 5 scores again, the
+  # weighted (x, y) of 2 heads, their projection (2 x 2 -> 8).
+  config.fusion_locator = True
+  where = 2 * 3 * 5 * 8 + 2 * 3 * 5 * 2 * 2 + 2 * 3 * 2 * 2 * 8
+  locator = text_layer + (cross - image_keys) + 2 * 3 * 8 * 2 + 2 * 3 * 2 * 8
+  with_locator = per_example - patch + stem + 3 * (window + locator + 2 * where) + image_keys
+  assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * with_locator
+  # Locating two phrases of 2 tokens per example (no region contrast): each through the text layer, the word
+  # window and the Locator's layer and head, against its image's K and V, projected once.
+  phrase_cross = 2 * 2 * 8 * 8 + 2 * 2 * 2 * 5 * 8 + 2 * 2 * 8 * 8
+  phrase_where = 2 * 2 * 5 * 8 + 2 * 2 * 5 * 2 * 2 + 2 * 2 * 2 * 2 * 8
+  phrase_locate = 2 * 2 * 16 * 8 + phrase_layer + phrase_cross + phrase_where + 2 * 2 * 8 * 2
+  assert flops.train_flops(ModelSpec.from_config(config), batch=2, regions=2, phrase_len=2, region_contrast=False,
+                           locate=True) == 3 * 2 * (with_locator + 2 * (phrase_layer + phrase_locate) + image_keys)
 
 
 @pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis
-@pytest.mark.parametrize('written, stem, mlm, momentum, regions', [
-    ('off', 'patch', False, False, 0), ('add', 'conv', False, False, 0), ('replace', 'patch', True, False, 0),
-    ('off', 'patch', True, True, 0), ('off', 'conv', False, False, 3)])
-def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, regions):
+@pytest.mark.parametrize('written, stem, mlm, momentum, regions, locate', [
+    ('off', 'patch', False, False, 0, False), ('add', 'conv', False, False, 0, False),
+    ('replace', 'patch', True, False, 0, False), ('off', 'patch', True, True, 0, False),
+    ('off', 'conv', False, False, 3, False), ('add', 'conv', False, False, 3, True)])
+def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, regions, locate):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs (with the
   momentum model: its forward, a queue of 32 and distillation of ITC and MLM, beside the loss's; with regions, their
-  phrases through the text tower and their projections)."""
+  phrases through the text tower and their projections; with `locate`, the fusion encoder's Locator on every pair
+  and on the phrases)."""
   from xmodal.losses import QueuedKeys
   from xmodal.train.objective import compute_loss, momentum_outputs
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
   config.model.vision.stem = stem
   config.model.mlm_head = mlm
+  config.model.fusion_locator = locate
   model = build(config.model)
   params = nn.unbox(state_lib.abstract_params(model))
   queue_size = 32 if momentum else 0
   weights = LossWeights(itm_written_negatives=written, mlm=float(mlm), mlm_mask_id=4,
                         mlm_vocab_size=config.model.text.vocab_size, momentum=0.995 * momentum,
                         queue_size=queue_size, distill_alpha=0.4 * momentum, region=float(regions > 0),
-                        regions_per_example=regions, phrase_len=8 if regions else 0)
+                        regions_per_example=regions, phrase_len=8 if regions else 0, locate=float(locate))
   batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True,
                                                     regions=(regions, 8) if regions else None))
 
@@ -102,7 +120,7 @@ def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, 
     return compute_loss(model, p, b, rng, weights, teacher=momentum_outputs(model, m, b, rng, weights), queue=queue)[0]
   xla = jax.jit(forward).lower(params, params, batch).compile().cost_analysis()['flops']
   ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts, mlm, momentum, queue_size,
-                                 momentum, regions=regions, phrase_len=weights.phrase_len).values())
+                                 momentum, regions=regions, phrase_len=weights.phrase_len, locate=locate).values())
   # At width 32 the elementwise work (LayerNorm, softmax, GELU; with MLM a log-softmax over the vocabulary at every
   # position) is a quarter of XLA's count; a missed matmul part (a tower, the fusion pairs) would cost far more.
   assert 0.7 * xla <= ours <= 1.05 * xla, (ours, xla)

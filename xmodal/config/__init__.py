@@ -173,8 +173,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if loss.get('region_weight', 0) > 0 and 'data' in config:
       _require(config.data.region_boxes_key, 'loss.region_weight',
                'needs regions from the data: set data.region_boxes_key and data.region_phrases_key')
+    if loss.get('locate_weight', 0) > 0:
+      if 'data' in config:
+        _require(config.data.region_boxes_key, 'loss.locate_weight',
+                 'needs regions from the data: set data.region_boxes_key and data.region_phrases_key')
+      if 'model' in config:
+        _require(config.model.get('fusion_locator', False), 'loss.locate_weight',
+                 'trains the fusion encoder\'s Locator: set model.fusion_locator=True')
     _validate_momentum(config)
-    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight'):
+    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight', 'locate_weight'):
       if name in loss:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
 

@@ -58,6 +58,10 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # region the data annotates (data.region_boxes_key), max-pooled from the patch tokens under its box, against
       # the phrase naming it (data.region_phrases_key). 0 = off.
       'region_weight': 0.0,
+      # Where each region's phrase is: the fusion encoder's Locator (model.fusion_locator) reads the phrase against
+      # its image and is trained, with this weight, towards the centre of the region's box (X-VLM's box prediction,
+      # per token; xmodal/losses/region.py). 0 = off.
+      'locate_weight': 0.0,
   })
   config.mesh = ml_collections.ConfigDict({
       # Sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the devices that are left.

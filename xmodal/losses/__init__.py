@@ -5,7 +5,8 @@
   matching.py     ITM: hard negatives sampled from the ITC similarity, and the matching cross-entropy
   masked_lm.py    MLM: BERT's corruption of the captions, and the cross-entropy at the corrupted positions (optionally
                   distilled from the momentum model's predictions)
-  region.py       region-phrase alignment (X-VLM): each annotated region's embedding against the phrase naming it
+  region.py       region-phrase alignment (X-VLM): each annotated region's embedding against the phrase naming it;
+                  and where each phrase is, against its box's centre
   ring.py         the ring (`shard_map`) form of both contrastive losses (`loss.chunked`): same values, memory per
                   device linear in the local batch
 
@@ -16,4 +17,4 @@ from xmodal.losses.contrastive import (QueuedKeys, contrastive_loss, momentum_co
                                       sigmoid_loss)
 from xmodal.losses.masked_lm import MaskedTokens, mask_tokens, masked_lm_loss, word_positions
 from xmodal.losses.matching import HardNegatives, matching_loss, sample_hard_negatives
-from xmodal.losses.region import region_phrase_loss
+from xmodal.losses.region import locate_loss, region_phrase_loss

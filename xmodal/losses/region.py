@@ -1,6 +1,7 @@
 """Region-phrase alignment (X-VLM's box-text contrast): each annotated region of an image, pooled from the patch
 tokens under its box (`XModal.embed_regions`), against the phrase that names it, InfoNCE over every region of the
-batch.
+batch. And where each phrase is (X-VLM's box prediction, per token): the fusion encoder's Locator against the centre
+of the phrase's box.
 
 ITC pools a whole image into one vector, and with it a small object's shape is a few patches among sixty; a region
 term tells the image tower what each object is where it is, and the text tower what each phrase names, which is
@@ -42,3 +43,23 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   loss = 0.5 * jnp.sum((per_row(logits, targets) + per_row(logits.T, targets.T)) * weight) / count
   acc = jnp.sum(accuracy(logits, positive, reduce=False) * weight) / count
   return loss, {'region_loss': loss, 'region_acc': acc}
+
+
+def locate_loss(positions: jax.Array, centres: jax.Array, mask: jax.Array, valid: jax.Array
+                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Squared distance between each phrase token's predicted place and its region's centre, averaged over the real
+  tokens of the valid phrases.
+
+  Args:
+    positions: (M, L, 2) predicted (x, y) per token (`XModal.locate`).
+    centres: (M, 2) each region's box centre in the same frame (`regions.box_centres`).
+    mask: (M, L) the phrases' token masks ([CLS] and [SEP] count: a phrase alone names one object).
+    valid: (M,) bool; False rows (padding) count for nothing.
+
+  Returns:
+    (loss, metrics) with 'locate_loss' and 'locate_error' (the root of the mean squared distance, in image sides).
+  """
+  weight = mask.astype(jnp.float32) * valid[:, None].astype(jnp.float32)
+  squared = jnp.sum((positions.astype(jnp.float32) - centres[:, None, :].astype(jnp.float32)) ** 2, axis=-1)
+  loss = jnp.sum(squared * weight) / jnp.maximum(jnp.sum(weight), 1.0)
+  return loss, {'locate_loss': loss, 'locate_error': jnp.sqrt(loss)}

@@ -70,3 +70,11 @@ def _library_attention(q, k, v, mask, implementation):
   out = jax.nn.dot_product_attention(pad(q, pad_q), pad(k, pad_k), pad(v, pad_k), key_value_seq_lengths=lengths,
                                      implementation=implementation)
   return out[:, :lq]
+
+
+def attended_positions(q: jax.Array, k: jax.Array, positions: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Where each query looks: (B, Lq, H, Dh) queries, (B, Lk, H, Dh) keys and (Lk, P) key positions -> (B, Lq, H, P)
+  float32, the attention-weighted mean of the key positions per head (the same weights as `dot_product_attention`'s
+  'xla' path, whichever path produced the values)."""
+  values = jnp.broadcast_to(positions.astype(jnp.float32)[None, :, None, :], (*k.shape[:3], positions.shape[-1]))
+  return _xla_attention(q.astype(jnp.float32), k.astype(jnp.float32), values, mask)

@@ -65,7 +65,8 @@ def fusion_image_passes(itm_pairs: float) -> float:
 
 def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
                   momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
-                  regions: int = 0, phrase_len: int = 0) -> dict[str, int]:
+                  regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False
+                  ) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
@@ -84,7 +85,12 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   projections' first forward pass, which embeds the batch without gradients before the one that trains.
 
   With `regions` per example (the region-phrase loss), part 'regions' is their phrases of `phrase_len` tokens
-  through the text tower, both projections, and each region's row of the (B R, B R) similarity.
+  through the text tower, both projections, and each region's row of the (B R, B R) similarity (without
+  `region_contrast`, the text tower alone). With `locate` (loss.locate_weight), part 'locate' is the phrases through
+  the fusion encoder's word window and Locator, against their image's keys and values, projected once per image.
+
+  The Locator (spec.fusion_locator) is one more fusion layer per pair, and every cross-attention then also reads
+  where it looked: its scores once more, their weighted sum of the keys' (x, y), and that sum's projection.
   """
   v, t = spec.vision, spec.text
   n = 1 + (spec.image_size // v.patch_size) ** 2
@@ -92,13 +98,26 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   vision = _stem_flops(spec) + v.depth * _layer(n, v.width, v.mlp_dim)
   text_one = t.depth * _layer(length, t.width, t.mlp_dim)
   text = (1 + extra_texts) * text_one
-  image_keys = 2 * n * v.width * (2 * t.width)  # K and V from one image's tokens
-  cross = (2 * length * t.width * t.width + image_keys  # Q; K and V
-           + 2 * (2 * length * n * t.width) + 2 * length * t.width * t.width)  # scores, weighted sum, output
-  word_window = 2 * length * (spec.fusion_word_window + 1) * t.width * t.width if spec.fusion_word_window else 0
-  fusion_pair = word_window + spec.fusion_depth * (_layer(length, t.width, t.mlp_dim) + cross)
+  fusion_layers = spec.fusion_depth + spec.fusion_locator
+
+  def fusion_text(tokens: int, through_locator_only: bool = False) -> int:
+    """One text of `tokens` through the fusion encoder (or its word window and Locator alone), K and V of its image
+    excluded."""
+    cross = (2 * tokens * t.width * t.width  # Q
+             + 2 * (2 * tokens * n * t.width) + 2 * tokens * t.width * t.width)  # scores, weighted sum, output
+    if spec.fusion_locator:  # where it looked: scores again, the weighted (x, y), their projection
+      cross += 2 * tokens * n * t.width + 2 * tokens * n * 2 * t.heads + 2 * tokens * 2 * t.heads * t.width
+    window = 2 * tokens * (spec.fusion_word_window + 1) * t.width * t.width if spec.fusion_word_window else 0
+    layer = _layer(tokens, t.width, t.mlp_dim) + cross
+    if through_locator_only:
+      return window + layer + 2 * tokens * t.width * 2  # its layer and head
+    locator = layer + 2 * tokens * t.width * 2 + 2 * tokens * 2 * t.width if spec.fusion_locator else 0  # + place
+    return window + locator + spec.fusion_depth * layer
+
+  image_keys = 2 * n * v.width * (2 * t.width)  # K and V from one image's tokens, per cross-attention layer
+  fusion_pair = fusion_text(length) + fusion_layers * image_keys
   # K and V are projected once per image where the pairs outnumber the images (train/objective.py's ITM).
-  fusion = itm_pairs * fusion_pair - (itm_pairs - fusion_image_passes(itm_pairs)) * spec.fusion_depth * image_keys
+  fusion = itm_pairs * fusion_pair - (itm_pairs - fusion_image_passes(itm_pairs)) * fusion_layers * image_keys
   projections = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim
   heads = projections + itm_pairs * 2 * t.width * 2
   similarity = 2 * batch * spec.embed_dim  # one row of the (B, B) similarity matrix per example
@@ -113,16 +132,20 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
     parts['grad_cache'] = vision + text_one + projections
   if regions:
     phrase = t.depth * _layer(phrase_len, t.width, t.mlp_dim)
-    parts['regions'] = regions * (phrase + projections + 2 * batch * regions * spec.embed_dim)
+    contrast = projections + 2 * batch * regions * spec.embed_dim if region_contrast else 0
+    parts['regions'] = regions * (phrase + contrast)
+  if locate:
+    # Each phrase through the word window and the Locator; its image's K and V once for all its phrases.
+    parts['locate'] = regions * fusion_text(phrase_len, through_locator_only=True) + image_keys
   return {part: int(round(batch * value)) for part, value in parts.items()}
 
 
 def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
                 momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
-                regions: int = 0, phrase_len: int = 0) -> int:
+                regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False) -> int:
   """Model FLOPs of one training step: forward + backward = 3 x forward for what trains, forward alone for the
   momentum model and for gradient caching's first pass of the towers (which therefore cost 4 x forward);
   arguments as `forward_flops`."""
   parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill, grad_cache,
-                        regions, phrase_len)
+                        regions, phrase_len, region_contrast, locate)
   return 3 * sum(parts.values()) - 2 * (parts.get('momentum', 0) + parts.get('grad_cache', 0))

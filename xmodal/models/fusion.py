@@ -39,6 +39,32 @@ class WordWindow(nn.Module):
     return layers.LayerNorm(self.eps, self.dtype, name='ln')(x + mixed)
 
 
+class Locator(nn.Module):
+  """Where each text token's object is: one fusion layer (self-attention, cross-attention that also reads where it
+  looked, MLP) and a dense head -> (B, L, 2) float32 positions (x, y) from the image centre in fractions of its side,
+  trained by `losses.locate_loss` on the regions' phrases against their boxes' centres.
+
+  Why: on the shapes data the fusion encoder learns a relation ("a red circle left of a blue box" against the same
+  words with the phrases swapped) within 300 steps once each phrase's tokens carry its object's place as two
+  numbers, and not in 1,200 without them, nor when its layers are only trained to hold the place somewhere in their
+  width (docs/shapes_recipe.md, "Relations need places").
+  """
+  heads: int
+  mlp_dim: int
+  eps: float
+  dtype: jnp.dtype = jnp.float32
+  impl: str = 'xla'
+  init: str = 'bert'
+
+  @nn.compact
+  def __call__(self, x, mask, image_tokens, image_mask, image_index=None) -> jax.Array:
+    x, _ = layers.FusionBlock(self.heads, self.mlp_dim, self.eps, self.dtype, self.impl, self.init, where=True,
+                              name='layer')(x, mask, image_tokens, image_mask, image_index)
+    return nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32, name='head',
+                    kernel_init=layers.with_names(layers.kernel_init(self.init), 'embed', None),
+                    bias_init=layers.with_names(nn.initializers.zeros, None))(x.astype(jnp.float32))
+
+
 class FusionEncoder(nn.Module):
   """(text tokens (B, L, Dt), text mask (B, L), image tokens (B, N, Dv), image mask (B, N) or None[, image index
   (B,)]) -> (B, L, Dt)."""
@@ -52,12 +78,17 @@ class FusionEncoder(nn.Module):
   remat: str = 'none'
   init: str = 'bert'  # layers.KERNEL_INITS
   word_window: int = 0  # > 0: a WordWindow over this many preceding tokens before the first layer
+  # A Locator before the layers: each token enters with its object's predicted place (two numbers, through a dense
+  # layer; not trained by what the layers make of it), and every cross-attention also reads where it looked.
+  locator: bool = False
 
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
-               image_mask: jax.Array | None = None, image_index: jax.Array | None = None) -> jax.Array:
+               image_mask: jax.Array | None = None, image_index: jax.Array | None = None, *,
+               locate_only: bool = False) -> jax.Array:
     """`image_index` (B,) int: text row i reads image `image_index[i]` of `image_tokens` (M, N, Dv), whose keys and
-    values each layer projects once per image rather than once per row (ITM's negatives reuse the batch's images)."""
+    values each layer projects once per image rather than once per row (ITM's negatives reuse the batch's images).
+    `locate_only`: return the Locator's positions (B, L, 2) instead of the fused tokens (needs `locator`)."""
     if self.word_window > 0:
       text_tokens = WordWindow(self.word_window, self.layer_norm_eps, self.dtype, self.init, name='word_window')(
           text_tokens.astype(self.dtype), text_mask)
@@ -67,7 +98,21 @@ class FusionEncoder(nn.Module):
     if image_index is not None:
       broadcast[2] = jnp.take(broadcast[2], image_index, axis=0)  # the mask is per text row
       broadcast.append(image_index)
+    text_tokens = text_tokens.astype(self.dtype)
+    if self.locator:
+      positions = Locator(self.heads, self.mlp_dim, self.layer_norm_eps, self.dtype, self.attention, self.init,
+                          name='locator')(text_tokens, *broadcast)
+      if locate_only:
+        return positions
+      # The place enters as an input, trained only by the locate loss: learned jointly with ITM it stays fuzzy for
+      # longer (shapes_recipe.md, "Relations need places").
+      place = nn.Dense(text_tokens.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
+                       name='place', kernel_init=layers.with_names(layers.kernel_init(self.init), None, 'embed'))
+      text_tokens = text_tokens + place(jax.lax.stop_gradient(positions)) * text_mask[..., None].astype(self.dtype)
+    elif locate_only:
+      raise ValueError('locate_only needs a fusion encoder with a locator (model.fusion_locator)')
     apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat,
                          num_broadcast=len(broadcast), heads=self.heads, mlp_dim=self.mlp_dim,
-                         eps=self.layer_norm_eps, dtype=self.dtype, impl=self.attention, init=self.init)
-    return apply(text_tokens.astype(self.dtype), *broadcast)
+                         eps=self.layer_norm_eps, dtype=self.dtype, impl=self.attention, init=self.init,
+                         where=self.locator)
+    return apply(text_tokens, *broadcast)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from xmodal.models import activations
-from xmodal.models.attention import dot_product_attention
+from xmodal.models import regions
+from xmodal.models.attention import attended_positions, dot_product_attention
 
 Dtype = Any
 
@@ -80,12 +81,15 @@ class Attention(nn.Module):
   """Multi-head attention; self-attention when `kv` is None, cross-attention otherwise.
 
   Cross-attention projects keys and values from the other modality's width (`kv.shape[-1]`) to this one's, which is
-  how text tokens of width Dt read image tokens of width Dv.
+  how text tokens of width Dt read image tokens of width Dv. With `where` (cross-attention over image tokens), each
+  head also reads where it looked, the attention-weighted mean of the tokens' (x, y) (`regions.token_positions`),
+  projected into the output: a place as two numbers, not spread over the values' features.
   """
   heads: int
   dtype: Dtype = jnp.float32
   impl: str = 'xla'
   init: str = 'bert'
+  where: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
@@ -109,8 +113,12 @@ class Attention(nn.Module):
       if kv_index is not None:
         kv_proj = jnp.take(kv_proj, kv_index, axis=0)
       k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
-    out = dot_product_attention(q, k, v, mask, impl=self.impl)
-    return HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(out)
+    out = HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(dot_product_attention(q, k, v, mask,
+                                                                                           impl=self.impl))
+    if self.where and kv is not None:
+      where = attended_positions(q, k, regions.token_positions(k.shape[1]), mask)
+      out = out + HeadsOut(width, dtype=self.dtype, init=self.init, name='where')(where.astype(self.dtype))
+    return out
 
 
 class HeadsOut(nn.Module):
@@ -187,21 +195,23 @@ class PostLNBlock(nn.Module):
 
 
 class FusionBlock(nn.Module):
-  """ALBEF fusion layer, post-LN: self-attention over text, cross-attention to image tokens, MLP."""
+  """ALBEF fusion layer, post-LN: self-attention over text, cross-attention to image tokens (with `where`, also
+  where it looked: `Attention`), MLP."""
   heads: int
   mlp_dim: int
   eps: float
   dtype: Dtype = jnp.float32
   impl: str = 'xla'
   init: str = 'bert'  # KERNEL_INITS
+  where: bool = False
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask, image_index=None):
     """`image_index` None: row i reads image_tokens[i]; else image_tokens[image_index[i]] (image_mask is per row)."""
     attn = Attention(self.heads, self.dtype, self.impl, self.init, name='attn')
     x = LayerNorm(self.eps, self.dtype, name='ln1')(x + attn(x, mask))
-    cross = Attention(self.heads, self.dtype, self.impl, self.init, name='cross_attn')(x, image_mask, kv=image_tokens,
-                                                                                     kv_index=image_index)
+    cross = Attention(self.heads, self.dtype, self.impl, self.init, self.where, name='cross_attn')(
+        x, image_mask, kv=image_tokens, kv_index=image_index)
     x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)
     x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, self.init, name='mlp')(x))
     return constrain(x, 'batch', 'length', 'embed'), None

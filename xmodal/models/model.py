@@ -70,6 +70,7 @@ class ModelSpec:
   mlm_head: bool = False
   fusion_init: str = 'bert'
   fusion_word_window: int = 0
+  fusion_locator: bool = False
 
   @classmethod
   def from_config(cls, model: ml_collections.ConfigDict) -> ModelSpec:
@@ -92,7 +93,8 @@ class XModal(nn.Module):
     self.text = TextEncoder(s.text.vocab_size, s.text.width, s.text.depth, s.text.heads, s.text.mlp_dim,
                             s.text.max_positions, s.text.type_vocab_size, s.text.layer_norm_eps, **common)
     self.fusion = FusionEncoder(s.fusion_depth, s.text.heads, s.text.mlp_dim, s.text.layer_norm_eps,
-                                 init=s.fusion_init, word_window=s.fusion_word_window, **common)
+                                 init=s.fusion_init, word_window=s.fusion_word_window, locator=s.fusion_locator,
+                                 **common)
     dense = lambda features, name: nn.Dense(
         features, dtype=jnp.float32, param_dtype=jnp.float32, name=name,
         kernel_init=layers.with_names(layers.default_kernel_init, 'embed', None),
@@ -162,6 +164,13 @@ class XModal(nn.Module):
     """
     fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
+
+  def locate(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+             image_index: jax.Array | None = None) -> jax.Array:
+    """(text tokens (B, L, Dt), text mask (B, L), image tokens (B or M, N, Dv)[, image index (B,)]) -> (B, L, 2)
+    float32: where the fusion encoder's Locator puts each token's object ((x, y) from the image centre, in fractions
+    of its side; needs spec.fusion_locator)."""
+    return self.fusion(text_tokens, text_mask, image_tokens, None, image_index, locate_only=True)
 
   def predict_masked(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
     """(text tokens (B, L, Dt) of a corrupted caption, its mask (B, L), image tokens (B, N, Dv)) -> float32 logits

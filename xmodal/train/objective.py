@@ -26,7 +26,7 @@ import ml_collections
 
 from xmodal import losses
 from xmodal.losses import ring as losses_chunked
-from xmodal.models import flops
+from xmodal.models import flops, regions
 from xmodal.models.model import ModelSpec, XModal
 
 
@@ -71,6 +71,9 @@ class LossWeights:
   region: float = 0.0
   regions_per_example: int = 0
   phrase_len: int = 0
+  # Where each region's phrase is (losses.locate_loss, through the fusion encoder's Locator): its weight; the regions'
+  # count and phrase length come as above.
+  locate: float = 0.0
 
   def __post_init__(self):
     if self.momentum > 0 and (self.chunked or self.itc_written_negatives):
@@ -84,9 +87,10 @@ class LossWeights:
     """The `loss` section's weights; the `data` section is read when MLM is on (its tokenizer's [MASK]) and when
     the region loss is (its regions' count and phrase length)."""
     mlm, region = float(loss.mlm_weight), float(loss.get('region_weight', 0.0))
-    if (mlm > 0 or region > 0) and data is None:
-      raise ValueError('loss.mlm_weight and loss.region_weight need the data section (LossWeights.from_config(loss, '
-                       'data))')
+    locate = float(loss.get('locate_weight', 0.0))
+    if (mlm > 0 or region > 0 or locate > 0) and data is None:
+      raise ValueError('loss.mlm_weight, loss.region_weight and loss.locate_weight need the data section '
+                       '(LossWeights.from_config(loss, data))')
     mask_id, vocab_size = -1, 0
     if mlm > 0:
       from xmodal.tokenizer import load_tokenizer  # pylint: disable=g-import-not-at-top
@@ -95,7 +99,7 @@ class LossWeights:
         raise ValueError(f'loss.mlm_weight={mlm} needs a [MASK] token; tokenizer {data.tokenizer!r} '
                          f'({tok.files[0]}) has none')
       mask_id, vocab_size = tok.mask_id, tok.vocab_size
-    regions = (int(data.max_regions), int(data.max_phrase_len)) if region > 0 else (0, 0)
+    phrase_shape = (int(data.max_regions), int(data.max_phrase_len)) if region > 0 or locate > 0 else (0, 0)
     return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight),
                chunked=bool(loss.chunked), itm_hard_warmup=int(loss.itm_hard_warmup_steps),
                itm_written_negatives=str(loss.itm_written_negatives), itm_subsample=int(loss.itm_subsample),
@@ -103,7 +107,7 @@ class LossWeights:
                mlm_probability=float(loss.mlm_probability), mlm_mask_id=mask_id,
                mlm_vocab_size=vocab_size, momentum=float(loss.momentum), queue_size=int(loss.queue_size),
                distill_alpha=float(loss.distill_alpha), distill_warmup=int(loss.distill_warmup_steps),
-               region=region, regions_per_example=regions[0], phrase_len=regions[1])
+               region=region, regions_per_example=phrase_shape[0], phrase_len=phrase_shape[1], locate=locate)
 
   @property
   def itm_pairs(self) -> float:
@@ -123,7 +127,7 @@ class LossWeights:
     `grad_cache`: the step accumulates by gradient caching (step.caches_gradients), running the towers twice."""
     return flops.train_flops(spec, batch, self.itm_pairs, self.extra_texts, self.mlm > 0, self.momentum > 0,
                              self.queue_size, self.distill_alpha > 0, grad_cache, self.regions_per_example,
-                             self.phrase_len)
+                             self.phrase_len, self.region > 0, self.locate > 0)
 
   def negative_hardness(self, step: jax.Array | None) -> jax.Array:
     """1 = ALBEF's hard negatives, 0 = uniform ones; rises linearly over `itm_hard_warmup` steps."""
@@ -225,10 +229,16 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     metrics.update(contrastive_metrics)
     total += contrastive
 
+  phrases = _phrases(module, batch) if weights.region > 0 or weights.locate > 0 else None
   if weights.region > 0:
-    region, region_metrics = _region_phrase(module, batch, image_tokens, temperature)
+    region, region_metrics = _region_phrase(module, batch, image_tokens, phrases, temperature)
     metrics.update(region_metrics)
     total += weights.region * region
+
+  if weights.locate > 0:
+    locate, locate_metrics = _locate(module, batch, image_tokens, phrases)
+    metrics.update(locate_metrics)
+    total += weights.locate * locate
 
   if weights.itm > 0:
     sim = jnp.einsum('ie,te->it', image_emb, text_emb) / temperature
@@ -252,16 +262,40 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
   return total, metrics
 
 
-def _region_phrase(module: XModal, batch: dict[str, jax.Array], image_tokens: jax.Array, temperature: jax.Array
-                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
+class Phrases(NamedTuple):
+  """The batch's region phrases through the text tower, flattened to M = B R rows: ids and mask (M, Lp), tokens
+  (M, Lp, Dt), emb (M, E), valid (M,) bool."""
+  ids: jax.Array
+  mask: jax.Array
+  tokens: jax.Array
+  emb: jax.Array
+  valid: jax.Array
+
+
+def _phrases(module: XModal, batch: dict[str, jax.Array]) -> Phrases:
+  b, r, length = batch['region_ids'].shape
+  ids, mask = batch['region_ids'].reshape(b * r, length), batch['region_mask'].reshape(b * r, length)
+  tokens, emb = module.encode_text(ids, mask)
+  return Phrases(ids, mask, tokens, emb, batch['region_valid'].reshape(b * r).astype(bool))
+
+
+def _region_phrase(module: XModal, batch: dict[str, jax.Array], image_tokens: jax.Array, phrases: Phrases,
+                   temperature: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The region-phrase loss of the batch's regions: their embeddings from the ITC pass's image tokens, their
   phrases through the text tower (B * R short texts), scored at ITC's temperature."""
   region_emb = module.embed_regions(image_tokens, batch['region_boxes'])
-  b, r, length = batch['region_ids'].shape
-  ids = batch['region_ids'].reshape(b * r, length)
-  _, phrase_emb = module.encode_text(ids, batch['region_mask'].reshape(b * r, length))
-  return losses.region_phrase_loss(region_emb.reshape(b * r, -1), phrase_emb, ids,
-                                   batch['region_valid'].reshape(b * r).astype(bool), temperature)
+  return losses.region_phrase_loss(region_emb.reshape(phrases.emb.shape[0], -1), phrases.emb, phrases.ids,
+                                   phrases.valid, temperature)
+
+
+def _locate(module: XModal, batch: dict[str, jax.Array], image_tokens: jax.Array, phrases: Phrases
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Where the Locator puts each region's phrase, read against its own image (the ITC pass's tokens, projected
+  once per image), against the centre of the region's box."""
+  b, r = batch['region_ids'].shape[:2]
+  positions = module.locate(phrases.tokens, phrases.mask, image_tokens, jnp.repeat(jnp.arange(b), r))
+  centres = regions.box_centres(batch['region_boxes'].reshape(b * r, 4))
+  return losses.locate_loss(positions, centres, phrases.mask, phrases.valid)
 
 
 def _corrupt(batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights) -> losses.MaskedTokens:
