@@ -109,7 +109,7 @@ def model_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # which shape hundreds of steps sooner (docs/shapes_recipe.md, "A word window").
       'fusion_word_window': 0,
       # A Locator before the fusion layers: each text token enters with the place of the object it names, as two
-      # numbers, and cross-attention reads where it looked. Trained by loss.locate_weight; relations ("left of")
-      # need it (docs/shapes_recipe.md, "Relations need places").
+      # numbers, and cross-attention reads where it looked. Trained by loss.locate_weight. In a probe, relations
+      # ("left of") needed it; the shapes default does not use it (docs/shapes_recipe.md, "Relations need places").
       'fusion_locator': False,
   })

@@ -104,8 +104,8 @@ class FusionEncoder(nn.Module):
                           name='locator')(text_tokens, *broadcast)
       if locate_only:
         return positions
-      # The place enters as an input, trained only by the locate loss: learned jointly with ITM it stays fuzzy for
-      # longer (shapes_recipe.md, "Relations need places").
+      # The place enters as an input trained by the locate loss alone: with ITM's gradient in it too, the relation
+      # probe learned relations later (92 against 97 % at step 1,000; shapes_recipe.md, "Relations need places").
       place = nn.Dense(text_tokens.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                        name='place', kernel_init=layers.with_names(layers.kernel_init(self.init), None, 'embed'))
       text_tokens = text_tokens + place(jax.lax.stop_gradient(positions)) * text_mask[..., None].astype(self.dtype)
