@@ -170,16 +170,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if 'model' in config:
         _require(config.model.get('mlm_head', False), 'loss.mlm_weight', 'needs the MLM head: set model.mlm_head=True')
       _require(0 < loss.mlm_probability < 1, 'loss.mlm_probability', f'must be in (0, 1), got {loss.mlm_probability}')
-    if loss.get('region_weight', 0) > 0 and 'data' in config:
-      _require(config.data.region_boxes_key, 'loss.region_weight',
-               'needs regions from the data: set data.region_boxes_key and data.region_phrases_key')
-    if loss.get('locate_weight', 0) > 0:
-      if 'data' in config:
-        _require(config.data.region_boxes_key, 'loss.locate_weight',
+    for name in ('region_weight', 'locate_weight'):  # the losses read from the data's regions
+      if loss.get(name, 0) > 0 and 'data' in config:
+        _require(config.data.region_boxes_key, f'loss.{name}',
                  'needs regions from the data: set data.region_boxes_key and data.region_phrases_key')
-      if 'model' in config:
-        _require(config.model.get('fusion_locator', False), 'loss.locate_weight',
-                 'trains the fusion encoder\'s Locator: set model.fusion_locator=True')
+    if loss.get('locate_weight', 0) > 0 and 'model' in config:
+      _require(config.model.get('fusion_locator', False), 'loss.locate_weight',
+               'trains the fusion encoder\'s Locator: set model.fusion_locator=True')
     _validate_momentum(config)
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight', 'locate_weight'):
       if name in loss:
