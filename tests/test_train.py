@@ -82,34 +82,43 @@ def test_flop_count_matches_a_hand_count():
   phrase_locate = 2 * 2 * 16 * 8 + phrase_layer + phrase_cross + phrase_where + 2 * 2 * 8 * 2
   assert flops.train_flops(ModelSpec.from_config(config), batch=2, regions=2, phrase_len=2, region_contrast=False,
                            locate=True) == 3 * 2 * (with_locator + 2 * (phrase_layer + phrase_locate) + image_keys)
+  # Grounded captions: each caption of 3 tokens through the word window and the Locator too, its image's K and V
+  # projected again.
+  caption_locate = window + locator - 2 * 3 * 2 * 8 + where
+  assert flops.train_flops(ModelSpec.from_config(config), batch=2, regions=2, phrase_len=2, region_contrast=False,
+                           locate=True, grounded_captions=True) == 3 * 2 * (
+      with_locator + 2 * (phrase_layer + phrase_locate) + image_keys + caption_locate + image_keys)
 
 
 @pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis
 @pytest.mark.parametrize('written, stem, mlm, momentum, regions, locate', [
     ('off', 'patch', False, False, 0, False), ('add', 'conv', False, False, 0, False),
     ('replace', 'patch', True, False, 0, False), ('off', 'patch', True, True, 0, False),
-    ('off', 'conv', False, False, 3, False), ('add', 'conv', False, False, 3, True)])
+    ('off', 'conv', False, False, 3, False), ('add', 'conv', False, False, 3, True),
+    ('add', 'conv', False, False, 3, 'captions')])
 def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, regions, locate):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs (with the
   momentum model: its forward, a queue of 32 and distillation of ITC and MLM, beside the loss's; with regions, their
   phrases through the text tower and their projections; with `locate`, the fusion encoder's Locator on every pair
-  and on the phrases)."""
+  and on the phrases; with 'captions', on the grounded captions too)."""
   from xmodal.losses import QueuedKeys
   from xmodal.train.objective import compute_loss, momentum_outputs
   config = micro_config()
   config.model.scan_layers = False  # XLA's cost analysis counts a while loop's body once, not per iteration
   config.model.vision.stem = stem
   config.model.mlm_head = mlm
-  config.model.fusion_locator = locate
+  config.model.fusion_locator = bool(locate)
+  grounded = locate == 'captions'
   model = build(config.model)
   params = nn.unbox(state_lib.abstract_params(model))
   queue_size = 32 if momentum else 0
   weights = LossWeights(itm_written_negatives=written, mlm=float(mlm), mlm_mask_id=4,
                         mlm_vocab_size=config.model.text.vocab_size, momentum=0.995 * momentum,
                         queue_size=queue_size, distill_alpha=0.4 * momentum, region=float(regions > 0),
-                        regions_per_example=regions, phrase_len=8 if regions else 0, locate=float(locate))
+                        regions_per_example=regions, phrase_len=8 if regions else 0, locate=float(bool(locate)),
+                        grounded_captions=grounded)
   batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True,
-                                                    regions=(regions, 8) if regions else None))
+                                                    regions=(regions, 8) if regions else None, grounded=grounded))
 
   def forward(p, m, b):  # m: the momentum parameters, an argument of their own (XLA would fold a second use of p)
     rng = jax.random.key(0)
@@ -120,7 +129,8 @@ def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, 
     return compute_loss(model, p, b, rng, weights, teacher=momentum_outputs(model, m, b, rng, weights), queue=queue)[0]
   xla = jax.jit(forward).lower(params, params, batch).compile().cost_analysis()['flops']
   ours = sum(flops.forward_flops(model.spec, 8, weights.itm_pairs, weights.extra_texts, mlm, momentum, queue_size,
-                                 momentum, regions=regions, phrase_len=weights.phrase_len, locate=locate).values())
+                                 momentum, regions=regions, phrase_len=weights.phrase_len, locate=bool(locate),
+                                 grounded_captions=grounded).values())
   # At width 32 the elementwise work (LayerNorm, softmax, GELU; with MLM a log-softmax over the vocabulary at every
   # position) is a quarter of XLA's count; a missed matmul part (a tower, the fusion pairs) would cost far more.
   assert 0.7 * xla <= ours <= 1.05 * xla, (ours, xla)

@@ -177,6 +177,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if loss.get('locate_weight', 0) > 0 and 'model' in config:
       _require(config.model.get('fusion_locator', False), 'loss.locate_weight',
                'trains the fusion encoder\'s Locator: set model.fusion_locator=True')
+    if 'data' in config and config.data.get('caption_grounding', ''):
+      _require(loss.get('locate_weight', 0) > 0, 'data.caption_grounding',
+               f'{config.data.caption_grounding!r} grounds captions for the Locator: set loss.locate_weight > 0')
     _validate_momentum(config)
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight', 'locate_weight'):
       if name in loss:

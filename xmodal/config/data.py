@@ -10,6 +10,7 @@ import ml_collections
 
 SOURCES = ('tfds', 'wds', 'tfrecord', 'folder')
 TFDS_ACCESS = ('auto', 'random', 'stream')
+CAPTION_GROUNDINGS = ('', 'shapes')  # xmodal.data.pipeline's grounders, by name ('' = none)
 
 # ImageNet statistics, what ViT/BERT-style towers pretrained elsewhere expect; scaled to [0, 255] pixels.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -62,6 +63,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       (xmodal_shapes: 'regions/bbox', 'regions/phrase', one per object); '' = none. Read by the tfds source (random
       access), for `loss.region_weight`. The boxes describe the stored image, so they need no crop
       (crop_scale (1, 1)), no flip and no grey examples.
+    caption_grounding: how to find which words of a training caption name which of its regions: '' (none) or
+      'shapes' (xmodal_shapes' caption grammar, `captions.ground_caption`); needs the regions. Each example then
+      carries `text_regions`, every caption token's region index (-1: none), for `loss.locate_weight`, the way MDETR
+      grounds Flickr30k's phrases.
     max_regions: R, regions kept per image (the first R; fewer are padded).
     max_phrase_len: token length of a region's phrase.
     batch_size: global training batch; each of P processes yields batch_size // P.
@@ -112,6 +117,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       negatives_key='',
       region_boxes_key='',
       region_phrases_key='',
+      caption_grounding='',
       max_regions=3,
       max_phrase_len=8,
       pairs=False,
@@ -158,6 +164,11 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'data.region_boxes_key: region boxes describe the stored image; they need '
                        f'data.crop_scale=(1.0, 1.0) (got {tuple(config.crop_scale)}), data.hflip=False (got '
                        f'{config.hflip}) and data.grayscale_prob=0 (got {config.grayscale_prob})')
+  if config.caption_grounding not in CAPTION_GROUNDINGS:
+    raise ValueError(f'data.caption_grounding: {config.caption_grounding!r} is not one of {CAPTION_GROUNDINGS}')
+  if config.caption_grounding and not config.region_boxes_key:
+    raise ValueError(f'data.caption_grounding: {config.caption_grounding!r} grounds captions in their regions; set '
+                     f'data.region_boxes_key and data.region_phrases_key')
   if config.tfds_access not in TFDS_ACCESS:
     raise ValueError(f'data.tfds_access: {config.tfds_access!r} is not one of {TFDS_ACCESS}')
   if not 0 <= config.grayscale_prob <= 1:

@@ -51,7 +51,13 @@ import numpy as np
 import tensorflow as tf
 
 from xmodal.data import faults, preprocess, sources
+from xmodal.data.shapes import captions as shapes_captions
 from xmodal.config.data import validate_data_config
+
+# data.caption_grounding's names (xmodal.config.data.CAPTION_GROUNDINGS): (caption, its regions' phrases) -> the
+# caption's (start, end, region index) character spans.
+GROUNDERS: dict[str, Callable[[str, Sequence[str]], list[tuple[int, int, int]]]] = {
+    'shapes': shapes_captions.ground_caption}
 
 STATE_VERSION = 2
 STATUS_EMPTY = 2   # No usable caption.
@@ -396,6 +402,20 @@ def _tokenize_fn(tokenizer, max_len: int):
   return tokenize
 
 
+def _grounding_fn(tokenizer, grounder, max_len: int):
+  """(B,) captions and (B, R) region phrases -> (B, max_len) int32: each caption token's region index, -1 none."""
+  def label(texts: np.ndarray, phrases: np.ndarray) -> np.ndarray:
+    texts = [t.decode('utf-8', errors='replace') for t in texts]
+    spans = [grounder(text, [p.decode('utf-8', errors='replace') for p in row]) for text, row in zip(texts, phrases)]
+    return tokenizer.span_labels(texts, spans, max_len)
+
+  def ground(texts: tf.Tensor, phrases: tf.Tensor) -> tf.Tensor:
+    regions = tf.numpy_function(label, [texts, phrases], tf.int32, stateful=False)
+    regions.set_shape(texts.shape.concatenate([max_len]))
+    return regions
+  return ground
+
+
 def load_tokenizer(config: ml_collections.ConfigDict):
   from xmodal.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
   return load(config.tokenizer)
@@ -596,7 +616,7 @@ class TrainIterator(Iterator[dict]):
     out = {'images': batch['images'], 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask'],
            'image_ids': batch['image_ids']}
     optional = ('negative_ids', 'negative_mask', 'negative_valid', 'region_boxes', 'region_ids', 'region_mask',
-                'region_valid')
+                'region_valid', 'text_regions')
     out.update({key: batch[key] for key in optional if key in batch})
     return out
 
@@ -646,6 +666,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
   ds = ds.batch(batch, drop_remainder=True)
   tokenize = _tokenize_fn(tokenizer, config.max_text_len)
   tokenize_phrase = _tokenize_fn(tokenizer, config.max_phrase_len)
+  if config.caption_grounding:
+    ground = _grounding_fn(tokenizer, GROUNDERS[config.caption_grounding], config.max_text_len)
 
   def finish(b: dict) -> dict:
     ids, mask = tokenize(b['text'])
@@ -659,6 +681,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
       out['region_boxes'] = b['region_boxes']
       out['region_ids'], out['region_mask'] = tokenize_phrase(b['region_phrases'])
       out['region_valid'] = tf.strings.length(b['region_phrases']) > 0
+    if config.caption_grounding:
+      out['text_regions'] = ground(b['text'], b['region_phrases'])
     return out
 
   ds = ds.map(finish, num_parallel_calls=2, deterministic=True)

@@ -45,21 +45,21 @@ def region_phrase_loss(region_emb: jax.Array, phrase_emb: jax.Array, phrase_ids:
   return loss, {'region_loss': loss, 'region_acc': acc}
 
 
-def locate_loss(positions: jax.Array, centres: jax.Array, mask: jax.Array, valid: jax.Array
+def locate_loss(positions: jax.Array, centres: jax.Array, weight: jax.Array
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Squared distance between each phrase token's predicted place and its region's centre, averaged over the real
-  tokens of the valid phrases.
+  """Squared distance between each token's predicted place and its region's centre, averaged over the weighted
+  tokens.
 
   Args:
     positions: (M, L, 2) predicted (x, y) per token (`XModal.locate`).
-    centres: (M, 2) each region's box centre in the same frame (`regions.box_centres`).
-    mask: (M, L) the phrases' token masks ([CLS] and [SEP] count: a phrase alone names one object).
-    valid: (M,) bool; False rows (padding) count for nothing.
+    centres: (M, L, 2) the centre of the region each token names, in the same frame (`regions.box_centres`).
+    weight: (M, L) 1 on the tokens that name a region (a region phrase's real tokens, [CLS] and [SEP] included: a
+      phrase alone names one object; a caption's grounded words), 0 elsewhere (padding, ungrounded words).
 
   Returns:
     (loss, metrics) with 'locate_loss' and 'locate_error' (the root of the mean squared distance, in image sides).
   """
-  weight = mask.astype(jnp.float32) * valid[:, None].astype(jnp.float32)
-  squared = jnp.sum((positions.astype(jnp.float32) - centres[:, None, :].astype(jnp.float32)) ** 2, axis=-1)
+  weight = weight.astype(jnp.float32)
+  squared = jnp.sum((positions.astype(jnp.float32) - centres.astype(jnp.float32)) ** 2, axis=-1)
   loss = jnp.sum(squared * weight) / jnp.maximum(jnp.sum(weight), 1.0)
   return loss, {'locate_loss': loss, 'locate_error': jnp.sqrt(loss)}

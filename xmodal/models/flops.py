@@ -65,8 +65,8 @@ def fusion_image_passes(itm_pairs: float) -> float:
 
 def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
                   momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
-                  regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False
-                  ) -> dict[str, int]:
+                  regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False,
+                  grounded_captions: bool = False) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
@@ -87,7 +87,8 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   With `regions` per example (the region-phrase loss), part 'regions' is their phrases of `phrase_len` tokens
   through the text tower, both projections, and each region's row of the (B R, B R) similarity (without
   `region_contrast`, the text tower alone). With `locate` (loss.locate_weight), part 'locate' is the phrases through
-  the fusion encoder's word window and Locator, against their image's keys and values, projected once per image.
+  the fusion encoder's word window and Locator, against their image's keys and values, projected once per image;
+  with `grounded_captions` (data.caption_grounding) also each caption, against its image's keys and values again.
 
   The Locator (spec.fusion_locator) is one more fusion layer per pair, and every cross-attention then also reads
   where it looked: its scores once more, their weighted sum of the keys' (x, y), and that sum's projection.
@@ -137,15 +138,18 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   if locate:
     # Each phrase through the word window and the Locator; its image's K and V once for all its phrases.
     parts['locate'] = regions * fusion_text(phrase_len, through_locator_only=True) + image_keys
+    if grounded_captions:
+      parts['locate'] += fusion_text(length, through_locator_only=True) + image_keys
   return {part: int(round(batch * value)) for part, value in parts.items()}
 
 
 def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
                 momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
-                regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False) -> int:
+                regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False,
+                grounded_captions: bool = False) -> int:
   """Model FLOPs of one training step: forward + backward = 3 x forward for what trains, forward alone for the
   momentum model and for gradient caching's first pass of the towers (which therefore cost 4 x forward);
   arguments as `forward_flops`."""
   parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill, grad_cache,
-                        regions, phrase_len, region_contrast, locate)
+                        regions, phrase_len, region_contrast, locate, grounded_captions)
   return 3 * sum(parts.values()) - 2 * (parts.get('momentum', 0) + parts.get('grad_cache', 0))

@@ -63,6 +63,32 @@ class Tokenizer(abc.ABC):
     mask = (np.arange(max_len)[None, :] < lengths[:, None]).astype(np.int32)
     return ids, mask
 
+  def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+    """Each token's (start, end) characters in its text, aligned with `token_ids`."""
+    raise NotImplementedError(f'{type(self).__name__} does not report where its tokens lie in the text')
+
+  def span_labels(self, texts: Sequence[str], spans: Sequence[Sequence[tuple[int, int, int]]], max_len: int
+                  ) -> np.ndarray:
+    """Labels of the tokens in `encode`'s layout, from labelled character spans (a caption's grounding).
+
+    Args:
+      texts: N strings.
+      spans: per text, (start, end, label) character spans, label >= 0.
+      max_len: L, as given to `encode`.
+
+    Returns:
+      int32 (N, L): each token's label where its characters overlap a span (a SentencePiece token takes the space
+      before its word), -1 elsewhere ([CLS], [SEP], padding, tokens outside every span, tokens cut off by
+      `max_len`).
+    """
+    labels = np.full((len(texts), max_len), -1, np.int32)
+    for i, offsets in enumerate(self.token_offsets(list(texts))):
+      for position, (start, end) in enumerate(offsets[:max_len - 2], start=1):  # after [CLS]
+        for span_start, span_end, label in spans[i]:
+          if start < span_end and span_start < end:
+            labels[i, position] = label
+    return labels
+
 
 class HFTokenizer(Tokenizer):
   """A `tokenizers.Tokenizer`: a WordPiece vocab.txt wrapped like bert-base-uncased, or any tokenizer.json."""
@@ -84,6 +110,9 @@ class HFTokenizer(Tokenizer):
 
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     return [e.ids for e in self._encode_batch(texts, add_special_tokens=False)]
+
+  def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+    return [e.offsets for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
   def tokenize(self, text: str) -> list[str]:
     """The word pieces of one text (for inspection and tests)."""
@@ -110,6 +139,9 @@ class SentencePieceTokenizer(Tokenizer):
 
   def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
     return self._sp.encode(list(texts))
+
+  def token_offsets(self, texts: Sequence[str]) -> list[list[tuple[int, int]]]:
+    return [e['offsets'] for e in self._sp.encode(list(texts), return_type='offset_mapping')]
 
   def tokenize(self, text: str) -> list[str]:
     return self._sp.encode(text, out_type=str)

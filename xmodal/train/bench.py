@@ -50,10 +50,11 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
 
 
 def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool = False,
-                    regions: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+                    regions: tuple[int, int] | None = None, grounded: bool = False) -> dict[str, np.ndarray]:
   """Random inputs of the model's shapes; captions of random length; distinct image ids; with `negatives`, a written
   negative caption per example too (as data.negatives_key gives); with `regions` (R, phrase length), R boxes of
-  random phrases per example (as data.region_boxes_key gives)."""
+  random phrases per example (as data.region_boxes_key gives), and with `grounded` each caption token's region
+  index or -1 (as data.caption_grounding gives)."""
   length = spec.max_text_len
 
   def texts() -> tuple[np.ndarray, np.ndarray]:
@@ -74,6 +75,8 @@ def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool 
     out['region_ids'] = rng.integers(5, spec.text.vocab_size, size=(batch, count, phrase_len), dtype=np.int32)
     out['region_mask'] = np.ones((batch, count, phrase_len), np.int32)
     out['region_valid'] = np.ones((batch, count), bool)
+    if grounded:
+      out['text_regions'] = rng.integers(-1, count, size=(batch, length), dtype=np.int32)
   return out
 
 
@@ -136,10 +139,10 @@ def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> Compile
   # Outside the rules context: init's flat-then-reshaped DenseGeneral kernels must not meet activation rules.
   state = state_lib.create_state(model, built.tx, jax.random.key(0), built.shardings, momentum=built.momentum)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    regions = (weights.regions_per_example, weights.phrase_len) if weights.region > 0 else None
+    regions = (weights.regions_per_example, weights.phrase_len) if weights.regions_per_example else None
     batch = sharding.host_to_global(synthetic_batch(model.spec, config.data.batch_size, np.random.default_rng(0),
-                                                    negatives=bool(config.data.negatives_key), regions=regions),
-                                    mesh)
+                                                    negatives=bool(config.data.negatives_key), regions=regions,
+                                                    grounded=weights.grounded_captions), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     options = compiler_options(config)

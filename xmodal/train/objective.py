@@ -72,8 +72,10 @@ class LossWeights:
   regions_per_example: int = 0
   phrase_len: int = 0
   # Where each region's phrase is (losses.locate_loss, through the fusion encoder's Locator): its weight; the regions'
-  # count and phrase length come as above.
+  # count and phrase length come as above. `grounded_captions`: the data grounds each caption's words in its regions
+  # (data.caption_grounding), and the Locator learns from them too.
   locate: float = 0.0
+  grounded_captions: bool = False
 
   def __post_init__(self):
     if self.momentum > 0 and (self.chunked or self.itc_written_negatives):
@@ -107,7 +109,8 @@ class LossWeights:
                mlm_probability=float(loss.mlm_probability), mlm_mask_id=mask_id,
                mlm_vocab_size=vocab_size, momentum=float(loss.momentum), queue_size=int(loss.queue_size),
                distill_alpha=float(loss.distill_alpha), distill_warmup=int(loss.distill_warmup_steps),
-               region=region, regions_per_example=phrase_shape[0], phrase_len=phrase_shape[1], locate=locate)
+               region=region, regions_per_example=phrase_shape[0], phrase_len=phrase_shape[1], locate=locate,
+               grounded_captions=locate > 0 and bool(data.get('caption_grounding', '')))
 
   @property
   def itm_pairs(self) -> float:
@@ -127,7 +130,7 @@ class LossWeights:
     `grad_cache`: the step accumulates by gradient caching (step.caches_gradients), running the towers twice."""
     return flops.train_flops(spec, batch, self.itm_pairs, self.extra_texts, self.mlm > 0, self.momentum > 0,
                              self.queue_size, self.distill_alpha > 0, grad_cache, self.regions_per_example,
-                             self.phrase_len, self.region > 0, self.locate > 0)
+                             self.phrase_len, self.region > 0, self.locate > 0, self.grounded_captions)
 
   def negative_hardness(self, step: jax.Array | None) -> jax.Array:
     """1 = ALBEF's hard negatives, 0 = uniform ones; rises linearly over `itm_hard_warmup` steps."""
@@ -236,7 +239,7 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     total += weights.region * region
 
   if weights.locate > 0:
-    locate, locate_metrics = _locate(module, batch, image_tokens, phrases)
+    locate, locate_metrics = _locate(module, batch, image_tokens, text_tokens, phrases)
     metrics.update(locate_metrics)
     total += weights.locate * locate
 
@@ -288,14 +291,26 @@ def _region_phrase(module: XModal, batch: dict[str, jax.Array], image_tokens: ja
                                    phrases.valid, temperature)
 
 
-def _locate(module: XModal, batch: dict[str, jax.Array], image_tokens: jax.Array, phrases: Phrases
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Where the Locator puts each region's phrase, read against its own image (the ITC pass's tokens, projected
-  once per image), against the centre of the region's box."""
+def _locate(module: XModal, batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens: jax.Array,
+            phrases: Phrases) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Where the Locator puts each region's phrase and, when the data grounds its captions (`text_regions`), each
+  caption word that names a region, read against its own image (the ITC pass's tokens, projected once per image),
+  against the centre of the region's box. The two terms add, each a mean over its own tokens."""
   b, r = batch['region_ids'].shape[:2]
+  centres = regions.box_centres(batch['region_boxes'])  # (B, R, 2)
   positions = module.locate(phrases.tokens, phrases.mask, image_tokens, jnp.repeat(jnp.arange(b), r))
-  centres = regions.box_centres(batch['region_boxes'].reshape(b * r, 4))
-  return losses.locate_loss(positions, centres, phrases.mask, phrases.valid)
+  loss, metrics = losses.locate_loss(positions, jnp.broadcast_to(centres.reshape(b * r, 1, 2), positions.shape),
+                                     phrases.mask * phrases.valid[:, None])
+  if 'text_regions' in batch:
+    # A caption's words through the Locator, as the fusion encoder reads them before its first layer; the extra
+    # pass costs one fusion layer on B captions (the match runs it on every pair, without its positions out).
+    named = batch['text_regions']
+    positions = module.locate(text_tokens, batch['text_mask'], image_tokens, jnp.arange(b))
+    token_centres = jnp.take_along_axis(centres, jnp.maximum(named, 0)[..., None], axis=1)  # (B, L, 2)
+    caption_loss, caption_metrics = losses.locate_loss(positions, token_centres, (named >= 0) * batch['text_mask'])
+    loss += caption_loss
+    metrics |= {f'caption_{name}': value for name, value in caption_metrics.items()}
+  return loss, metrics
 
 
 def _corrupt(batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights) -> losses.MaskedTokens:

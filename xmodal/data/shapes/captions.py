@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import itertools
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
@@ -319,6 +319,47 @@ def caption_fits(text_or_statements: str | tuple[Statement, ...], scene: Scene) 
   return any(statement_fits(s, scene) for s in statements)
 
 
+def _first_reading(text: str) -> tuple[re.Match, tuple[str, ...], frozenset[int]] | None:
+  """The first template's match of a caption, its slots and object counts; None if no template reads it."""
+  for regex, slots, counts in _readers():
+    m = regex.fullmatch(text)
+    if m is not None:
+      return m, slots, counts
+  return None
+
+
+@functools.cache
+def _region_reader() -> re.Pattern:
+  return re.compile(_phrase_pattern('P'))
+
+
+def ground_caption(text: str, region_phrases: Sequence[str]) -> list[tuple[int, int, int]]:
+  """Which characters of a caption name which region: (start, end, region index) per noun phrase, the way MDETR's
+  `tokens_positive` ground Flickr30k's phrases in their boxes.
+
+  A phrase names the region whose phrase (the builder's canonical "a small red circle") has its colour and shape: a
+  scene's colour-shape pairs are distinct, so that region is the phrase's object. Phrases that name no region, and
+  captions the templates cannot read (one stripped of its colour words, say), give no spans.
+  """
+  reading = _first_reading(text)
+  if reading is None:
+    return []
+  m, slots, _ = reading
+  regions = {}
+  for index, phrase in enumerate(region_phrases):
+    r = _region_reader().fullmatch(phrase)
+    if r is not None:
+      regions[_canonical(r['P_color'], COLOR_WORDS), _canonical(r['P_shape'], SHAPE_WORDS)] = index
+  spans = []
+  for slot in slots:
+    if slot == 'R':
+      continue
+    index = regions.get((_canonical(m[f'{slot}_color'], COLOR_WORDS), _canonical(m[f'{slot}_shape'], SHAPE_WORDS)))
+    if index is not None:
+      spans.append((m.start(f'{slot}_det'), m.end(f'{slot}_shape'), index))
+  return sorted(spans)
+
+
 NEGATIVE_KINDS = ('colours', 'relation', 'shape', 'colour')
 
 
@@ -336,12 +377,10 @@ def negative_caption(text: str, rng: np.random.Generator, scene: Scene | None = 
   most three, so both swapped phrases cannot name objects, and the related pair stands in its relation one way
   only. A substitution could name another object of the scene, hence the check.
   """
-  for regex, slots, counts in _readers():
-    m = regex.fullmatch(text)
-    if m is not None:
-      break
-  else:
+  reading = _first_reading(text)
+  if reading is None:
     raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
+  m, slots, counts = reading
   names = [slot for slot in slots if slot != 'R']
   statement = _statement(m, slots, counts)
   edits: dict[str, list[list[tuple[int, int, str]]]] = {kind: [] for kind in NEGATIVE_KINDS}
