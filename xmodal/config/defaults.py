@@ -60,7 +60,8 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       'region_weight': 0.0,
       # Where each region's phrase is: the fusion encoder's Locator (model.fusion_locator) reads the phrase against
       # its image and is trained, with this weight, towards the centre of the region's box (X-VLM's box prediction,
-      # per token; xmodal/losses/region.py). 0 = off.
+      # per token; xmodal/losses/region.py); with data.caption_grounding, each caption word that names a region
+      # too. 0 = off.
       'locate_weight': 0.0,
   })
   config.mesh = ml_collections.ConfigDict({
