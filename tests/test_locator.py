@@ -78,6 +78,13 @@ def test_the_locator_learns_from_the_locate_loss_only_and_its_places_reach_the_m
   norm = lambda tree: float(jnp.sqrt(sum(jnp.sum(x ** 2) for x in jax.tree.leaves(tree))))
   assert norm(jax.grad(match)(params)['fusion']['locator']) == 0.0  # the place enters behind a stop-gradient
   assert norm(jax.grad(locate)(params)['fusion']['locator']) > 0.0
+  # ... and it trains the Locator alone: nothing flows back into the words or the image tokens it reads (the towers,
+  # and the word window ITM shares), where ITM's gradient does.
+  on_inputs = lambda f: jax.grad(f, argnums=(1, 2))
+  locate_in = lambda p, t, i: jnp.sum(model.apply(variables(p), t, mask, i, method=XModal.locate) ** 2)
+  match_in = lambda p, t, i: jnp.sum(model.apply(variables(p), t, mask, i, method=XModal.match))
+  assert norm(on_inputs(locate_in)(params, text, images)) == 0.0
+  assert min(map(norm, on_inputs(match_in)(params, text, images))) > 0.0
   assert model.apply(variables(params), text, mask, images, method=XModal.locate).shape == (2, 6, 2)
   fusion = params['fusion']
   unplaced = {**params, 'fusion': {**fusion, 'place': jax.tree.map(jnp.zeros_like, fusion['place'])}}
