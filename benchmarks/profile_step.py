@@ -9,8 +9,11 @@ class by what it does (matmul, broadcast, copy or transpose, slicing, gather or 
 part by the operation it came from (the optimised HLO's op_name: vision, text, fusion, regions, the rest), forward or
 backward. Printed: three tables (by class, by part, the top operations with their shapes); the last line is JSON.
 
-The sums are thread time: XLA:CPU runs independent operations side by side, so they can exceed the step's wall time.
+On a CPU the sums are thread time: XLA:CPU runs independent operations side by side, so they can exceed the step's
+wall time. On a GPU they are kernel time on the device (the trace's /device:GPU events, each kernel attributed to its
+HLO operation through the event's `hlo_op`), and what the step's wall time holds beyond them is the device idle.
 Shares, not sums, are what to compare between variants; the step's own time comes from the untraced --timed steps.
+--trace-out DIR keeps the perfetto trace (gzipped JSON) for a closer look.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import gzip
 import json
 import pathlib
 import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,7 +40,10 @@ from xmodal.train import bench
 _CONTAINERS = ('while', 'conditional', 'call')
 # (class, what an operation's name starts with or contains); the first match wins.
 _CLASSES = (
-    ('matmul or convolution', re.compile(r'^(ynn_fusion|dot|convolution)')),  # ynn: XNNPACK's matmul fusions
+    # cuDNN's fused attention (a custom call on GPUs; the library attention on CPUs is an XLA fusion of dots).
+    ('attention (cuDNN)', re.compile(r'cudnn\$fmha')),
+    # ynn: XNNPACK's matmul fusions; cuBLAS / cuBLASLt gemm custom calls and Triton gemm fusions on GPUs.
+    ('matmul or convolution', re.compile(r'^(ynn_fusion|dot|convolution)|cublas|gemm|cudnn\$conv')),
     ('broadcast', re.compile(r'^(wrapped_broadcast|broadcast$)')),  # not elementwise fusions named broadcast_*
     ('slicing', re.compile(r'dynamic-update-slice|dynamic-slice|^slice')),
     ('gather or scatter', re.compile(r'gather|scatter')),
@@ -53,6 +60,7 @@ class Operation:
   opcode: str
   shape: str
   op_name: str
+  target: str = ''  # a custom call's target (a GPU library kernel: cuBLAS gemm, cuDNN attention)
 
 
 def hlo_operations(hlo_text: str) -> dict[str, Operation]:
@@ -62,14 +70,15 @@ def hlo_operations(hlo_text: str) -> dict[str, Operation]:
     match = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+) ([\w\-]+)\(', line)  # tuple shapes hold spaces
     if match:
       op_name = re.search(r'op_name="([^"]*)"', line)
+      target = re.search(r'custom_call_target="([^"]*)"', line)
       operations[match.group(1)] = Operation(match.group(1), match.group(3), match.group(2),
-                                             op_name.group(1) if op_name else '')
+                                             op_name.group(1) if op_name else '', target.group(1) if target else '')
   return operations
 
 
 def op_class(operation: Operation) -> str:
   for name, pattern in _CLASSES:
-    if pattern.search(operation.name) or pattern.search(operation.opcode):
+    if any(pattern.search(text) for text in (operation.name, operation.opcode, operation.target)):
       return name
   return 'elementwise'
 
@@ -80,13 +89,27 @@ def model_part(operation: Operation) -> str:
   return part + (' backward' if 'transpose(' in operation.op_name else '')
 
 
+def _device_processes(events: list[dict]) -> set:
+  """The trace's GPU processes (named '/device:GPU:N ...'); empty for a CPU trace."""
+  return {event.get('pid') for event in events if event.get('ph') == 'M' and event.get('name') == 'process_name'
+          and str(event.get('args', {}).get('name', '')).startswith('/device:GPU')}
+
+
 def traced_durations(trace: dict, operations: dict[str, Operation]) -> collections.Counter:
-  """Microseconds per HLO operation, summed over a perfetto trace's complete events; containers left out."""
+  """Microseconds per HLO operation, summed over a perfetto trace's complete events; containers left out.
+
+  A CPU trace names each thunk's event after its operation. A GPU trace names a kernel's event after the kernel
+  (a library kernel's own name for cuBLAS and cuDNN) and gives the operation in `args.hlo_op`; only the device's
+  events count there, so that the host's launch events of the same operations are not counted twice.
+  """
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  devices = _device_processes(events)
   totals = collections.Counter()
   for event in events:
-    operation = operations.get(event.get('name', ''))
-    if event.get('ph') == 'X' and operation is not None and operation.opcode not in _CONTAINERS:
+    if event.get('ph') != 'X' or (devices and event.get('pid') not in devices):
+      continue
+    operation = operations.get(event.get('name', '')) or operations.get(event.get('args', {}).get('hlo_op', ''))
+    if operation is not None and operation.opcode not in _CONTAINERS:
       totals[operation.name] += event.get('dur', 0)
   return totals
 
@@ -100,7 +123,8 @@ def grouped(durations: collections.Counter, operations: dict[str, Operation], ke
   return {group: micros / total for group, micros in groups.most_common()}
 
 
-def _trace_steps(step: bench.CompiledStep, steps: int, directory: pathlib.Path) -> dict:
+def _trace_steps(step: bench.CompiledStep, steps: int, directory: pathlib.Path,
+                 keep: pathlib.Path | None = None) -> dict:
   jax.profiler.start_trace(str(directory), create_perfetto_trace=True)
   try:
     for _ in range(steps):
@@ -108,18 +132,26 @@ def _trace_steps(step: bench.CompiledStep, steps: int, directory: pathlib.Path) 
   finally:
     jax.profiler.stop_trace()
   (path,) = directory.rglob('perfetto_trace.json.gz')
+  if keep is not None:
+    keep.mkdir(parents=True, exist_ok=True)
+    shutil.copy(path, keep / path.name)
   with gzip.open(path) as file:
     return json.load(file)
 
 
-def profile(config, steps: int = 2, warmup: int = 3, timed: int = 4) -> dict:
+def profile(config, steps: int = 2, warmup: int = 3, timed: int = 4, trace_out: pathlib.Path | None = None) -> dict:
   step = bench.compile_step(config, warmup + timed + steps)
-  operations = hlo_operations(step.compiled.as_text())
+  hlo_text = step.compiled.as_text()
+  operations = hlo_operations(hlo_text)
+  if trace_out is not None:  # the program too, to read the kept trace against later
+    trace_out.mkdir(parents=True, exist_ok=True)
+    with gzip.open(trace_out / 'step.hlo.txt.gz', 'wt') as file:
+      file.write(hlo_text)
   with step.context(), tempfile.TemporaryDirectory() as directory:
     for _ in range(warmup):
       step.run_one()
     times = timing.timed(step.run_one, timed)
-    durations = traced_durations(_trace_steps(step, steps, pathlib.Path(directory)), operations)
+    durations = traced_durations(_trace_steps(step, steps, pathlib.Path(directory), trace_out), operations)
   if not durations:
     raise SystemExit('the trace holds no operation of the compiled step (did the profiler record the CPU client?)')
   top = [{'operation': name, 'ms_per_step': micros / steps / 1e3, 'class': op_class(operations[name]),
@@ -141,7 +173,7 @@ def report(result: dict, top: int) -> str:
   total = result['traced_ms_per_step']
   lines = [f'step {result["step_s"]:.3f} s (median of the untraced --timed steps), '
            f'{result["flops_per_step"] / 1e9:.1f} GFLOP, {result["flops_per_step"] / result["step_s"] / 1e9:.1f} '
-           f'GFLOP/s; traced operation time {total:.1f} ms per step (thread time)']
+           f'GFLOP/s; traced operation time {total:.1f} ms per step (thread time on a CPU, kernel time on a GPU)']
   lines += _table('by class', result['by_class'], total)
   lines += _table('by model part', result['by_part'], total)
   lines.append(f'top {top} operations')
@@ -157,8 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
   parser.add_argument('--timed', type=int, default=4, help='timed (untraced) steps')
   parser.add_argument('--top', type=int, default=25, help='operations listed')
+  parser.add_argument('--trace-out', type=pathlib.Path, help='keep the perfetto trace in this folder')
   args, config = config_args.parse(parser, argv)
-  result = profile(config, args.steps, args.warmup, args.timed)
+  result = profile(config, args.steps, args.warmup, args.timed, args.trace_out)
   print(report(result, args.top))
   print(json.dumps({**result, 'top': result['top'][:args.top]}))
   return 0

@@ -68,6 +68,34 @@ def test_trace_events_are_summed_per_operation_and_containers_left_out():
   assert shares['broadcast'] == pytest.approx(0.6)
 
 
+# As XLA:GPU prints the library calls: a cuBLASLt gemm and cuDNN's fused attention (shortened).
+GPU_HLO = '''
+  %custom-call.7 = (bf16[6144,3072]{1,0}, s8[4194304]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(train_step)/jvp(XModal.encode_image)/vision/while/body/layers/mlp/fc1/dot_general"}
+  %custom-call.9 = (bf16[256,264,12,64]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(train_step)/jvp(XModal.encode_image)/vision/while/body/layers/attn/dot_product_attention"}
+  %loop_add_fusion.4 = bf16[256,257,768]{2,1,0} fusion(%x, %y), kind=kLoop, calls=%f, metadata={op_name="jit(train_step)/jvp(XModal.encode_image)/vision/add"}
+'''
+
+
+def test_a_gpu_trace_counts_device_kernels_by_their_hlo_op_and_classes_library_calls():
+  operations = profile_step.hlo_operations(GPU_HLO)
+  assert operations['custom-call.7'].target == '__cublas$lt$matmul'
+  assert profile_step.op_class(operations['custom-call.7']) == 'matmul or convolution'
+  assert profile_step.op_class(operations['custom-call.9']) == 'attention (cuDNN)'
+  assert profile_step.op_class(operations['loop_add_fusion.4']) == 'elementwise'
+  trace = {'traceEvents': [
+      {'ph': 'M', 'name': 'process_name', 'pid': 1, 'args': {'name': '/host:CPU'}},
+      {'ph': 'M', 'name': 'process_name', 'pid': 7, 'args': {'name': '/device:GPU:0 (stream 1)'}},
+      # The host's launch of an operation shares its name: only the device's kernels are counted.
+      {'ph': 'X', 'pid': 1, 'name': 'loop_add_fusion.4', 'dur': 1000},
+      {'ph': 'X', 'pid': 7, 'name': 'loop_add_fusion.4', 'dur': 3},
+      # Library kernels carry their own names; the operation is in args.hlo_op.
+      {'ph': 'X', 'pid': 7, 'name': 'sm90_xmma_gemm_bf16bf16', 'dur': 20, 'args': {'hlo_op': 'custom-call.7'}},
+      {'ph': 'X', 'pid': 7, 'name': 'cudnn_generated_sdpa', 'dur': 7, 'args': {'hlo_op': 'custom-call.9'}},
+      {'ph': 'X', 'pid': 7, 'name': 'memcpy', 'dur': 50, 'args': {}}]}
+  assert profile_step.traced_durations(trace, operations) == {
+      'loop_add_fusion.4': 3, 'custom-call.7': 20, 'custom-call.9': 7}
+
+
 @pytest.mark.slow  # compiles the micro train step
 def test_a_traced_micro_step_is_attributed_to_every_part_both_ways():
   result = profile_step.profile(micro_config(), steps=1, warmup=1, timed=1)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from xmodal.models import activations
+from xmodal.models import gather
 from xmodal.models import regions
 from xmodal.models.attention import attended_positions, dot_product_attention
 
@@ -111,7 +112,7 @@ class Attention(nn.Module):
       kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
                            name='kv')(kv)
       if kv_index is not None:
-        kv_proj = jnp.take(kv_proj, kv_index, axis=0)
+        kv_proj = gather.take_rows(kv_proj, kv_index)
       k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
     out = HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(dot_product_attention(q, k, v, mask,
                                                                                            impl=self.impl))

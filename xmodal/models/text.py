@@ -24,9 +24,11 @@ class TextEmbeddings(nn.Module):
         num, self.width, dtype=self.dtype, param_dtype=jnp.float32, name=name,
         embedding_init=layers.with_names(layers.default_kernel_init, axis, 'embed'))
     positions = jnp.arange(ids.shape[1])[None]
+    # Every token is of type 0: one row of the type table, broadcast. Looking it up per token made its gradient a
+    # scatter of all B x L rows into two, which took 30 ms of the `base` step's 275 ms on an H200.
     x = (embed(self.vocab_size, 'vocab', 'word')(ids)
          + embed(self.max_positions, None, 'position')(positions)
-         + embed(self.type_vocab_size, None, 'type')(jnp.zeros_like(ids)))
+         + embed(self.type_vocab_size, None, 'type')(jnp.zeros((1, 1), ids.dtype)))
     return layers.LayerNorm(self.layer_norm_eps, self.dtype, name='ln')(x)
 
 
