@@ -40,15 +40,21 @@ from xmodal.train import bench
 _CONTAINERS = ('while', 'conditional', 'call')
 # (class, what an operation's name starts with or contains); the first match wins.
 _CLASSES = (
-    # cuDNN's fused attention (a custom call on GPUs; the library attention on CPUs is an XLA fusion of dots).
-    ('attention (cuDNN)', re.compile(r'cudnn\$fmha')),
-    # ynn: XNNPACK's matmul fusions; cuBLAS / cuBLASLt gemm custom calls and Triton gemm fusions on GPUs.
-    ('matmul or convolution', re.compile(r'^(ynn_fusion|dot|convolution)|cublas|gemm|cudnn\$conv')),
+    # cuDNN's fused attention: its custom call, or its kernels by name (cuDNN's flash SDPA).
+    ('attention (cuDNN)', re.compile(r'cudnn\$fmha|_sdpa_|flash_[fb]prop|cudnn::fusion')),  # + its helper kernels
+    # ynn: XNNPACK's matmul fusions; on GPUs cuBLAS / cuBLASLt gemm custom calls, Triton gemm fusions, and the
+    # library's kernels by name (nvjet, xmma, cutlass).
+    ('matmul or convolution',
+     re.compile(r'^(ynn_fusion|dot|convolution)|cublas|gemm|cudnn\$conv|cudnn-conv|nvjet|xmma|cutlass')),
     ('broadcast', re.compile(r'^(wrapped_broadcast|broadcast$)')),  # not elementwise fusions named broadcast_*
     ('slicing', re.compile(r'dynamic-update-slice|dynamic-slice|^slice')),
     ('gather or scatter', re.compile(r'gather|scatter')),
-    ('copy or transpose', re.compile(r'^copy|transpose|concatenate')),
+    ('copy or transpose', re.compile(r'^copy|transpose|concatenate|^memcpy|^Memset')),
 )
+# What a GPU kernel that no operation of the module names is (a library kernel inside a CUDA graph, whose event
+# gives only the graph's name as `hlo_op`): its class is read from the kernel's name, its model part is unknown.
+_KERNEL = 'kernel'
+_UNATTRIBUTED = 'unattributed (library kernels in CUDA graphs)'
 # (part, what the op_name holds): model methods, as XModal names them.
 _PARTS = (('vision', 'encode_image'), ('text', 'encode_text'), ('fusion', 'match'), ('regions', 'embed_regions'))
 
@@ -85,6 +91,8 @@ def op_class(operation: Operation) -> str:
 
 def model_part(operation: Operation) -> str:
   """'vision', 'text', 'fusion', 'regions' or 'losses and optimizer', with ' backward' where autodiff made it."""
+  if operation.opcode == _KERNEL:
+    return _UNATTRIBUTED
   part = next((label for label, method in _PARTS if method in operation.op_name), 'losses and optimizer')
   return part + (' backward' if 'transpose(' in operation.op_name else '')
 
@@ -95,30 +103,45 @@ def _device_processes(events: list[dict]) -> set:
           and str(event.get('args', {}).get('name', '')).startswith('/device:GPU')}
 
 
-def traced_durations(trace: dict, operations: dict[str, Operation]) -> collections.Counter:
-  """Microseconds per HLO operation, summed over a perfetto trace's complete events; containers left out.
+def _gpu_operation(event: dict, operations: dict[str, Operation]) -> Operation:
+  """The operation a GPU kernel event ran: a fusion's kernel is named after it ('loop_add_fusion_3' for
+  loop_add_fusion.3), a library call outside a CUDA graph gives it as `args.hlo_op`; any other kernel stands for
+  itself (`_KERNEL`)."""
+  name = event.get('name', '')
+  for candidate in (name, re.sub(r'_(\d+)$', r'.\1', name), event.get('args', {}).get('hlo_op', '')):
+    if candidate in operations and operations[candidate].opcode not in _CONTAINERS:
+      return operations[candidate]
+  return Operation(name, _KERNEL, '', '')
 
-  A CPU trace names each thunk's event after its operation. A GPU trace names a kernel's event after the kernel
-  (a library kernel's own name for cuBLAS and cuDNN) and gives the operation in `args.hlo_op`; only the device's
-  events count there, so that the host's launch events of the same operations are not counted twice.
+
+def traced_durations(trace: dict, operations: dict[str, Operation]) -> collections.Counter:
+  """Microseconds per HLO operation (an `Operation`), summed over a perfetto trace's complete events.
+
+  A CPU trace names each thunk's event after its operation; containers are left out. On a GPU only the device's
+  kernels count (the host's launch events of the same operations would count them twice), each attributed by
+  `_gpu_operation`.
   """
   events = trace['traceEvents'] if isinstance(trace, dict) else trace
   devices = _device_processes(events)
   totals = collections.Counter()
   for event in events:
-    if event.get('ph') != 'X' or (devices and event.get('pid') not in devices):
+    if event.get('ph') != 'X':
       continue
-    operation = operations.get(event.get('name', '')) or operations.get(event.get('args', {}).get('hlo_op', ''))
+    if devices:
+      if event.get('pid') in devices:
+        totals[_gpu_operation(event, operations)] += event.get('dur', 0)
+      continue
+    operation = operations.get(event.get('name', ''))
     if operation is not None and operation.opcode not in _CONTAINERS:
-      totals[operation.name] += event.get('dur', 0)
+      totals[operation] += event.get('dur', 0)
   return totals
 
 
-def grouped(durations: collections.Counter, operations: dict[str, Operation], key) -> dict[str, float]:
+def grouped(durations: collections.Counter, key) -> dict[str, float]:
   """Share of the traced operation time per group, largest first."""
   groups = collections.Counter()
-  for name, micros in durations.items():
-    groups[key(operations[name])] += micros
+  for operation, micros in durations.items():
+    groups[key(operation)] += micros
   total = sum(groups.values())
   return {group: micros / total for group, micros in groups.most_common()}
 
@@ -154,13 +177,12 @@ def profile(config, steps: int = 2, warmup: int = 3, timed: int = 4, trace_out: 
     durations = traced_durations(_trace_steps(step, steps, pathlib.Path(directory), trace_out), operations)
   if not durations:
     raise SystemExit('the trace holds no operation of the compiled step (did the profiler record the CPU client?)')
-  top = [{'operation': name, 'ms_per_step': micros / steps / 1e3, 'class': op_class(operations[name]),
-          'shape': operations[name].shape, 'op_name': operations[name].op_name}
-         for name, micros in durations.most_common()]
+  top = [{'operation': operation.name, 'ms_per_step': micros / steps / 1e3, 'class': op_class(operation),
+          'shape': operation.shape, 'op_name': operation.op_name}
+         for operation, micros in durations.most_common()]
   return {'step_s': statistics.median(times), 'flops_per_step': step.flops_per_step,
           'traced_ms_per_step': sum(durations.values()) / steps / 1e3,
-          'by_class': grouped(durations, operations, op_class),
-          'by_part': grouped(durations, operations, model_part), 'top': top}
+          'by_class': grouped(durations, op_class), 'by_part': grouped(durations, model_part), 'top': top}
 
 
 def _table(title: str, shares: dict[str, float], total_ms: float) -> Iterable[str]:
@@ -178,7 +200,7 @@ def report(result: dict, top: int) -> str:
   lines += _table('by model part', result['by_part'], total)
   lines.append(f'top {top} operations')
   for row in result['top'][:top]:
-    origin = re.sub(r'^jit\([^)]*\)/', '', row['op_name'])[-90:]
+    origin = re.sub(r'^jit\([^)]*\)/', '', row['op_name'])[-90:] or row['operation'][:90]  # a kernel: its name
     lines.append(f'  {row["ms_per_step"]:7.1f} ms  {row["class"]:<18} {row["shape"]:<30} {origin}')
   return '\n'.join(lines)
 

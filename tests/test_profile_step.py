@@ -62,8 +62,9 @@ def test_trace_events_are_summed_per_operation_and_containers_left_out():
       {'ph': 'i', 'name': 'ynn_fusion.3', 'dur': 70},  # not a complete event
       {'ph': 'X', 'name': 'wrapped_broadcast.12', 'dur': 60}]}
   durations = profile_step.traced_durations(trace, operations)
-  assert durations == {'dot.508': 40, 'wrapped_broadcast.12': 60}
-  shares = profile_step.grouped(durations, operations, profile_step.op_class)
+  assert {operation.name: micros for operation, micros in durations.items()} == {'dot.508': 40,
+                                                                                 'wrapped_broadcast.12': 60}
+  shares = profile_step.grouped(durations, profile_step.op_class)
   assert list(shares) == ['broadcast', 'matmul or convolution']
   assert shares['broadcast'] == pytest.approx(0.6)
 
@@ -88,12 +89,26 @@ def test_a_gpu_trace_counts_device_kernels_by_their_hlo_op_and_classes_library_c
       # The host's launch of an operation shares its name: only the device's kernels are counted.
       {'ph': 'X', 'pid': 1, 'name': 'loop_add_fusion.4', 'dur': 1000},
       {'ph': 'X', 'pid': 7, 'name': 'loop_add_fusion.4', 'dur': 3},
-      # Library kernels carry their own names; the operation is in args.hlo_op.
+      # A fusion's kernel is named after it, with '_' for '.', inside a CUDA graph too.
+      {'ph': 'X', 'pid': 7, 'name': 'loop_add_fusion_4', 'dur': 2, 'args': {'hlo_op': 'command_buffer_3'}},
+      # Library kernels carry their own names; outside a CUDA graph the operation is in args.hlo_op ...
       {'ph': 'X', 'pid': 7, 'name': 'sm90_xmma_gemm_bf16bf16', 'dur': 20, 'args': {'hlo_op': 'custom-call.7'}},
       {'ph': 'X', 'pid': 7, 'name': 'cudnn_generated_sdpa', 'dur': 7, 'args': {'hlo_op': 'custom-call.9'}},
-      {'ph': 'X', 'pid': 7, 'name': 'memcpy', 'dur': 50, 'args': {}}]}
-  assert profile_step.traced_durations(trace, operations) == {
-      'loop_add_fusion.4': 3, 'custom-call.7': 20, 'custom-call.9': 7}
+      # ... inside one only the graph is named: the kernel stands for itself, classed by its name.
+      {'ph': 'X', 'pid': 7, 'name': 'nvjet_sm90_tst_128x160', 'dur': 30, 'args': {'hlo_op': 'command_buffer_3'}},
+      {'ph': 'X', 'pid': 7, 'name': 'cudnn_sm90_flash_bprop_wgmma', 'dur': 9, 'args': {'hlo_op': 'command_buffer_3'}},
+      {'ph': 'X', 'pid': 7, 'name': 'memcpy128', 'dur': 50, 'args': {}}]}
+  durations = profile_step.traced_durations(trace, operations)
+  assert {operation.name: micros for operation, micros in durations.items()} == {
+      'loop_add_fusion.4': 5, 'custom-call.7': 20, 'custom-call.9': 7, 'nvjet_sm90_tst_128x160': 30,
+      'cudnn_sm90_flash_bprop_wgmma': 9, 'memcpy128': 50}
+  by_class = profile_step.grouped(durations, profile_step.op_class)
+  assert by_class['matmul or convolution'] == pytest.approx(50 / 121)
+  assert by_class['attention (cuDNN)'] == pytest.approx(16 / 121)
+  assert by_class['copy or transpose'] == pytest.approx(50 / 121)
+  by_part = profile_step.grouped(durations, profile_step.model_part)
+  assert by_part['vision'] == pytest.approx(32 / 121)  # the fusion and both library calls, through op_name
+  assert by_part['unattributed (library kernels in CUDA graphs)'] == pytest.approx(89 / 121)
 
 
 @pytest.mark.slow  # compiles the micro train step
