@@ -11,9 +11,9 @@ backward. Printed: three tables (by class, by part, the top operations with thei
 
 On a CPU the sums are thread time: XLA:CPU runs independent operations side by side, so they can exceed the step's
 wall time. On a GPU they are kernel time on the device (the trace's /device:GPU events, each kernel attributed to its
-HLO operation through the event's `hlo_op`), and what the step's wall time holds beyond them is the device idle.
+HLO operation as `_gpu_operation` says), and what the step's wall time holds beyond them is the device idle.
 Shares, not sums, are what to compare between variants; the step's own time comes from the untraced --timed steps.
---trace-out DIR keeps the perfetto trace (gzipped JSON) for a closer look.
+--trace-out DIR keeps the perfetto trace (gzipped JSON) and the optimised HLO for a closer look.
 """
 
 from __future__ import annotations
@@ -155,8 +155,7 @@ def _trace_steps(step: bench.CompiledStep, steps: int, directory: pathlib.Path,
   finally:
     jax.profiler.stop_trace()
   (path,) = directory.rglob('perfetto_trace.json.gz')
-  if keep is not None:
-    keep.mkdir(parents=True, exist_ok=True)
+  if keep is not None:  # `profile` made the folder
     shutil.copy(path, keep / path.name)
   with gzip.open(path) as file:
     return json.load(file)
@@ -211,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--warmup', type=int, default=3, help='untimed steps first')
   parser.add_argument('--timed', type=int, default=4, help='timed (untraced) steps')
   parser.add_argument('--top', type=int, default=25, help='operations listed')
-  parser.add_argument('--trace-out', type=pathlib.Path, help='keep the perfetto trace in this folder')
+  parser.add_argument('--trace-out', type=pathlib.Path, help='keep the perfetto trace and the HLO in this folder')
   args, config = config_args.parse(parser, argv)
   result = profile(config, args.steps, args.warmup, args.timed, args.trace_out)
   print(report(result, args.top))
