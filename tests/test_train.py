@@ -91,16 +91,17 @@ def test_flop_count_matches_a_hand_count():
 
 
 @pytest.mark.slow  # compiles the micro train step per case for XLA's cost analysis
-@pytest.mark.parametrize('written, stem, mlm, momentum, regions, locate', [
-    ('off', 'patch', False, False, 0, False), ('add', 'conv', False, False, 0, False),
-    ('replace', 'patch', True, False, 0, False), ('off', 'patch', True, True, 0, False),
-    ('off', 'conv', False, False, 3, False), ('add', 'conv', False, False, 3, True),
-    ('add', 'conv', False, False, 3, 'captions')])
-def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, regions, locate):
+@pytest.mark.parametrize('written, stem, mlm, momentum, regions, locate, relation', [
+    ('off', 'patch', False, False, 0, False, False), ('add', 'conv', False, False, 0, False, False),
+    ('replace', 'patch', True, False, 0, False, False), ('off', 'patch', True, True, 0, False, False),
+    ('off', 'conv', False, False, 3, False, False), ('add', 'conv', False, False, 3, True, False),
+    ('add', 'conv', False, False, 3, 'captions', False), ('add', 'patch', False, False, 0, False, True)])
+def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, regions, locate, relation):
   """XLA counts every op; the analytic count (matmuls only) must account for the bulk of its forward FLOPs (with the
   momentum model: its forward, a queue of 32 and distillation of ITC and MLM, beside the loss's; with regions, their
   phrases through the text tower and their projections; with `locate`, the fusion encoder's Locator on every pair
-  and on the phrases; with 'captions', on the grounded captions too)."""
+  and on the phrases; with 'captions', on the grounded captions too; with `relation`, the relation swaps through the
+  text tower and ITM)."""
   from xmodal.losses import QueuedKeys
   from xmodal.train.objective import compute_loss, momentum_outputs
   config = micro_config()
@@ -116,9 +117,10 @@ def test_flop_count_is_close_to_xla_cost_analysis(written, stem, mlm, momentum, 
                         mlm_vocab_size=config.model.text.vocab_size, momentum=0.995 * momentum,
                         queue_size=queue_size, distill_alpha=0.4 * momentum, region=float(regions > 0),
                         regions_per_example=regions, phrase_len=8 if regions else 0, locate=float(bool(locate)),
-                        grounded_captions=grounded)
+                        grounded_captions=grounded, relation=float(relation))
   batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0), negatives=True,
-                                                    regions=(regions, 8) if regions else None, grounded=grounded))
+                                                    regions=(regions, 8) if regions else None, grounded=grounded,
+                                                    relations=relation))
 
   def forward(p, m, b):  # m: the momentum parameters, an argument of their own (XLA would fold a second use of p)
     rng = jax.random.key(0)

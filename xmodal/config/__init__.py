@@ -180,8 +180,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if 'data' in config and config.data.get('caption_grounding', ''):
       _require(loss.get('locate_weight', 0) > 0, 'data.caption_grounding',
                f'{config.data.caption_grounding!r} grounds captions for the Locator: set loss.locate_weight > 0')
+    if loss.get('relation_weight', 0) > 0:
+      _require(loss.itm_weight > 0, 'loss.relation_weight', 'scores pairs with the ITM head: set loss.itm_weight > 0')
+      if 'data' in config:
+        _require(config.data.get('relation_swaps', ''), 'loss.relation_weight',
+                 'needs relation swaps from the data: set data.relation_swaps')
     _validate_momentum(config)
-    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight', 'locate_weight'):
+    for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight', 'locate_weight',
+                 'relation_weight'):
       if name in loss:
         _require(loss[name] >= 0, f'loss.{name}', f'must be >= 0, got {loss[name]}')
 

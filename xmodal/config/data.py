@@ -11,6 +11,7 @@ import ml_collections
 SOURCES = ('tfds', 'wds', 'tfrecord', 'folder')
 TFDS_ACCESS = ('auto', 'random', 'stream')
 CAPTION_GROUNDINGS = ('', 'shapes')  # xmodal.data.pipeline's grounders, by name ('' = none)
+RELATION_SWAPS = ('', 'shapes')  # xmodal.data.pipeline's relation-swap writers, by name ('' = none)
 
 # ImageNet statistics, what ViT/BERT-style towers pretrained elsewhere expect; scaled to [0, 255] pixels.
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -67,6 +68,10 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       'shapes' (xmodal_shapes' caption grammar, `captions.ground_caption`); needs the regions. Each example then
       carries `text_regions`, every caption token's region index (-1: none), for `loss.locate_weight`, the way MDETR
       grounds Flickr30k's phrases.
+    relation_swaps: how to write each training caption's relation swap, the same words with its related phrases
+      exchanged ("a red circle left of a blue box" -> "a blue box left of a red circle"): '' (none) or 'shapes'
+      (`captions.relation_swap`). Each example then carries `relation_ids`, `relation_mask` and `relation_valid`
+      (False where the caption states no relation), for `loss.relation_weight`.
     max_regions: R, regions kept per image (the first R; fewer are padded).
     max_phrase_len: token length of a region's phrase.
     batch_size: global training batch; each of P processes yields batch_size // P.
@@ -118,6 +123,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
       region_boxes_key='',
       region_phrases_key='',
       caption_grounding='',
+      relation_swaps='',
       max_regions=3,
       max_phrase_len=8,
       pairs=False,
@@ -169,6 +175,11 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
   if config.caption_grounding and not config.region_boxes_key:
     raise ValueError(f'data.caption_grounding: {config.caption_grounding!r} grounds captions in their regions; set '
                      f'data.region_boxes_key and data.region_phrases_key')
+  if config.relation_swaps not in RELATION_SWAPS:
+    raise ValueError(f'data.relation_swaps: {config.relation_swaps!r} is not one of {RELATION_SWAPS}')
+  if config.relation_swaps and config.grayscale_prob:
+    raise ValueError(f'data.relation_swaps: {config.relation_swaps!r} reads captions by their grammar, which grey '
+                     f'examples lose words of; needs data.grayscale_prob=0 (got {config.grayscale_prob})')
   if config.tfds_access not in TFDS_ACCESS:
     raise ValueError(f'data.tfds_access: {config.tfds_access!r} is not one of {TFDS_ACCESS}')
   if not 0 <= config.grayscale_prob <= 1:

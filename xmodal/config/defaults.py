@@ -63,6 +63,10 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # per token; xmodal/losses/region.py); with data.caption_grounding, each caption word that names a region
       # too. 0 = off.
       'locate_weight': 0.0,
+      # ITM on relation swaps (data.relation_swaps), added with this weight: each image whose caption states a
+      # relation, scored with its caption (match) and the caption's related phrases exchanged (no match), a
+      # balanced pair whose only difference is which object stands where. 0 = off.
+      'relation_weight': 0.0,
   })
   config.mesh = ml_collections.ConfigDict({
       # Sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the devices that are left.

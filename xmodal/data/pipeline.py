@@ -58,6 +58,8 @@ from xmodal.config.data import validate_data_config
 # caption's (start, end, region index) character spans.
 GROUNDERS: dict[str, Callable[[str, Sequence[str]], list[tuple[int, int, int]]]] = {
     'shapes': shapes_captions.ground_caption}
+# data.relation_swaps' names (xmodal.config.data.RELATION_SWAPS): caption -> its relation swap ('' where none).
+RELATION_SWAPPERS: dict[str, Callable[[str], str]] = {'shapes': shapes_captions.relation_swap}
 
 STATE_VERSION = 2
 STATUS_EMPTY = 2   # No usable caption.
@@ -416,6 +418,18 @@ def _grounding_fn(tokenizer, grounder, max_len: int):
   return ground
 
 
+def _swap_fn(swapper):
+  """(B,) captions -> (B,) their relation swaps ('' where a caption states none)."""
+  def swap(texts: np.ndarray) -> np.ndarray:
+    return np.asarray([swapper(t.decode('utf-8', errors='replace')).encode('utf-8') for t in texts], object)
+
+  def swapped(texts: tf.Tensor) -> tf.Tensor:
+    out = tf.numpy_function(swap, [texts], tf.string, stateful=False)
+    out.set_shape(texts.shape)
+    return out
+  return swapped
+
+
 def load_tokenizer(config: ml_collections.ConfigDict):
   from xmodal.tokenizer import load_tokenizer as load  # pylint: disable=g-import-not-at-top
   return load(config.tokenizer)
@@ -616,7 +630,7 @@ class TrainIterator(Iterator[dict]):
     out = {'images': batch['images'], 'text_ids': batch['text_ids'], 'text_mask': batch['text_mask'],
            'image_ids': batch['image_ids']}
     optional = ('negative_ids', 'negative_mask', 'negative_valid', 'region_boxes', 'region_ids', 'region_mask',
-                'region_valid', 'text_regions')
+                'region_valid', 'text_regions', 'relation_ids', 'relation_mask', 'relation_valid')
     out.update({key: batch[key] for key in optional if key in batch})
     return out
 
@@ -668,6 +682,8 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
   tokenize_phrase = _tokenize_fn(tokenizer, config.max_phrase_len)
   if config.caption_grounding:
     ground = _grounding_fn(tokenizer, GROUNDERS[config.caption_grounding], config.max_text_len)
+  if config.relation_swaps:
+    swap = _swap_fn(RELATION_SWAPPERS[config.relation_swaps])
 
   def finish(b: dict) -> dict:
     ids, mask = tokenize(b['text'])
@@ -683,6 +699,10 @@ def train_dataset(config: ml_collections.ConfigDict, tokenizer, state: dict, pro
       out['region_valid'] = tf.strings.length(b['region_phrases']) > 0
     if config.caption_grounding:
       out['text_regions'] = ground(b['text'], b['region_phrases'])
+    if config.relation_swaps:
+      swaps = swap(b['text'])
+      out['relation_ids'], out['relation_mask'] = tokenize(swaps)
+      out['relation_valid'] = tf.strings.length(swaps) > 0
     return out
 
   ds = ds.map(finish, num_parallel_calls=2, deterministic=True)

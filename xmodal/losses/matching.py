@@ -59,13 +59,15 @@ def sample_hard_negatives(rng: jax.Array, sim: jax.Array, ids: jax.Array | None 
 
 
 def matching_loss(positive_logits: jax.Array, negative_logits: jax.Array,
-                  negative_valid: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                  negative_valid: jax.Array | None = None, positive_valid: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """ITM cross-entropy over B positive and 2B negative pairs.
 
   Args:
     positive_logits: (B, 2) match logits of the true pairs (class 1 = match).
     negative_logits: (2B, 2) match logits of the hard-negative pairs (class 0).
     negative_valid: (2B,) bool, False for negatives that do not exist (left out of the mean); None = all valid.
+    positive_valid: (B,) bool, the same for the positives; None = all valid.
 
   Returns:
     (loss, metrics) with 'itm_loss' and 'itm_acc' (accuracy over the counted pairs).
@@ -75,9 +77,11 @@ def matching_loss(positive_logits: jax.Array, negative_logits: jax.Array,
   logits = jnp.concatenate([positive_logits, negative_logits]).astype(jnp.float32)
   labels = jnp.concatenate([jnp.ones(positive_logits.shape[:1], jnp.int32),
                             jnp.zeros(negative_logits.shape[:1], jnp.int32)])
-  weights = jnp.concatenate([jnp.ones(positive_logits.shape[:1], jnp.float32), negative_valid.astype(jnp.float32)])
+  if positive_valid is None:
+    positive_valid = jnp.ones(positive_logits.shape[:1], bool)
+  weights = jnp.concatenate([positive_valid, negative_valid]).astype(jnp.float32)
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), labels[:, None], axis=-1)[:, 0]
-  count = jnp.sum(weights)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
   loss = jnp.sum(nll * weights) / count
   correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
   return loss, {'itm_loss': loss, 'itm_acc': jnp.sum(correct * weights) / count}

@@ -50,11 +50,13 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
 
 
 def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool = False,
-                    regions: tuple[int, int] | None = None, grounded: bool = False) -> dict[str, np.ndarray]:
+                    regions: tuple[int, int] | None = None, grounded: bool = False, relations: bool = False
+                    ) -> dict[str, np.ndarray]:
   """Random inputs of the model's shapes; captions of random length; distinct image ids; with `negatives`, a written
   negative caption per example too (as data.negatives_key gives); with `regions` (R, phrase length), R boxes of
   random phrases per example (as data.region_boxes_key gives), and with `grounded` each caption token's region
-  index or -1 (as data.caption_grounding gives)."""
+  index or -1 (as data.caption_grounding gives); with `relations`, a relation swap per example (as
+  data.relation_swaps gives)."""
   length = spec.max_text_len
 
   def texts() -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +70,9 @@ def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool 
   if negatives:
     out['negative_ids'], out['negative_mask'] = texts()
     out['negative_valid'] = np.ones((batch,), bool)
+  if relations:
+    out['relation_ids'], out['relation_mask'] = texts()
+    out['relation_valid'] = np.ones((batch,), bool)
   if regions:
     count, phrase_len = regions
     corner = rng.uniform(0.0, 0.6, size=(batch, count, 2))
@@ -142,7 +147,8 @@ def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> Compile
     regions = (weights.regions_per_example, weights.phrase_len) if weights.regions_per_example else None
     batch = sharding.host_to_global(synthetic_batch(model.spec, config.data.batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key), regions=regions,
-                                                    grounded=weights.grounded_captions), mesh)
+                                                    grounded=weights.grounded_captions,
+                                                    relations=weights.relation > 0), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     options = compiler_options(config)

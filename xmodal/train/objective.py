@@ -76,6 +76,10 @@ class LossWeights:
   # (data.caption_grounding), and the Locator learns from them too.
   locate: float = 0.0
   grounded_captions: bool = False
+  # ITM on relation swaps (batch 'relation_*', data.relation_swaps): its weight. Each image whose caption states a
+  # relation adds one pair, its image with the swap, scored against its own positive pair (balanced, apart from
+  # ITM's own mean): on the shapes data ITM's other negatives outnumber the relation swaps ~20 to 1.
+  relation: float = 0.0
 
   def __post_init__(self):
     if self.momentum > 0 and (self.chunked or self.itc_written_negatives):
@@ -89,7 +93,7 @@ class LossWeights:
     """The `loss` section's weights; the `data` section is read when MLM is on (its tokenizer's [MASK]) and when
     the region loss is (its regions' count and phrase length)."""
     mlm, region = float(loss.mlm_weight), float(loss.get('region_weight', 0.0))
-    locate = float(loss.get('locate_weight', 0.0))
+    locate, relation = float(loss.get('locate_weight', 0.0)), float(loss.get('relation_weight', 0.0))
     if (mlm > 0 or region > 0 or locate > 0) and data is None:
       raise ValueError('loss.mlm_weight, loss.region_weight and loss.locate_weight need the data section '
                        '(LossWeights.from_config(loss, data))')
@@ -110,20 +114,22 @@ class LossWeights:
                mlm_vocab_size=vocab_size, momentum=float(loss.momentum), queue_size=int(loss.queue_size),
                distill_alpha=float(loss.distill_alpha), distill_warmup=int(loss.distill_warmup_steps),
                region=region, regions_per_example=phrase_shape[0], phrase_len=phrase_shape[1], locate=locate,
-               grounded_captions=locate > 0 and bool(data.get('caption_grounding', '')))
+               grounded_captions=locate > 0 and bool(data.get('caption_grounding', '')), relation=relation)
 
   @property
   def itm_pairs(self) -> float:
-    """(text, image) pairs per example through the fusion encoder: 3 (ALBEF), 4 with 'add', 0 without ITM; divided
-    by `itm_subsample`."""
+    """(text, image) pairs per example through the fusion encoder: 3 (ALBEF), 4 with 'add', one more with relation
+    swaps, 0 without ITM; divided by `itm_subsample`."""
     if self.itm <= 0:
       return 0
-    return (4 if self.itm_written_negatives == 'add' else 3) / self.itm_subsample
+    return ((4 if self.itm_written_negatives == 'add' else 3) + (self.relation > 0)) / self.itm_subsample
 
   @property
   def extra_texts(self) -> float:
-    """Captions per example through the text tower beyond the batch's own: the written negatives, when used."""
-    return int(self.itc_written_negatives or (self.itm > 0 and self.itm_written_negatives != 'off'))
+    """Captions per example through the text tower beyond the batch's own: the written negatives and the relation
+    swaps, when used."""
+    return (int(self.itc_written_negatives or (self.itm > 0 and self.itm_written_negatives != 'off'))
+            + int(self.itm > 0 and self.relation > 0))
 
   def train_flops(self, spec: ModelSpec, batch: int, grad_cache: bool = False) -> int:
     """Model FLOPs of a training step on a global batch of `batch` with these losses (flops.train_flops);
@@ -225,6 +231,10 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
                                   (weights.itm > 0 and weights.itm_written_negatives != 'off')):
     tokens, emb = module.encode_text(batch['negative_ids'], batch['negative_mask'])
     written = WrittenNegatives(tokens, batch['negative_mask'], emb, batch['negative_valid'].astype(bool))
+  swaps = None  # the captions' relation swaps through the text tower, for ITM
+  if weights.itm > 0 and weights.relation > 0:
+    tokens, emb = module.encode_text(batch['relation_ids'], batch['relation_mask'])
+    swaps = WrittenNegatives(tokens, batch['relation_mask'], emb, batch['relation_valid'].astype(bool))
 
   if embedding_grads is None:
     contrastive, contrastive_metrics = _contrastive(module, image_emb, text_emb, ids, weights, step, teacher, queue,
@@ -245,9 +255,10 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
 
   if weights.itm > 0:
     sim = jnp.einsum('ie,te->it', image_emb, text_emb) / temperature
-    itm, itm_metrics = _matching(batch, image_tokens, text_tokens, written, sim, rng, weights, step, module)
+    itm, relation, itm_metrics = _matching(batch, image_tokens, text_tokens, written, sim, rng, weights, step,
+                                           module, swaps)
     metrics.update(itm_metrics)
-    total += weights.itm * itm
+    total += weights.itm * itm + weights.relation * relation
 
   if weights.mlm > 0:
     teacher_logits = None if teacher is None else teacher.mlm_logits
@@ -335,8 +346,8 @@ def _masked_lm(batch: dict[str, jax.Array], image_tokens: jax.Array, rng: jax.Ar
 
 
 class WrittenNegatives(NamedTuple):
-  """The data's written negative captions through the text tower: tokens (B, L, Dt), mask (B, L), emb (B, E),
-  valid (B,) bool (False where a caption had none)."""
+  """The data's written negative captions (or relation swaps) through the text tower: tokens (B, L, Dt), mask
+  (B, L), emb (B, E), valid (B,) bool (False where a caption had none)."""
   tokens: jax.Array
   mask: jax.Array
   emb: jax.Array
@@ -345,9 +356,13 @@ class WrittenNegatives(NamedTuple):
 
 def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens: jax.Array,
               written: WrittenNegatives | None, sim: jax.Array, rng: jax.Array, weights: LossWeights,
-              step: jax.Array | None, module: XModal) -> tuple[jax.Array, dict[str, jax.Array]]:
+              step: jax.Array | None, module: XModal, swaps: WrittenNegatives | None = None
+              ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
   """ITM over the pairs of every `itm_subsample`-th example: its positive, its text with a negative image, its image
-  with a negative text (the data's written one instead, or in addition, per `itm_written_negatives`).
+  with a negative text (the data's written one instead, or in addition, per `itm_written_negatives`); and with
+  `swaps`, its image with its caption's relation swap, a second loss over these pairs and their positives.
+
+  Returns (ITM loss, relation-swap loss (0 without `swaps`), metrics).
 
   Negatives are drawn over the whole batch's similarity `sim` (B, B), so subsampling thins the pairs, not the
   candidates. Tower outputs are reused; only the fusion encoder runs again.
@@ -385,6 +400,11 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     pair_mask.append(written_mask)
     pair_image.append(own_image)
     negative_valid.append(written_valid)
+  groups = len(pair_text)
+  if swaps is not None:
+    pair_text.append(swaps.tokens[pick].astype(text_tokens.dtype))
+    pair_mask.append(swaps.mask[pick])
+    pair_image.append(own_image)
   if flops.fusion_image_passes(weights.itm_pairs) < weights.itm_pairs:
     logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), image_tokens,
                           image_index=jnp.concatenate(pair_image))
@@ -393,7 +413,16 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     copies = [own_tokens if rows is own_image else image_tokens[rows] for rows in pair_image]
     logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), jnp.concatenate(copies))
   size = own_image.shape[0]
-  itm, metrics = losses.matching_loss(logits[:size], logits[size:], jnp.concatenate(negative_valid))
+  itm, metrics = losses.matching_loss(logits[:size], logits[size:groups * size], jnp.concatenate(negative_valid))
+  relation = jnp.zeros((), jnp.float32)
+  if swaps is not None:
+    swap_valid = swaps.valid[pick]
+    relation, relation_metrics = losses.matching_loss(logits[:size], logits[groups * size:], swap_valid, swap_valid)
+    metrics['relation_loss'] = relation
+    # How often the swap's match margin falls below its caption's: the binding split's criterion on relations.
+    margin = lambda rows: (rows[:, 1] - rows[:, 0]).astype(jnp.float32)
+    ahead = (margin(logits[:size]) > margin(logits[groups * size:])) & swap_valid
+    metrics['relation_pair_acc'] = jnp.sum(ahead) / jnp.maximum(jnp.sum(swap_valid), 1)
   metrics['itm_hardness'] = hardness
   if written is not None:
     # How often the written negatives (the binding the test measures) are told apart: rows 2n..3n or 3n..4n.
@@ -401,7 +430,7 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     shown = use[:, 0, 0] if weights.itm_written_negatives == 'replace' else written_valid
     correct = (jnp.argmax(rows, axis=-1) == 0) & shown
     metrics['itm_written_acc'] = jnp.sum(correct) / jnp.maximum(jnp.sum(shown), 1)
-  return itm, metrics
+  return itm, relation, metrics
 
 
 def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights,

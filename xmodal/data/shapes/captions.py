@@ -390,9 +390,7 @@ def negative_caption(text: str, rng: np.random.Generator, scene: Scene | None = 
         and _canonical(m[f'{a}_shape'], SHAPE_WORDS) != _canonical(m[f'{b}_shape'], SHAPE_WORDS)):
       edits['colours'].append([(*m.span(f'{a}_color'), color_b), (*m.span(f'{b}_color'), color_a)])
   if 'R' in slots:
-    body = lambda slot: (m.end(f'{slot}_det') + 1, m.end(f'{slot}_shape'))
-    (x0, x1), (y0, y1) = body('X'), body('Y')
-    edits['relation'].append([(x0, x1, text[y0:y1]), (y0, y1, text[x0:x1])])
+    edits['relation'].append(_relation_edit(m, text))
   if scene is not None:
     for kind, part, table in (('shape', 'shape', SHAPE_WORDS), ('colour', 'color', COLOR_WORDS)):
       for index, slot in enumerate(names):
@@ -411,6 +409,24 @@ def negative_caption(text: str, rng: np.random.Generator, scene: Scene | None = 
     return None
   options = edits[kinds[rng.integers(len(kinds))]]
   return _apply(text, options[rng.integers(len(options))])
+
+
+def _relation_edit(m: re.Match, text: str) -> list[tuple[int, int, str]]:
+  """The edit that swaps the bodies of a reading's related phrases X and Y, their determiners kept."""
+  body = lambda slot: (m.end(f'{slot}_det') + 1, m.end(f'{slot}_shape'))
+  (x0, x1), (y0, y1) = body('X'), body('Y')
+  return [(x0, x1, text[y0:y1]), (y0, y1, text[x0:x1])]
+
+
+def relation_swap(text: str) -> str:
+  """The caption with its related phrases swapped ("a red circle left of a blue box" -> "a blue box left of a red
+  circle"): the same words, false of any scene the caption is true of (`negative_caption`'s 'relation' kind); ''
+  when the caption states no relation. Raises on a caption outside the templates."""
+  reading = _first_reading(text)
+  if reading is None:
+    raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
+  m, slots, _ = reading
+  return _apply(text, _relation_edit(m, text)) if 'R' in slots else ''
 
 
 def _apply(text: str, edits: list[tuple[int, int, str]]) -> str:
