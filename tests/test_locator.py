@@ -1,5 +1,5 @@
 """The fusion encoder's Locator: where cross-attention looked against a numpy reference, box centres and token
-places by hand, the place's Fourier features against a loop, the locate loss against a loop, and that the Locator learns from the locate loss only."""
+places by hand, the locate loss against a loop, and that the Locator learns from the locate loss only."""
 
 import flax.linen as nn
 import jax
@@ -12,7 +12,6 @@ from xmodal import config as config_lib
 from xmodal import losses
 from xmodal.models import XModal, build, dummy_inputs, regions
 from xmodal.models.attention import attended_positions
-from xmodal.models.fusion import place_features
 from xmodal.train.objective import LossWeights, compute_loss
 
 
@@ -23,20 +22,6 @@ def test_token_places_and_box_centres_by_hand():
   np.testing.assert_allclose(regions.box_centres(jnp.asarray(boxes)), [[-0.1, -0.3], [0.0, 0.0]], atol=1e-6)
   with pytest.raises(ValueError, match='6 image tokens'):
     regions.token_positions(6)
-
-
-def test_place_features_are_sines_and_cosines_of_each_coordinate_at_doubling_frequencies():
-  places = np.random.default_rng(0).uniform(-0.5, 0.5, size=(3, 4, 2))
-  got = np.asarray(place_features(jnp.asarray(places, jnp.float32), octaves=3))
-  assert got.shape == (3, 4, 12)
-  for index in np.ndindex(3, 4):
-    x, y = places[index]
-    angles = [np.pi * 2 ** k * v for v in (x, y) for k in range(3)]  # x's octaves, then y's
-    np.testing.assert_allclose(got[index], [np.sin(a) for a in angles] + [np.cos(a) for a in angles], atol=1e-6)
-  # The coarsest feature orders places left to right across the whole image.
-  xs = np.linspace(-0.5, 0.5, 11)
-  coarse = np.asarray(place_features(jnp.asarray(np.stack([xs, 0 * xs], -1), jnp.float32)))[:, 0]
-  assert (np.diff(coarse) > 0).all()
 
 
 def test_where_attention_looked_is_the_attention_weighted_mean_of_key_places():

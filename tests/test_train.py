@@ -68,11 +68,11 @@ def test_flop_count_matches_a_hand_count():
   assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * (
       per_example - patch + stem + 3 * window)
   # The Locator: one more fusion layer per pair (its K and V once per image), its head (8 -> 2) and the place's
-  # dense layer (16 Fourier features -> 8); each of the now two cross-attentions reads where it looked: its 3 x 5 scores again, the
+  # dense layer (2 -> 8); each of the now two cross-attentions reads where it looked: its 3 x 5 scores again, the
   # weighted (x, y) of 2 heads, their projection (2 x 2 -> 8).
   config.fusion_locator = True
   where = 2 * 3 * 5 * 8 + 2 * 3 * 5 * 2 * 2 + 2 * 3 * 2 * 2 * 8
-  locator = text_layer + (cross - image_keys) + 2 * 3 * 8 * 2 + 2 * 3 * 16 * 8
+  locator = text_layer + (cross - image_keys) + 2 * 3 * 8 * 2 + 2 * 3 * 2 * 8
   with_locator = per_example - patch + stem + 3 * (window + locator + 2 * where) + image_keys
   assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * with_locator
   # Locating two phrases of 2 tokens per example (no region contrast): each through the text layer, the word
@@ -84,7 +84,7 @@ def test_flop_count_matches_a_hand_count():
                            locate=True) == 3 * 2 * (with_locator + 2 * (phrase_layer + phrase_locate) + image_keys)
   # Grounded captions: each caption of 3 tokens through the word window and the Locator too, its image's K and V
   # projected again.
-  caption_locate = window + locator - 2 * 3 * 16 * 8 + where  # no place out
+  caption_locate = window + locator - 2 * 3 * 2 * 8 + where
   assert flops.train_flops(ModelSpec.from_config(config), batch=2, regions=2, phrase_len=2, region_contrast=False,
                            locate=True, grounded_captions=True) == 3 * 2 * (
       with_locator + 2 * (phrase_layer + phrase_locate) + image_keys + caption_locate + image_keys)

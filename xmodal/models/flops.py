@@ -7,7 +7,6 @@ recomputation is not model FLOPs and is not counted.
 
 from __future__ import annotations
 
-from xmodal.models.fusion import PLACE_OCTAVES
 from xmodal.models.model import ModelSpec
 from xmodal.models.vit import conv_stem_channels
 
@@ -113,8 +112,7 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
     layer = _layer(tokens, t.width, t.mlp_dim) + cross
     if through_locator_only:
       return window + layer + 2 * tokens * t.width * 2  # its layer and head
-    place = 2 * tokens * 4 * PLACE_OCTAVES * t.width  # its Fourier features through a dense layer
-    locator = layer + 2 * tokens * t.width * 2 + place if spec.fusion_locator else 0
+    locator = layer + 2 * tokens * t.width * 2 + 2 * tokens * 2 * t.width if spec.fusion_locator else 0  # + place
     return window + locator + spec.fusion_depth * layer
 
   image_keys = 2 * n * v.width * (2 * t.width)  # K and V from one image's tokens, per cross-attention layer

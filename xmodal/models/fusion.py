@@ -39,22 +39,6 @@ class WordWindow(nn.Module):
     return layers.LayerNorm(self.eps, self.dtype, name='ln')(x + mixed)
 
 
-PLACE_OCTAVES = 4  # place_features' frequencies: pi * 2^k, k < 4 (periods 2 to 1/4 of the image side)
-
-
-def place_features(positions: jax.Array, octaves: int = PLACE_OCTAVES) -> jax.Array:
-  """(..., 2) places (x, y) from the image centre, in fractions of its side -> (..., 4 * octaves) Fourier features:
-  sin and cos of pi 2^k x and of pi 2^k y, k < octaves (the coarsest, sin(pi x), rises across the image).
-
-  Why: the fusion encoder reads a token's place through a dense layer added to a LayerNorm'd token. Two numbers of
-  about 0.25 reach it at ~0.2 per dimension, unit-size features at ~0.7: with them its relation pairs left chance
-  at 800 steps (validation_hard relation 55.8 against 49.5; docs/shapes_recipe.md, "ITM on relation swaps").
-  """
-  angles = positions[..., None] * (jnp.pi * 2.0 ** jnp.arange(octaves))  # (..., 2, octaves)
-  angles = angles.reshape(*positions.shape[:-1], 2 * octaves)
-  return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-
-
 class Locator(nn.Module):
   """Where each text token's object is: one fusion layer (self-attention, cross-attention that also reads where it
   looked, MLP) and a dense head -> (B, L, 2) float32 positions (x, y) from the image centre in fractions of its side,
@@ -125,13 +109,11 @@ class FusionEncoder(nn.Module):
                           name='locator')(*reads)
       if locate_only:
         return positions
-      # The place enters as an input trained by the locate loss alone (with ITM's gradient in it too, the relation
-      # probe learned relations later: 92 against 97 % at step 1,000; shapes_recipe.md, "Relations need places"), as
-      # Fourier features of unit size (place_features).
+      # The place enters as an input trained by the locate loss alone: with ITM's gradient in it too, the relation
+      # probe learned relations later (92 against 97 % at step 1,000; shapes_recipe.md, "Relations need places").
       place = nn.Dense(text_tokens.shape[-1], use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
                        name='place', kernel_init=layers.with_names(layers.kernel_init(self.init), None, 'embed'))
-      features = place_features(jax.lax.stop_gradient(positions)).astype(self.dtype)
-      text_tokens = text_tokens + place(features) * text_mask[..., None].astype(self.dtype)
+      text_tokens = text_tokens + place(jax.lax.stop_gradient(positions)) * text_mask[..., None].astype(self.dtype)
     elif locate_only:
       raise ValueError('locate_only needs a fusion encoder with a locator (model.fusion_locator)')
     apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat,
