@@ -417,7 +417,7 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
   relation = jnp.zeros((), jnp.float32)
   if swaps is not None:
     swap_valid = swaps.valid[pick]
-    relation, relation_metrics = losses.matching_loss(logits[:size], logits[groups * size:], swap_valid, swap_valid)
+    relation, _ = losses.matching_loss(logits[:size], logits[groups * size:], swap_valid, swap_valid)
     metrics['relation_loss'] = relation
     # How often the swap's match margin falls below its caption's: the binding split's criterion on relations.
     margin = lambda rows: (rows[:, 1] - rows[:, 0]).astype(jnp.float32)

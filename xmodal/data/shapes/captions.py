@@ -280,7 +280,7 @@ def parse_caption(text: str) -> tuple[Statement, ...]:
     if m is not None:
       statements[_statement(m, slots, counts)] = None
   if not statements:
-    raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
+    raise _unreadable(text)
   return tuple(statements)
 
 
@@ -326,6 +326,18 @@ def _first_reading(text: str) -> tuple[re.Match, tuple[str, ...], frozenset[int]
     if m is not None:
       return m, slots, counts
   return None
+
+
+def _unreadable(text: str) -> ValueError:
+  return ValueError(f'caption {text!r} has no reading under the shapes caption templates')
+
+
+def _read(text: str) -> tuple[re.Match, tuple[str, ...], frozenset[int]]:
+  """`_first_reading`, or ValueError naming the caption if no template reads it."""
+  reading = _first_reading(text)
+  if reading is None:
+    raise _unreadable(text)
+  return reading
 
 
 @functools.cache
@@ -377,10 +389,7 @@ def negative_caption(text: str, rng: np.random.Generator, scene: Scene | None = 
   most three, so both swapped phrases cannot name objects, and the related pair stands in its relation one way
   only. A substitution could name another object of the scene, hence the check.
   """
-  reading = _first_reading(text)
-  if reading is None:
-    raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
-  m, slots, counts = reading
+  m, slots, counts = _read(text)
   names = [slot for slot in slots if slot != 'R']
   statement = _statement(m, slots, counts)
   edits: dict[str, list[list[tuple[int, int, str]]]] = {kind: [] for kind in NEGATIVE_KINDS}
@@ -422,10 +431,7 @@ def relation_swap(text: str) -> str:
   """The caption with its related phrases swapped ("a red circle left of a blue box" -> "a blue box left of a red
   circle"): the same words, false of any scene the caption is true of (`negative_caption`'s 'relation' kind); ''
   when the caption states no relation. Raises on a caption outside the templates."""
-  reading = _first_reading(text)
-  if reading is None:
-    raise ValueError(f'caption {text!r} has no reading under the shapes caption templates')
-  m, slots, _ = reading
+  m, slots, _ = _read(text)
   return _apply(text, _relation_edit(m, text)) if 'R' in slots else ''
 
 
