@@ -185,6 +185,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if 'data' in config:
         _require(config.data.get('relation_swaps', ''), 'loss.relation_weight',
                  'needs relation swaps from the data: set data.relation_swaps')
+    if loss.get('itm_start_step', 0):
+      _require(loss.itm_start_step >= 0, 'loss.itm_start_step', f'must be >= 0, got {loss.itm_start_step}')
+      if 'train' in config:
+        _require(loss.itm_start_step < config.train.steps, 'loss.itm_start_step',
+                 f'{loss.itm_start_step} leaves ITM no step of train.steps={config.train.steps}')
     _validate_momentum(config)
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight', 'locate_weight',
                  'relation_weight'):

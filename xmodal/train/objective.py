@@ -43,6 +43,10 @@ class LossWeights:
   # hard from the start. Hard negatives chosen by a still-random ITC are the hardest pairs there are, and a fusion
   # encoder trained from scratch on them alone stays at the prior (docs/shapes_recipe.md).
   itm_hard_warmup: int = 0
+  # ITM and the relation term count from this step on (0 = from the start). On the shapes data a fusion encoder
+  # trained from step 0, while the Locator's places are still noise, never learns relations; a fresh one on the same
+  # run's inputs at step 800 does (docs/shapes_recipe.md, "A fresh fusion encoder learns relations").
+  itm_start: int = 0
   # What ITM does with the negatives the data writes (batch 'negative_ids', data.negatives_key): 'off' ignores them;
   # 'replace' makes each image's negative text its written one where it has one, for a fraction `negative_hardness`
   # of the images (3B pairs, as ALBEF); 'add' scores them as B more pairs (4B).
@@ -108,6 +112,7 @@ class LossWeights:
     phrase_shape = (int(data.max_regions), int(data.max_phrase_len)) if region > 0 or locate > 0 else (0, 0)
     return cls(itc=float(loss.itc_weight), itm=float(loss.itm_weight), sigmoid=float(loss.sigmoid_weight),
                chunked=bool(loss.chunked), itm_hard_warmup=int(loss.itm_hard_warmup_steps),
+               itm_start=int(loss.get('itm_start_step', 0)),
                itm_written_negatives=str(loss.itm_written_negatives), itm_subsample=int(loss.itm_subsample),
                itc_written_negatives=bool(loss.itc_written_negatives), mlm=mlm,
                mlm_probability=float(loss.mlm_probability), mlm_mask_id=mask_id,
@@ -143,6 +148,12 @@ class LossWeights:
     if self.itm_hard_warmup <= 0 or step is None:
       return jnp.ones((), jnp.float32)
     return jnp.clip(jnp.asarray(step, jnp.float32) / self.itm_hard_warmup, 0.0, 1.0)
+
+  def matching_on(self, step: jax.Array | None) -> jax.Array:
+    """1.0 from step `itm_start` on (and when the step is not known), 0.0 before: ITM's factor."""
+    if self.itm_start <= 0 or step is None:
+      return jnp.ones((), jnp.float32)
+    return (jnp.asarray(step) >= self.itm_start).astype(jnp.float32)
 
   def distillation(self, step: jax.Array | None) -> jax.Array | None:
     """The weight of the momentum model's targets: `distill_alpha` * min(1, step / `distill_warmup`) (ALBEF ramps
@@ -258,7 +269,7 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     itm, relation, itm_metrics = _matching(batch, image_tokens, text_tokens, written, sim, rng, weights, step,
                                            module, swaps)
     metrics.update(itm_metrics)
-    total += weights.itm * itm + weights.relation * relation
+    total += weights.matching_on(step) * (weights.itm * itm + weights.relation * relation)
 
   if weights.mlm > 0:
     teacher_logits = None if teacher is None else teacher.mlm_logits
