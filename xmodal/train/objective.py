@@ -43,9 +43,10 @@ class LossWeights:
   # hard from the start. Hard negatives chosen by a still-random ITC are the hardest pairs there are, and a fusion
   # encoder trained from scratch on them alone stays at the prior (docs/shapes_recipe.md).
   itm_hard_warmup: int = 0
-  # ITM and the relation term count from this step on (0 = from the start). On the shapes data a fusion encoder
-  # trained from step 0, while the Locator's places are still noise, never learns relations; a fresh one on the same
-  # run's inputs at step 800 does (docs/shapes_recipe.md, "A fresh fusion encoder learns relations").
+  # ITM and the relation term count from this step on (0 = from the start). Why: on the shapes data a fusion
+  # encoder trained from step 0 never learnt relations, where a fresh one on the same run's frozen inputs at step 800
+  # did; in the 800-step joint run a start at 200 or 400 left ITM at its prior (docs/shapes_recipe.md, "A fresh
+  # fusion encoder learns relations"). An option for the longer schedules.
   itm_start: int = 0
   # What ITM does with the negatives the data writes (batch 'negative_ids', data.negatives_key): 'off' ignores them;
   # 'replace' makes each image's negative text its written one where it has one, for a fraction `negative_hardness`
