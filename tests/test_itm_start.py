@@ -40,8 +40,8 @@ def test_before_its_start_step_itm_adds_nothing_and_from_it_everything():
   np.testing.assert_allclose(at_start, from_zero, rtol=1e-6)
   assert at_start > before
   assert min(_norms(start_grads, "['itm_head']")) > 0
-  chex_close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-  jax.tree.map(chex_close, start_grads, zero_grads)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+  jax.tree.map(close, start_grads, zero_grads)
 
 
 @pytest.mark.parametrize('start, message', [(-1, 'must be >= 0'), (100, 'leaves ITM no step')])

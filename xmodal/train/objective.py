@@ -45,8 +45,9 @@ class LossWeights:
   itm_hard_warmup: int = 0
   # ITM and the relation term count from this step on (0 = from the start). Why: on the shapes data a fusion
   # encoder trained from step 0 never learnt relations, where a fresh one on the same run's frozen inputs at step 800
-  # did; in the 800-step joint run a start at 200 or 400 left ITM at its prior (docs/shapes_recipe.md, "A fresh
-  # fusion encoder learns relations"). An option for the longer schedules.
+  # did; in the 800-step joint run a start at 200 or 400 left ITM at its prior, under the uniform-to-hard negative
+  # ramp that later proved to be the block (docs/shapes_recipe.md, "A fresh fusion encoder learns relations").
+  # ITM is still computed before the start (times 0): an option for experiments, not a saving.
   itm_start: int = 0
   # What ITM does with the negatives the data writes (batch 'negative_ids', data.negatives_key): 'off' ignores them;
   # 'replace' makes each image's negative text its written one where it has one, for a fraction `negative_hardness`
