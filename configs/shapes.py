@@ -35,7 +35,9 @@ def get_config(arg=None):
   # cross-attention (from LeCun-scaled kernels: at BERT's 0.02 from scratch ITM does not leave its prior). Without the
   # window, ITM sat at chance on binding; with it, the colours-swapped half of the binding split goes to 73 %
   # (docs/shapes_recipe.md, "A word window at the fusion encoder's input").
-  config.model.update(fusion_word_window=2, fusion_init='lecun')
+  # The Locator reads each phrase against the image and says where it is; that place enters the fusion encoder with
+  # the phrase's words, so "left of" has positions to compare (docs/shapes_recipe.md, "Where each phrase is").
+  config.model.update(fusion_word_window=2, fusion_init='lecun', fusion_locator=True)
   # No crop: a crop cuts off objects and relations the caption names. Minimal pairs (training images 2k, 2k+1 one
   # fact apart) share a batch, so colours alone no longer tell the batch's images apart; each caption brings one
   # written negative (a shape, colour, binding or relation broken) for ITC's columns and ITM's negatives.
@@ -43,14 +45,18 @@ def get_config(arg=None):
   config.data.update(tfds_name='xmodal_shapes', eval_split='test', batch_size=64, eval_batch_size=100,
                      tokenizer='shapes', crop_scale=(1.0, 1.0), pairs=True, negatives_key='negative_captions',
                      region_boxes_key='regions/bbox', region_phrases_key='regions/phrase', max_regions=3,
-                     max_phrase_len=8)
+                     max_phrase_len=8, caption_grounding='shapes', relation_swaps='shapes')
   config.optim.update(lr=1e-3, warmup_steps=min(100, args.steps // 10), weight_decay=0.02)
-  # ITM on every example: its positive, an ITC-hard negative each way (easy, uniform, at first; hard by the end),
-  # and its caption's written negative added from step 0, the binding signal the fusion encoder learns from.
+  # ITM on every example: its positive, an ITC-hard negative each way and its caption's written negative, and each
+  # caption against its relation swap (the relation term). ITM starts halfway, on towers that already retrieve: the
+  # fusion encoder and ITM head start fresh then, with hard negatives from their first step. From step 0, or on
+  # negatives ramped from uniform to hard, it learnt colours but never relations (shapes_recipe.md, "Relations in
+  # one run"); before the start the step skips the fusion encoder.
   # Region-phrase alignment: each object's patch tokens against its phrase, in-batch, tells the towers what each
   # object is where it is; without it shapes stay at chance in the tokens (validation t2i R@1 +21, shapes_recipe.md).
-  config.loss.update(itm_hard_warmup_steps=args.steps, itc_written_negatives=True, itm_written_negatives='add',
-                     itm_subsample=1, region_weight=1.0)
+  config.loss.update(itm_hard_warmup_steps=0, itm_start_step=args.steps // 2, itc_written_negatives=True,
+                     itm_written_negatives='add', itm_subsample=1, region_weight=1.0, locate_weight=1.0,
+                     relation_weight=1.0)
   config.train.update(steps=args.steps, log_every=20, checkpoint_every=200, eval_every=100)
   # Recipes are chosen on validation (curves every train.eval_every steps); test and test_hard are read once, at the
   # end of a run.

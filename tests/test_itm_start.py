@@ -51,3 +51,18 @@ def test_a_start_step_outside_the_run_is_refused_by_name(start, message):
   config.loss.itm_start_step = start
   with pytest.raises(ValueError, match=f'loss.itm_start_step.*{message}'):
     config_lib.validate(config)
+
+
+def test_the_loops_step_before_the_start_is_the_same_update_without_the_fusion_passes():
+  model = build(micro_config().model)
+  params = nn.unbox(model.init(jax.random.key(0), *state_lib.dummy_inputs(model.spec))['params'])
+  batch = jax.tree.map(jnp.asarray, synthetic_batch(model.spec, 8, np.random.default_rng(0)))
+  late = LossWeights(itm_start=5)
+  assert LossWeights().before_matching() is None
+  value_and_grad = lambda weights: jax.value_and_grad(
+      lambda p: compute_loss(model, p, batch, jax.random.key(1), weights, jnp.asarray(4)), has_aux=True)(params)
+  (loss, metrics), grads = value_and_grad(late)
+  (early_loss, early_metrics), early_grads = value_and_grad(late.before_matching())
+  np.testing.assert_allclose(early_loss, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), early_grads, grads)
+  assert 'itm_loss' in metrics and 'itm_loss' not in early_metrics

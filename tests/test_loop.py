@@ -140,3 +140,19 @@ def test_two_processes_give_the_losses_of_one(shapes_dir, tmp_path):
   assert result.returncode == 0, result.stdout + result.stderr
   for a, b in zip(logged_losses(single), logged_losses(double), strict=True):
     np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)
+
+
+def test_a_late_itm_start_runs_without_itm_until_its_step_and_resumes_across_it(shapes_dir, tmp_path, monkeypatch):
+  from xmodal.train import loop
+  config = loop_config(shapes_dir, steps=4)
+  config.loss.itm_start_step = 2  # state.step 2 is loop step 3: the first with ITM
+  loop.train(config, tmp_path / 'straight')
+  straight = logged_losses(tmp_path / 'straight')
+  assert [('itm_loss' in m) for m in straight] == [False, False, True, True]
+  # Stopped after step 2, before the start; resumed, the run compiles its ITM step then and matches.
+  monkeypatch.setattr(loop.PreemptionGuard, 'should_stop', lambda self, step: step == 2)
+  loop.train(config, tmp_path / 'resumed')
+  monkeypatch.undo()
+  loop.train(config, tmp_path / 'resumed')
+  for a, b in zip(straight, logged_losses(tmp_path / 'resumed'), strict=True):
+    np.testing.assert_allclose(a['loss'], b['loss'], rtol=1e-5)

@@ -190,6 +190,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if 'train' in config:
         _require(loss.itm_start_step < config.train.steps, 'loss.itm_start_step',
                  f'{loss.itm_start_step} leaves ITM no step of train.steps={config.train.steps}')
+      _require(loss.itm_start_step == 0 or loss.mlm_weight == 0, 'loss.itm_start_step',
+               f'starts the fusion encoder late, but MLM (loss.mlm_weight={loss.mlm_weight}) trains it from step 0')
     _validate_momentum(config)
     for name in ('itc_weight', 'itm_weight', 'sigmoid_weight', 'mlm_weight', 'region_weight', 'locate_weight',
                  'relation_weight'):

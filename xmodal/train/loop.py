@@ -106,20 +106,30 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
 
   # ----------------------------------------------------------------------------------------------- update step
   weights = LossWeights.from_config(config.loss, config.data)
-  jit_step = jit_train_step(built, weights, mesh, grad_accum=config.train.grad_accum,
-                            grad_accum_mode=config.train.grad_accum_mode,
-                            skip_nonfinite=config.train.nan_policy == 'skip')
+  compile_step = functools.partial(jit_train_step, built, mesh=mesh, grad_accum=config.train.grad_accum,
+                                   grad_accum_mode=config.train.grad_accum_mode,
+                                   skip_nonfinite=config.train.nan_policy == 'skip')
+  jit_step = compile_step(weights)
+  # Before loss.itm_start_step, a step of its own without ITM: it skips the fusion encoder's passes where the full
+  # step would multiply them by 0 (the same update; a second compilation).
+  early_weights = weights.before_matching()
+  early_step = None if early_weights is None else compile_step(early_weights)
   rng = jax.random.key(config.train.seed + 1)
 
   # --------------------------------------------------------------------------------------------------- metrics
-  step_flops = weights.train_flops(model.spec, config.data.batch_size,
-                                   caches_gradients(config.train.grad_accum, config.train.grad_accum_mode))
+  grad_cache = caches_gradients(config.train.grad_accum, config.train.grad_accum_mode)
+  step_flops = weights.train_flops(model.spec, config.data.batch_size, grad_cache)
+  early_flops = step_flops if early_weights is None else early_weights.train_flops(model.spec,
+                                                                                   config.data.batch_size, grad_cache)
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
-  report = functools.partial(_report_step, config=config, step_flops=step_flops, peak=peak, writer=writer,
-                             batches=batches, progress=progress)
+  report_with = lambda flops: functools.partial(_report_step, config=config, step_flops=flops, peak=peak,
+                                                writer=writer, batches=batches, progress=progress)
+  report_full, report_early = report_with(step_flops), report_with(early_flops)
+  is_early = lambda step: early_step is not None and step <= weights.itm_start  # loop step s runs state.step s - 1
+  report = lambda step, *rest: (report_early if is_early(step) else report_full)(step, *rest)
   validating = bool(config.train.eval_every and config.eval.validation_split)
   validation_batches = {}  # host batches of the validation slice, read once per run
 
@@ -135,7 +145,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
         stopped_early = True
         break
       batch = sharding.host_to_global(host_batch, mesh, batch_sharding)
-      state, metrics = jit_step(state, batch, rng)
+      state, metrics = (early_step if is_early(step) else jit_step)(state, batch, rng)
       if pending is not None:
         now = time.perf_counter()
         report(*pending, now - last_time)

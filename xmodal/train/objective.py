@@ -43,11 +43,11 @@ class LossWeights:
   # hard from the start. Hard negatives chosen by a still-random ITC are the hardest pairs there are, and a fusion
   # encoder trained from scratch on them alone stays at the prior (docs/shapes_recipe.md).
   itm_hard_warmup: int = 0
-  # ITM and the relation term count from this step on (0 = from the start). Why: on the shapes data a fusion
-  # encoder trained from step 0 never learnt relations, where a fresh one on the same run's frozen inputs at step 800
-  # did; in the 800-step joint run a start at 200 or 400 left ITM at its prior, under the uniform-to-hard negative
-  # ramp that later proved to be the block (docs/shapes_recipe.md, "A fresh fusion encoder learns relations").
-  # ITM is still computed before the start (times 0): an option for experiments, not a saving.
+  # ITM and the relation term count from this step on (0 = from the start), and the parameters only they train start
+  # then, freshly (matching_only_parameters, optim.LateStart). Why: on the shapes data a fusion encoder trained from
+  # step 0 never learnt relations; one that starts on towers already trained, with hard negatives from its first
+  # step and an optimizer of its own, does (docs/shapes_recipe.md, "Relations in one run"). Before the start the
+  # loop runs a step without them (`before_matching`); `compute_loss` multiplies them by 0 there.
   itm_start: int = 0
   # What ITM does with the negatives the data writes (batch 'negative_ids', data.negatives_key): 'off' ignores them;
   # 'replace' makes each image's negative text its written one where it has one, for a fraction `negative_hardness`
@@ -151,6 +151,11 @@ class LossWeights:
       return jnp.ones((), jnp.float32)
     return jnp.clip(jnp.asarray(step, jnp.float32) / self.itm_hard_warmup, 0.0, 1.0)
 
+  def before_matching(self) -> LossWeights | None:
+    """The loss before `itm_start` as weights: these without ITM and the relation term, which the loop compiles as
+    a step of its own so that those steps skip the fusion encoder's passes; None when ITM starts at step 0."""
+    return dataclasses.replace(self, itm=0.0, relation=0.0, itm_start=0) if self.itm_start > 0 else None
+
   def matching_on(self, step: jax.Array | None) -> jax.Array:
     """1.0 from step `itm_start` on (and when the step is not known), 0.0 before: ITM's factor."""
     if self.itm_start <= 0 or step is None:
@@ -166,6 +171,16 @@ class LossWeights:
     if self.distill_warmup <= 0 or step is None:
       return alpha
     return alpha * jnp.clip(jnp.asarray(step, jnp.float32) / self.distill_warmup, 0.0, 1.0)
+
+
+def matching_only_parameters(weights: LossWeights) -> tuple[str, ...]:
+  """Path regexes of the parameters that only ITM and the relation term train: the fusion layers, the place input
+  and the ITM head, and the word window and Locator as well unless the Locator's own loss trains them. With
+  `itm_start` they start at that step (optim.LateStart). Not with MLM, which trains the fusion layers too."""
+  if weights.mlm > 0:
+    raise ValueError('MLM trains the fusion encoder as well: no parameter is trained by ITM alone')
+  shared_with_locate = () if weights.locate > 0 else ('^fusion/word_window/', '^fusion/locator/')
+  return ('^itm_head/', '^fusion/layers/', '^fusion/place/', *shared_with_locate)
 
 
 class Teacher(NamedTuple):

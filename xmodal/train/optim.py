@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -67,22 +68,57 @@ def freeze_labels(params, freeze: Sequence[str]):
   return jax.tree.map(lambda f: 'frozen' if f else 'trainable', frozen)
 
 
-def build_optimizer(optim: ml_collections.ConfigDict, params, total_steps: int
+class LateStart(NamedTuple):
+  """Parameters that start training at step `step`, as if freshly initialised there: the path regexes `patterns`
+  name them."""
+  step: int
+  patterns: tuple[str, ...]
+
+
+def late_labels(params, late: LateStart):
+  """A tree of 'late' / 'trainable': 'late' where one of `late.patterns` matches the parameter's path."""
+  paths = param_paths(params)
+  labels = ['late' if any(re.search(p, path) for p in late.patterns) else 'trainable' for path in paths]
+  if 'late' not in labels:
+    raise ValueError(f'a late start at step {late.step}: no parameter matches {late.patterns} (e.g. {paths[:3]})')
+  return _tree_from_paths(params, labels)
+
+
+def build_optimizer(optim: ml_collections.ConfigDict, params, total_steps: int, late: LateStart | None = None
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The optimizer for `params` (an unboxed tree or its abstract shapes) and its learning-rate schedule.
 
   Frozen parameters (optim.freeze) go to `optax.set_to_zero` through `optax.partition`: they never move, carry no
   AdamW moments (`optax.MaskedNode` in their place) and do not count in the clipped gradient norm. Learning-rate
   multipliers (optim.lr_multipliers) scale the final update.
+
+  `late` parameters (not frozen ones) get their own AdamW behind `optax.conditionally_mask`: no update before step
+  `late.step`, and from it a fresh optimizer's, its moments, bias correction and warmup + cosine schedule (over the
+  remaining steps) counted from that step. Why not one AdamW whose gradients are zero until then: its bias correction
+  counts from step 0, so the late parameters' first updates come 2-4x a fresh AdamW's, with no warmup, and on the
+  shapes data that kept a late-starting fusion encoder at ITM's prior (docs/shapes_recipe.md).
   """
   lr_schedule = schedule(optim, total_steps)
   multipliers = match_rules(params, optim.lr_multipliers, 1.0, 'optim.lr_multipliers')
-  trainable = (
-      optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
-      optax.adamw(lr_schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
-                  mask=decay_mask(params)),
-  )
-  if optim.freeze:
+  clip = optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity()
+  adamw = lambda lr: optax.adamw(lr, b1=optim.b1, b2=optim.b2, eps=optim.eps, weight_decay=optim.weight_decay,
+                                 mask=decay_mask(params))
+  trainable = (clip, adamw(lr_schedule))
+  if late is not None and late.step > 0:
+    labels = late_labels(params, late)
+    late_adamw = optax.conditionally_mask(adamw(schedule(optim, total_steps - late.step)),
+                                          lambda count: count >= late.step)
+    groups = {'trainable': trainable[1], 'late': late_adamw}
+    zero_frozen = optax.identity()
+    if optim.freeze:
+      # Frozen gradients are zeroed before the clip, so that its one norm counts the others' only.
+      labels = jax.tree.map(lambda frozen, label: frozen if frozen == 'frozen' else label,
+                            freeze_labels(params, optim.freeze), labels)
+      groups['frozen'] = optax.set_to_zero()
+      zero_frozen = optax.partition({'trainable': optax.identity(), 'late': optax.identity(),
+                                     'frozen': optax.set_to_zero()}, labels)
+    steps = (zero_frozen, clip, optax.partition(groups, labels))
+  elif optim.freeze:
     steps = (optax.partition({'trainable': optax.chain(*trainable), 'frozen': optax.set_to_zero()},
                              freeze_labels(params, optim.freeze)),)
   else:

@@ -18,6 +18,7 @@ from xmodal import sharding
 from xmodal.models import XModal, build, dummy_inputs
 from xmodal.train import optim
 from xmodal.train.momentum import FeatureQueue, MomentumSpec
+from xmodal.train.objective import LossWeights, matching_only_parameters
 
 
 @flax.struct.dataclass
@@ -110,7 +111,11 @@ def setup(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Se
   model = build(config.model)
   boxed = abstract_params(model)
   params = nn.unbox(boxed)
-  tx, lr_schedule = optim.build_optimizer(config.optim, params, total_steps)
+  late = None
+  if config.loss.get('itm_start_step', 0) > 0:  # the parameters only ITM trains start then
+    weights = LossWeights.from_config(config.loss, config.get('data'))
+    late = optim.LateStart(weights.itm_start, matching_only_parameters(weights))
+  tx, lr_schedule = optim.build_optimizer(config.optim, params, total_steps, late)
   momentum = MomentumSpec.from_config(config)
   shardings = state_shardings(model, tx, mesh, [tuple(r) for r in config.mesh.rules], boxed=boxed, momentum=momentum)
   return Setup(model, tx, lr_schedule, shardings, params, momentum)
