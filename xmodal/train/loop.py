@@ -124,6 +124,8 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   peak = flops.peak_flops_per_device(jax.devices()[0].device_kind, config.train.peak_flops_per_device)
   writer = MetricWriter(workdir, enabled=primary, resume_step=start_step)
   log.info('%.2fM parameters, %.3f TFLOP per step', built.num_params / 1e6, step_flops / 1e12)
+  if early_step is not None:
+    log.info('ITM from step %d; %.3f TFLOP per step before it', weights.itm_start, early_flops / 1e12)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
   report_with = lambda flops: functools.partial(_report_step, config=config, step_flops=flops, peak=peak,
                                                 writer=writer, batches=batches, progress=progress)
