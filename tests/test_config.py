@@ -51,8 +51,8 @@ def test_unknown_config_argument_lists_the_valid_ones():
 
 
 def test_overrides_are_typed():
-  config = config_lib.load(SHAPES, ['optim.lr=3e-4', 'train.steps=7', 'model.scan_layers=false',
-                                    "optim.freeze=('^vision/',)"])
+  config = config_lib.load(SHAPES, ['optim.lr=3e-4', 'train.steps=7', 'loss.itm_start_step=3',
+                                    'model.scan_layers=false', "optim.freeze=('^vision/',)"])
   assert config.optim.lr == 3e-4 and config.train.steps == 7 and config.model.scan_layers is False
   assert config.optim.freeze == ('^vision/',)
 

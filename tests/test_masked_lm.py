@@ -103,7 +103,7 @@ def test_mlm_gradients_reach_the_image_tower_through_cross_attention():
 
 def test_mlm_needs_the_head_and_a_mask_token():
   with pytest.raises(config_lib.ConfigError, match=r'model\.mlm_head'):
-    config_lib.load('configs/shapes.py', ['loss.mlm_weight=1'])
-  config = config_lib.load('configs/shapes.py', ['loss.mlm_weight=1', 'model.mlm_head=True'])
+    config_lib.load('configs/shapes.py', ['loss.mlm_weight=1', 'loss.itm_start_step=0'])
+  config = config_lib.load('configs/shapes.py', ['loss.mlm_weight=1', 'model.mlm_head=True', 'loss.itm_start_step=0'])
   weights = LossWeights.from_config(config.loss, config.data)
   assert weights.mlm_mask_id == 4 and weights.mlm_vocab_size == 168  # the shipped vocabulary's [MASK] and size

@@ -189,7 +189,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _require(loss.itm_start_step >= 0, 'loss.itm_start_step', f'must be >= 0, got {loss.itm_start_step}')
       if 'train' in config:
         _require(loss.itm_start_step < config.train.steps, 'loss.itm_start_step',
-                 f'{loss.itm_start_step} leaves ITM no step of train.steps={config.train.steps}')
+                 f'{loss.itm_start_step} leaves ITM no step of train.steps={config.train.steps} (a config '
+                 f'argument such as configs/shapes.py:steps=N moves both)')
       _require(loss.itm_start_step == 0 or loss.mlm_weight == 0, 'loss.itm_start_step',
                f'starts the fusion encoder late, but MLM (loss.mlm_weight={loss.mlm_weight}) trains it from step 0')
     _validate_momentum(config)

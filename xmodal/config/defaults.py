@@ -24,9 +24,9 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # ITM negatives: uniform at step 0, ALBEF's hard (∝ softmax of ITC similarity) from this step on; 0 = hard
       # throughout (ALBEF, which starts from pretrained towers).
       'itm_hard_warmup_steps': 0,
-      # ITM (and the relation term) count from this step on; before it the fusion encoder's layers and ITM head get
-      # no gradient, so they start fresh on towers (and a Locator) that have learned for this many steps. 0 = from
-      # the start.
+      # ITM (and the relation term) count from this step on; the parameters only they train (the fusion layers, ITM
+      # head, ...) start then, fresh, on an AdamW of their own on towers (and a Locator) that have learned for this
+      # many steps, and the steps before it skip the fusion encoder. 0 = from the start. Not with MLM.
       'itm_start_step': 0,
       # ITM's use of the negatives the data writes (data.negatives_key): 'off', 'replace' (each image's negative
       # text is its written one where it has one; 3B pairs) or 'add' (B more pairs; 4B).
