@@ -6,9 +6,9 @@ Renders xmodal_shapes into tfds' data_dir on first use (no download; `--config.d
 for `train.steps` at batch 64, then prints ITC and ITC + ITM re-ranking recalls on the 1,000-image test split and
 the attribute-binding accuracy on test_hard, and draws WORKDIR/curves.png.
 
-Expected (2-core AMD EPYC, 10 min 45 s to 11 min 30 s; 14 to 16 min on a slower one): ITC R@1 t2i 41.7, i2t 39.7
-(oracle 69.6 / 67.2); ITC+ITM 49.4 / 48.9; binding ITC 49.9, ITM 65.2 (a colour on the wrong object 89.2,
-only the relation wrong 49.3: chance).
+Expected (2-core AMD EPYC, 16 min 10 s: 400 steps of 0.7 s without ITM, 400 of 1.4 s with it): ITC R@1 t2i 42.6,
+i2t 40.4 (oracle 69.6 / 67.2); ITC+ITM 46.4 / 45.7; binding ITC 51.5, ITM 95.4 (a colour on the wrong object 97.5,
+only the relation wrong 94.0).
 docs/shapes_recipe.md has how the recipe was chosen.
 
 Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; steps — training steps.
@@ -17,7 +17,7 @@ Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; 
 from xmodal import config as config_lib
 from xmodal.config.defaults import base_config
 
-STEPS = 800  # with the evaluation: twelve minutes on README's 2-core CPU, 14-16 on a slower one ("Shapes run")
+STEPS = 800  # with the evaluation: 16 minutes on README's 2-core CPU ("Shapes run"); ITM starts at STEPS // 2
 
 
 def get_config(arg=None):
