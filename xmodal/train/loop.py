@@ -127,11 +127,10 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   if early_step is not None:
     log.info('ITM from step %d; %.3f TFLOP per step before it', weights.itm_start, early_flops / 1e12)
   progress = _progress(total_steps, start_step, primary and config.train.progress)
-  report_with = lambda flops: functools.partial(_report_step, config=config, step_flops=flops, peak=peak,
-                                                writer=writer, batches=batches, progress=progress)
-  report_full, report_early = report_with(step_flops), report_with(early_flops)
   is_early = lambda step: early_step is not None and step <= weights.itm_start  # loop step s runs state.step s - 1
-  report = lambda step, *rest: (report_early if is_early(step) else report_full)(step, *rest)
+  report = lambda step, *rest: _report_step(
+      step, *rest, config=config, peak=peak, writer=writer, batches=batches, progress=progress,
+      step_flops=early_flops if is_early(step) else step_flops)
   validating = bool(config.train.eval_every and config.eval.validation_split)
   validation_batches = {}  # host batches of the validation slice, read once per run
 
