@@ -15,6 +15,9 @@ import jax  # noqa: E402
 _CACHE = os.environ.setdefault('XMODAL_TEST_COMPILE_CACHE', tempfile.mkdtemp(prefix='xmodal-jax-cache-'))
 jax.config.update('jax_compilation_cache_dir', _CACHE)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+# The `xmodal` subprocesses (CLI tests) share it too: jax reads its options from the environment at import.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 
 import pytest  # noqa: E402

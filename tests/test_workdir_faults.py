@@ -19,8 +19,10 @@ from helpers import ROOT, logged_losses, train_command
 pytestmark = pytest.mark.slow
 
 
-def _xmodal(*args, timeout=300, **kwargs) -> subprocess.CompletedProcess:
+def _xmodal(*args, timeout=300, compile_cache=True, **kwargs) -> subprocess.CompletedProcess:
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  if not compile_cache:  # the tests' shared cache reaches subprocesses through the environment (conftest.py)
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
   return subprocess.run([sys.executable, '-m', 'xmodal.cli', *map(str, args)], cwd=ROOT, env=env, timeout=timeout,
                         capture_output=True, text=True, **kwargs)
 
@@ -149,7 +151,7 @@ def test_a_failed_save_keeps_the_last_good_checkpoint(workdir, shapes_dir):
   # would meet the limit too).
   args = [a for a in _train_args(workdir, shapes_dir, steps=6, extra=['--config.train.keep_checkpoints=1'])
           if 'compilation_cache_dir' not in a]
-  failed = _xmodal('train', *args, preexec_fn=full_disk)
+  failed = _xmodal('train', *args, compile_cache=False, preexec_fn=full_disk)
   assert failed.returncode == 1, failed.stderr[-3000:]
   assert f"xmodal: error: Saving checkpoint step 6 to {workdir / 'checkpoints'} failed: " in failed.stderr
   assert 'File too large' in failed.stderr
