@@ -25,10 +25,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root: confi
 XMODAL = (sys.executable, '-m', 'xmodal.cli')  # the command line, run from ROOT, of the xmodal under test
 
 
-def one_device_env() -> dict:
+def one_device_env(compile_cache: bool = True) -> dict:
   """The environment of an `xmodal` subprocess: one device, since on a 2-core machine the 8 fake devices of the test
-  process would split each step eight ways."""
-  return dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  process would split each step eight ways. The suite's compilation cache comes with it (conftest.py) unless
+  `compile_cache` is False, e.g. for a child under a file-size limit that a cache write would exceed."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  if not compile_cache:
+    env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  return env
 
 
 def xmodal_command(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

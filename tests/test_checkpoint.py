@@ -16,6 +16,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from helpers import one_device_env
 from xmodal.train.checkpoint import (Checkpointer, CheckpointDamagedError, CheckpointMismatchError,
                                      CheckpointNotFoundError, NoRestorableCheckpointError, PreemptionGuard)
 
@@ -160,7 +161,7 @@ _KILLED_MID_SAVE = textwrap.dedent('''
 
 
 def test_save_killed_midway_leaves_the_previous_checkpoint_restorable(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = one_device_env()
   child = subprocess.run([sys.executable, '-c', _KILLED_MID_SAVE, str(tmp_path)], env=env, timeout=60,
                          capture_output=True, text=True)
   assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
@@ -322,9 +323,8 @@ _SAVE_ON_A_FULL_DISK = textwrap.dedent('''
 
 
 def test_a_failed_save_keeps_the_last_checkpoint_and_leaves_no_partial_one(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  env.pop('JAX_COMPILATION_CACHE_DIR', None)  # the tests' cache (conftest.py) would write past the limit too
-  child = subprocess.run([sys.executable, '-c', _SAVE_ON_A_FULL_DISK, str(tmp_path)], env=env, timeout=120,
+  child = subprocess.run([sys.executable, '-c', _SAVE_ON_A_FULL_DISK, str(tmp_path)],
+                         env=one_device_env(compile_cache=False), timeout=120,
                          capture_output=True, text=True)
   assert child.returncode == 3, child.stderr[-3000:]
   assert child.stdout.startswith(f'Saving checkpoint step 2 to {tmp_path} failed: ')

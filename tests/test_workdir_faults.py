@@ -13,17 +13,15 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, logged_losses, train_command
+from helpers import ROOT, logged_losses, one_device_env, train_command
 
 # Every test resumes a 4-step run in a subprocess (about half a minute each on two cores).
 pytestmark = pytest.mark.slow
 
 
 def _xmodal(*args, timeout=300, compile_cache=True, **kwargs) -> subprocess.CompletedProcess:
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  if not compile_cache:  # the tests' shared cache reaches subprocesses through the environment (conftest.py)
-    env.pop('JAX_COMPILATION_CACHE_DIR', None)
-  return subprocess.run([sys.executable, '-m', 'xmodal.cli', *map(str, args)], cwd=ROOT, env=env, timeout=timeout,
+  return subprocess.run([sys.executable, '-m', 'xmodal.cli', *map(str, args)], cwd=ROOT,
+                        env=one_device_env(compile_cache), timeout=timeout,
                         capture_output=True, text=True, **kwargs)
 
 
