@@ -86,13 +86,16 @@ class Attention(nn.Module):
     self.out = _dense(width, width)
 
   def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, kv: torch.Tensor | None = None,
-              kv_index: torch.Tensor | None = None) -> torch.Tensor:
+              kv_index: torch.Tensor | None = None, queries: int = 0) -> torch.Tensor:
     """x (B, Lq, D), mask (B, Lk) bool (True = a real key) or None, kv (B, Lk, Dkv) or None -> (B, Lq, D); with
-    `kv_index` (B,), kv holds (M, Lk, Dkv) distinct inputs, projected once each and gathered per query row."""
+    `kv_index` (B,), kv holds (M, Lk, Dkv) distinct inputs, projected once each and gathered per query row; with
+    `queries` (self-attention), only the first that many tokens ask (-> (B, queries, D)), as xmodal's."""
     batch, length, width = x.shape
     head_dim = width // self.heads
     if kv is None:
       q, k, v = self.qkv(x).view(batch, length, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+      if queries:
+        q, length = q[:, :, :queries], queries
     else:
       q = self.query(x).view(batch, length, self.heads, head_dim).transpose(1, 2)
       projected = self.kv(kv)
@@ -148,8 +151,9 @@ class FusionBlock(nn.Module):
     self.mlp, self.ln2 = Mlp(width, mlp_dim), nn.LayerNorm(width, eps=eps)
 
   def forward(self, x: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor,
-              image_index: torch.Tensor | None = None) -> torch.Tensor:
-    x = self.ln1(x + self.attn(x, mask))
+              image_index: torch.Tensor | None = None, queries: int = 0) -> torch.Tensor:
+    """With `queries`, only the first that many tokens come out (xmodal's FusionBlock.queries)."""
+    x = self.ln1((x[:, :queries] if queries else x) + self.attn(x, mask, queries=queries))
     x = self.ln_cross(x + self.cross_attn(x, None, kv=image_tokens, kv_index=image_index))
     return self.ln2(x + self.mlp(x))
 
@@ -214,8 +218,9 @@ class TextEncoder(nn.Module):
 
 
 class FusionEncoder(nn.Module):
-  """(text tokens (P, L, Dt), mask (P, L) bool, image tokens (P, N, Dv)) -> fused text tokens (P, L, Dt); with an
-  image index (P,), image tokens (M, N, Dv) and pair i reads image index[i]."""
+  """(text tokens (P, L, Dt), mask (P, L) bool, image tokens (P, N, Dv)) -> the fused [CLS] (P, 1, Dt), the last
+  layer computing it alone as xmodal's match does; with an image index (P,), image tokens (M, N, Dv) and pair i reads
+  image index[i]."""
 
   def __init__(self, model: ml_collections.ConfigDict):
     super().__init__()
@@ -225,8 +230,8 @@ class FusionEncoder(nn.Module):
 
   def forward(self, x: torch.Tensor, mask: torch.Tensor, image_tokens: torch.Tensor,
               image_index: torch.Tensor | None = None) -> torch.Tensor:
-    for layer in self.layers:
-      x = layer(x, mask, image_tokens, image_index)
+    for i, layer in enumerate(self.layers):
+      x = layer(x, mask, image_tokens, image_index, queries=1 if i == len(self.layers) - 1 else 0)
     return x
 
 
@@ -435,6 +440,15 @@ def _mlp(mlp: Mlp, tokens: int) -> int:
   return _linear(mlp.fc1, tokens) + _linear(mlp.fc2, tokens)
 
 
+def _fusion_layer(block: FusionBlock, tokens: int, queries: int, image_tokens: int) -> int:
+  """One fusion layer of a pair, its image's keys and values left out: Q, K, V of every token, the rest for
+  `queries` of them."""
+  width = block.attn.out.in_features
+  return (_linear(block.attn.qkv, tokens) + _attention_core(queries, tokens, width) + _linear(block.attn.out, queries)
+          + _linear(block.cross_attn.query, queries) + _attention_core(queries, image_tokens, width)
+          + _linear(block.cross_attn.out, queries) + _mlp(block.mlp, queries))
+
+
 def forward_flops(model: Reference, batch: int, text_len: int, itm_pairs: float = 3) -> dict[str, int]:
   """Matmul FLOPs (2 per multiply-add) of one step's forward pass on B (image, caption) pairs of `text_len` tokens,
   by part; elementwise work (norms, softmax, GELU) is left out. `itm_pairs` x B pairs go through the fusion encoder
@@ -446,12 +460,11 @@ def forward_flops(model: Reference, batch: int, text_len: int, itm_pairs: float 
   per_example = {
       'vision': stem + sum(_self_attention(b.attn, n) + _mlp(b.mlp, n) for b in vision.layers),
       'text': sum(_self_attention(b.attn, text_len) + _mlp(b.mlp, text_len) for b in model.text.layers),
-      # Keys and values from an image's tokens once per pair, or once per image where the pairs outnumber them.
+      # Keys and values from an image's tokens once per pair, or once per image where the pairs outnumber them; the
+      # last layer's queries, cross-attention and MLP for [CLS] alone.
       'fusion': sum(
-          itm_pairs * (_self_attention(b.attn, text_len) + _linear(b.cross_attn.query, text_len)
-                       + _attention_core(text_len, n, b.cross_attn.out.in_features)
-                       + _linear(b.cross_attn.out, text_len) + _mlp(b.mlp, text_len))
-          + min(itm_pairs, 1) * _linear(b.cross_attn.kv, n) for b in model.fusion.layers),
+          itm_pairs * _fusion_layer(b, text_len, 1 if i == len(model.fusion.layers) - 1 else text_len, n)
+          + min(itm_pairs, 1) * _linear(b.cross_attn.kv, n) for i, b in enumerate(model.fusion.layers)),
       # One pooled token per image and per text, one per pair; one row of the (B, B) similarity per example.
       'heads': (_linear(model.image_proj, 1) + _linear(model.text_proj, 1) + itm_pairs * _linear(model.itm_head, 1)
                 + 2 * batch * model.image_proj.out_features),

@@ -402,3 +402,52 @@ def test_word_window_is_a_fusion_parameter_and_changes_the_match():
   without = model.apply({'params': {**params, 'fusion': {**fusion, 'word_window': zeroed}}}, text, mask, images,
                         method=XModal.match)
   assert not np.allclose(with_window, without, atol=1e-4)
+
+
+@pytest.mark.slow  # compiles the micro fusion encoder and, scanned, its gradient twice
+@pytest.mark.parametrize('scan', [True, False])
+def test_a_match_computes_the_last_fusion_layer_for_cls_alone_and_gets_the_full_layers_cls(scan):
+  cfg = micro_model_config()
+  cfg.update(fusion_depth=3, fusion_word_window=2, fusion_locator=True, scan_layers=scan)
+  model = build(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])
+  rng = np.random.default_rng(0)
+  text = jnp.asarray(rng.normal(size=(6, 12, 32)), jnp.float32)
+  mask = jnp.asarray(np.arange(12)[None] < np.array([[3], [5], [12], [7], [2], [9]]))
+  images, index = jnp.asarray(rng.normal(size=(3, 17, 32)), jnp.float32), jnp.array([0, 1, 2, 0, 1, 2])
+
+  def every_token(p):  # the fusion encoder's every output token, then the ITM head on [CLS]
+    return model.apply({'params': p}, method=lambda m: m.itm_head(m.fusion(text, mask, images, None, index)[:, 0]))
+
+  def match(p):
+    return model.apply({'params': p}, method=lambda m: m.match(text, mask, images, None, index))
+  fused = model.apply({'params': params}, method=lambda m: m.fusion(text, mask, images, None, index, cls_only=True))
+  assert fused.shape == (6, 1, 32)
+  np.testing.assert_allclose(jax.jit(match)(params), jax.jit(every_token)(params), rtol=1e-5, atol=1e-6)
+  if scan:  # the stacked parameters split into a scanned first part and the last layer: their gradients too
+    grads = [jax.jit(jax.grad(lambda p: jnp.sum(f(p) ** 2)))(params) for f in (every_token, match)]
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), *grads)
+
+
+@pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 7, 5, 2)])
+def test_the_strided_conv_is_a_3x3_stride_2_same_convolution(shape):
+  """Against a loop over output pixels (TensorFlow's 'SAME': the odd padding pixel after) and nn.Conv's
+  initial parameters."""
+  from xmodal.models.vit import StridedConv
+  x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+  conv = StridedConv(4)
+  params = nn.unbox(conv.init(jax.random.key(0), jnp.asarray(x)))
+  reference = nn.Conv(4, (3, 3), strides=(2, 2), padding='SAME', kernel_init=nn.initializers.lecun_normal())
+  np.testing.assert_array_equal(params['params']['kernel'],
+                                reference.init(jax.random.key(0), jnp.asarray(x))['params']['kernel'])
+  kernel, bias = (np.asarray(params['params'][name]) for name in ('kernel', 'bias'))
+  height, width = shape[1:3]
+  rows, cols = -(-height // 2), -(-width // 2)
+  pad = [max((n - 1) * 2 + 3 - size, 0) for n, size in ((rows, height), (cols, width))]
+  padded = np.pad(x, [(0, 0), (pad[0] // 2, pad[0] - pad[0] // 2), (pad[1] // 2, pad[1] - pad[1] // 2), (0, 0)])
+  expected = np.zeros((shape[0], rows, cols, 4), np.float32)
+  for i in range(rows):
+    for j in range(cols):
+      window = padded[:, 2 * i:2 * i + 3, 2 * j:2 * j + 3]  # (B, 3, 3, C)
+      expected[:, i, j] = np.einsum('byxc,yxco->bo', window, kernel) + bias
+  np.testing.assert_allclose(conv.apply(params, jnp.asarray(x)), expected, rtol=1e-5, atol=1e-5)

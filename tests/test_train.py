@@ -29,22 +29,25 @@ def test_flop_count_matches_a_hand_count():
   vit_layer = 2 * 5 * 8 * 24 + 2 * 5 * 8 * 8 + 2 * 2 * 5 * 5 * 8 + 2 * 2 * 5 * 8 * 16
   text_layer = 2 * 3 * 8 * 24 + 2 * 3 * 8 * 8 + 2 * 2 * 3 * 3 * 8 + 2 * 2 * 3 * 8 * 16
   image_keys = 2 * 5 * 8 * 16  # cross-attention's K and V from one image's 5 tokens
-  cross = 2 * 3 * 8 * 8 + image_keys + 2 * 2 * 3 * 5 * 8 + 2 * 3 * 8 * 8
+  # A match's last (here only) fusion layer computes [CLS] alone: Q, K, V of the 3 tokens, the rest for one query.
+  fusion_layer = 2 * 3 * 8 * 24 + 2 * 1 * 8 * 8 + 2 * 2 * 1 * 3 * 8 + 2 * 2 * 1 * 8 * 16
+  cross = 2 * 1 * 8 * 8 + image_keys + 2 * 2 * 1 * 5 * 8 + 2 * 1 * 8 * 8
+  cross3 = 2 * 3 * 8 * 8 + image_keys + 2 * 2 * 3 * 5 * 8 + 2 * 3 * 8 * 8  # all 3 tokens (the Locator's)
   heads = 2 * 8 * 4 * 2 + 3 * 2 * 8 * 2 + 2 * 2 * 4  # two projections, ITM head on 3 pairs, similarity row (B=2)
   # Three pairs per example share the batch's images: K and V once per image, not per pair.
-  per_example = patch + vit_layer + text_layer + 3 * (text_layer + cross) - 2 * image_keys + heads
+  per_example = patch + vit_layer + text_layer + 3 * (fusion_layer + cross) - 2 * image_keys + heads
   assert flops.train_flops(spec, batch=2) == 3 * 2 * per_example
   # Without ITM the fusion encoder and its head do no work; with written negatives added, 4 pairs (the fourth on an
   # image already projected) and 2 captions.
   itm_head = 2 * 8 * 2
   assert flops.train_flops(spec, batch=2, itm_pairs=0) == 3 * 2 * (
-      per_example - 3 * (text_layer + cross + itm_head) + 2 * image_keys)
+      per_example - 3 * (fusion_layer + cross + itm_head) + 2 * image_keys)
   assert flops.train_flops(spec, batch=2, itm_pairs=4, extra_texts=1) == 3 * 2 * (
-      per_example + 2 * text_layer + cross - image_keys + itm_head)
+      per_example + text_layer + fusion_layer + cross - image_keys + itm_head)
   # Every 4th example's 3 pairs: fewer pairs than images, each pair projects its own copy (batch 4: a similarity
   # row of 4).
   assert flops.train_flops(spec, batch=4, itm_pairs=0.75) == 3 * 4 * (
-      per_example - 2.25 * (text_layer + cross + itm_head) + 2 * image_keys + 2 * 2 * 4)
+      per_example - 2.25 * (fusion_layer + cross + itm_head) + 2 * image_keys + 2 * 2 * 4)
   # The momentum model with a queue of 6: ITC's two directions score B + 6 momentum keys (trained: forward and
   # backward), and the momentum towers and projections run forward once; distillation adds its similarities once.
   keys = 2 * 2 * (2 + 6) * 4
@@ -72,8 +75,9 @@ def test_flop_count_matches_a_hand_count():
   # weighted (x, y) of 2 heads, their projection (2 x 2 -> 8).
   config.fusion_locator = True
   where = 2 * 3 * 5 * 8 + 2 * 3 * 5 * 2 * 2 + 2 * 3 * 2 * 2 * 8
-  locator = text_layer + (cross - image_keys) + 2 * 3 * 8 * 2 + 2 * 3 * 2 * 8
-  with_locator = per_example - patch + stem + 3 * (window + locator + 2 * where) + image_keys
+  where_cls = 2 * 1 * 5 * 8 + 2 * 1 * 5 * 2 * 2 + 2 * 1 * 2 * 2 * 8  # the last layer's, for [CLS] alone
+  locator = text_layer + (cross3 - image_keys) + 2 * 3 * 8 * 2 + 2 * 3 * 2 * 8
+  with_locator = per_example - patch + stem + 3 * (window + locator + where + where_cls) + image_keys
   assert flops.train_flops(ModelSpec.from_config(config), batch=2) == 3 * 2 * with_locator
   # Locating two phrases of 2 tokens per example (no region contrast): each through the text layer, the word
   # window and the Locator's layer and head, against its image's K and V, projected once.

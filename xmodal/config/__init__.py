@@ -185,6 +185,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       if 'data' in config:
         _require(config.data.get('relation_swaps', ''), 'loss.relation_weight',
                  'needs relation swaps from the data: set data.relation_swaps')
+    if loss.get('length_buckets') and 'model' in config:
+      _validate_length_buckets(loss.length_buckets, config.model.max_text_len)
+      if 'train' in config:
+        # The loop checks the whole batch against the plan; a micro-batch of it may not fit.
+        _require(config.train.grad_accum == 1, 'loss.length_buckets',
+                 f'not with gradient accumulation (train.grad_accum={config.train.grad_accum})')
     if loss.get('itm_start_step', 0):
       _require(loss.itm_start_step >= 0, 'loss.itm_start_step', f'must be >= 0, got {loss.itm_start_step}')
       if 'train' in config:
@@ -256,6 +262,18 @@ POOLS = model_lib.POOLS
 KERNEL_INITS = layers.KERNEL_INITS
 VISION_STEMS = vit.STEMS
 WRITTEN_NEGATIVES = objective.WRITTEN_NEGATIVES
+
+
+def _validate_length_buckets(buckets, max_text_len: int) -> None:
+  key = 'loss.length_buckets'
+  _require(all(isinstance(b, (tuple, list)) and len(b) == 2 for b in buckets), key,
+           f'expects ((share, length), ...), got {buckets!r}')
+  shares, lengths = [float(s) for s, _ in buckets], [b[1] for b in buckets]
+  _require(all(s > 0 for s in shares) and sum(shares) <= 1, key,
+           f'shares must be positive and sum to at most 1, got {buckets!r}')
+  _require(all(isinstance(n, int) and 0 < n < max_text_len for n in lengths), key,
+           f'lengths must be whole numbers in (0, max_text_len={max_text_len}), got {buckets!r}')
+  _require(lengths == sorted(set(lengths)), key, f'lengths must increase, got {buckets!r}')
 
 
 def validate_model(model: ml_collections.ConfigDict, prefix: str = 'model') -> None:

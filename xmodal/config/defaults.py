@@ -71,6 +71,12 @@ def base_config(size: str = 'tiny') -> ml_collections.ConfigDict:
       # relation, scored with its caption (match) and the caption's related phrases exchanged (no match), a
       # balanced pair whose only difference is which object stands where. 0 = off.
       'relation_weight': 0.0,
+      # The step computes each text at about its real length (models/buckets.py): ((share, length), ...) says that
+      # the shortest `share` of a step's texts (sorted by length; the text tower's and ITM's fusion pairs' each) run
+      # at `length` tokens, the next share at the next length, the rest at model.max_text_len. A batch the plan does
+      # not fit runs a full-length step instead (compiled when first needed). The same numbers up to float
+      # rounding; () = every text at max_text_len. Single-process runs only (others run at full length).
+      'length_buckets': (),
   })
   config.mesh = ml_collections.ConfigDict({
       # Sizes of the ('data', 'fsdp', 'tensor') axes; -1 takes the devices that are left.

@@ -7,6 +7,9 @@ recomputation is not model FLOPs and is not counted.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from xmodal.models import buckets
 from xmodal.models.model import ModelSpec
 from xmodal.models.vit import conv_stem_channels
 
@@ -35,11 +38,13 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
   return None
 
 
-def _layer(tokens: int, width: int, mlp: int) -> int:
-  """One self-attention transformer layer over `tokens`: QKV, scores, weighted sum, output, MLP."""
-  projections = 2 * tokens * width * (3 * width) + 2 * tokens * width * width
-  attention = 2 * (2 * tokens * tokens * width)
-  return projections + attention + 2 * (2 * tokens * width * mlp)
+def _layer(tokens: int, width: int, mlp: int, queries: int | None = None) -> int:
+  """One self-attention transformer layer over `tokens`: QKV, scores, weighted sum, output, MLP; with `queries`, only
+  the first that many tokens come out (QKV of every token, the rest for the queries alone)."""
+  queries = tokens if queries is None else queries
+  projections = 2 * tokens * width * (3 * width) + 2 * queries * width * width
+  attention = 2 * (2 * queries * tokens * width)
+  return projections + attention + 2 * (2 * queries * width * mlp)
 
 
 def _stem_flops(spec: ModelSpec) -> int:
@@ -66,7 +71,8 @@ def fusion_image_passes(itm_pairs: float) -> float:
 def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
                   momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
                   regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False,
-                  grounded_captions: bool = False) -> dict[str, int]:
+                  grounded_captions: bool = False, length_buckets: Sequence[buckets.Bucket] = (),
+                  drawn_pairs: float = 0) -> dict[str, int]:
   """Forward FLOPs of one training step's model work on a batch of B (image, caption) pairs, by part.
 
   The fusion encoder runs on `itm_pairs` x B pairs (ALBEF: 3 — B positives, 2B hard negatives; 0 without ITM; see
@@ -84,6 +90,10 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   With `grad_cache` (train.grad_accum_mode='exact' with grad_accum > 1), part 'grad_cache' is the towers' and
   projections' first forward pass, which embeds the batch without gradients before the one that trains.
 
+  With `length_buckets` (loss.length_buckets), the captions, the `extra_texts` and the fusion encoder's pairs count
+  each bucket's share of them at its length, but for the `drawn_pairs` per example (ITM's negative texts, which the
+  step draws itself): those run at full length, in a fusion pass of their own.
+
   With `regions` per example (the region-phrase loss), part 'regions' is their phrases of `phrase_len` tokens
   through the text tower, both projections, and each region's row of the (B R, B R) similarity (without
   `region_contrast`, the text tower alone). With `locate` (loss.locate_weight), part 'locate' is the phrases through
@@ -98,33 +108,48 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
   length = spec.max_text_len
   vision = _stem_flops(spec) + v.depth * _layer(n, v.width, v.mlp_dim)
   text_one = t.depth * _layer(length, t.width, t.mlp_dim)
-  text = (1 + extra_texts) * text_one
+  # The step's captions, written negatives and ITM pairs run bucketed by length (`length_buckets`): each bucket's
+  # share at its length; the momentum model, gradient caching's first pass and MLM at max_text_len.
+  bucketed = lambda cost: buckets.mean_length(length_buckets, length, cost)
+  text = (1 + extra_texts) * bucketed(lambda tokens: t.depth * _layer(tokens, t.width, t.mlp_dim))
   fusion_layers = spec.fusion_depth + spec.fusion_locator
 
-  def fusion_text(tokens: int, through_locator_only: bool = False) -> int:
-    """One text of `tokens` through the fusion encoder (or its word window and Locator alone), K and V of its image
-    excluded."""
-    cross = (2 * tokens * t.width * t.width  # Q
-             + 2 * (2 * tokens * n * t.width) + 2 * tokens * t.width * t.width)  # scores, weighted sum, output
+  def cross(queries: int) -> int:
+    """One cross-attention of `queries` text tokens over an image, K and V of the image excluded."""
+    flops = (2 * queries * t.width * t.width  # Q
+             + 2 * (2 * queries * n * t.width) + 2 * queries * t.width * t.width)  # scores, weighted sum, output
     if spec.fusion_locator:  # where it looked: scores again, the weighted (x, y), their projection
-      cross += 2 * tokens * n * t.width + 2 * tokens * n * 2 * t.heads + 2 * tokens * 2 * t.heads * t.width
+      flops += 2 * queries * n * t.width + 2 * queries * n * 2 * t.heads + 2 * queries * 2 * t.heads * t.width
+    return flops
+
+  def fusion_text(tokens: int, through_locator_only: bool = False, cls_only: bool = True) -> int:
+    """One text of `tokens` through the fusion encoder (or its word window and Locator alone), K and V of its image
+    excluded. `cls_only` (a match): its last layer computes [CLS] alone (FusionEncoder's `cls_only`)."""
     window = 2 * tokens * (spec.fusion_word_window + 1) * t.width * t.width if spec.fusion_word_window else 0
-    layer = _layer(tokens, t.width, t.mlp_dim) + cross
+    layer = _layer(tokens, t.width, t.mlp_dim) + cross(tokens)
     if through_locator_only:
       return window + layer + 2 * tokens * t.width * 2  # its layer and head
     locator = layer + 2 * tokens * t.width * 2 + 2 * tokens * 2 * t.width if spec.fusion_locator else 0  # + place
-    return window + locator + spec.fusion_depth * layer
+    last = _layer(tokens, t.width, t.mlp_dim, queries=1) + cross(1) if cls_only else layer
+    return window + locator + (spec.fusion_depth - 1) * layer + last
 
   image_keys = 2 * n * v.width * (2 * t.width)  # K and V from one image's tokens, per cross-attention layer
-  fusion_pair = fusion_text(length) + fusion_layers * image_keys
-  # K and V are projected once per image where the pairs outnumber the images (train/objective.py's ITM).
-  fusion = itm_pairs * fusion_pair - (itm_pairs - fusion_image_passes(itm_pairs)) * fusion_layers * image_keys
+  mlm_fusion = fusion_text(length, cls_only=False) + fusion_layers * image_keys  # MLM reads every token
+
+  def fusion_call(pairs: float, per_text: float) -> float:
+    # K and V are projected once per image where a call's pairs outnumber the images (train/objective.py's ITM).
+    return pairs * per_text + fusion_image_passes(pairs) * fusion_layers * image_keys
+  if length_buckets and itm_pairs:  # the drawn pairs at full length in a call of their own, the rest bucketed
+    fusion = fusion_call(itm_pairs - drawn_pairs, bucketed(fusion_text)) + fusion_call(drawn_pairs,
+                                                                                       fusion_text(length))
+  else:
+    fusion = fusion_call(itm_pairs, fusion_text(length))
   projections = 2 * v.width * spec.embed_dim + 2 * t.width * spec.embed_dim
   heads = projections + itm_pairs * 2 * t.width * 2
   similarity = 2 * batch * spec.embed_dim  # one row of the (B, B) similarity matrix per example
   keys = 2 * 2 * (batch + queue_size) * spec.embed_dim  # one row of i2t and of t2i against the momentum keys
   parts = {'vision': vision, 'text': text, 'fusion': fusion, 'heads': heads + similarity + (keys if momentum else 0)}
-  mlm_pass = text_one + fusion_pair + 2 * length * t.width * t.width + 2 * length * t.width * t.vocab_size
+  mlm_pass = text_one + mlm_fusion + 2 * length * t.width * t.width + 2 * length * t.width * t.vocab_size
   if mlm:
     parts['mlm'] = mlm_pass
   if momentum:
@@ -146,10 +171,12 @@ def forward_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts
 def train_flops(spec: ModelSpec, batch: int, itm_pairs: float = 3, extra_texts: float = 0, mlm: bool = False,
                 momentum: bool = False, queue_size: int = 0, distill: bool = False, grad_cache: bool = False,
                 regions: int = 0, phrase_len: int = 0, region_contrast: bool = True, locate: bool = False,
-                grounded_captions: bool = False) -> int:
+                grounded_captions: bool = False, length_buckets: Sequence[buckets.Bucket] = (),
+                drawn_pairs: float = 0) -> int:
   """Model FLOPs of one training step: forward + backward = 3 x forward for what trains, forward alone for the
   momentum model and for gradient caching's first pass of the towers (which therefore cost 4 x forward);
   arguments as `forward_flops`."""
   parts = forward_flops(spec, batch, itm_pairs, extra_texts, mlm, momentum, queue_size, distill, grad_cache,
-                        regions, phrase_len, region_contrast, locate, grounded_captions)
+                        regions, phrase_len, region_contrast, locate, grounded_captions, length_buckets,
+                        drawn_pairs)
   return 3 * sum(parts.values()) - 2 * (parts.get('momentum', 0) + parts.get('grad_cache', 0))

@@ -86,10 +86,11 @@ class FusionEncoder(nn.Module):
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
                image_mask: jax.Array | None = None, image_index: jax.Array | None = None, *,
-               locate_only: bool = False) -> jax.Array:
+               locate_only: bool = False, cls_only: bool = False) -> jax.Array:
     """`image_index` (B,) int: text row i reads image `image_index[i]` of `image_tokens` (M, N, Dv), whose keys and
     values each layer projects once per image rather than once per row (ITM's negatives reuse the batch's images).
-    `locate_only`: return the Locator's positions (B, L, 2) instead of the fused tokens (needs `locator`)."""
+    `locate_only`: return the Locator's positions (B, L, 2) instead of the fused tokens (needs `locator`).
+    `cls_only`: return the fused [CLS] alone (B, 1, Dt): the last layer computes no other token."""
     if self.word_window > 0:
       text_tokens = WordWindow(self.word_window, self.layer_norm_eps, self.dtype, self.init, name='word_window')(
           text_tokens.astype(self.dtype), text_mask)
@@ -119,5 +120,7 @@ class FusionEncoder(nn.Module):
     apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat,
                          num_broadcast=len(broadcast), heads=self.heads, mlp_dim=self.mlp_dim,
                          eps=self.layer_norm_eps, dtype=self.dtype, impl=self.attention, init=self.init,
-                         where=self.locator)
+                         where=self.locator,
+                         # Init creates the stacked parameters the [CLS]-only view splits.
+                         last_queries=1 if cls_only and not self.is_initializing() else 0)
     return apply(text_tokens, *broadcast)

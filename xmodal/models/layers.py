@@ -6,6 +6,8 @@ Activations carry ('batch', 'length', 'embed'). The config's rules map them onto
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -94,11 +96,12 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
-               kv_index: jax.Array | None = None) -> jax.Array:
+               kv_index: jax.Array | None = None, queries: int = 0) -> jax.Array:
     """x (B, Lq, D), mask (B, Lk) bool, kv (B, Lk, Dkv) or None -> (B, Lq, D).
 
     With `kv_index` (B,) int, `kv` holds (M, Lk, Dkv) distinct inputs and query row i reads `kv[kv_index[i]]`: keys
-    and values are projected once per distinct input and gathered, not once per query row.
+    and values are projected once per distinct input and gathered, not once per query row. With `queries` > 0
+    (self-attention), only the first `queries` tokens ask: -> (B, queries, D), every token still a key and value.
     """
     width = x.shape[-1]
     head_dim = width // self.heads
@@ -107,6 +110,8 @@ class Attention(nn.Module):
       qkv = Projection((3, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
                        name='qkv')(x)
       q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+      if queries:
+        q = q[:, :queries]
     else:
       q = Projection((self.heads, head_dim), ('heads', 'kv'), dtype=self.dtype, init=self.init, name='query')(x)
       kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
@@ -205,12 +210,16 @@ class FusionBlock(nn.Module):
   impl: str = 'xla'
   init: str = 'bert'  # KERNEL_INITS
   where: bool = False
+  # > 0: only the first `queries` tokens come out (-> (B, queries, D)), every token still read by self-attention.
+  # The last layer of a match needs only [CLS]: its other tokens' queries, cross-attention and MLP are not computed.
+  queries: int = 0
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask, image_index=None):
     """`image_index` None: row i reads image_tokens[i]; else image_tokens[image_index[i]] (image_mask is per row)."""
     attn = Attention(self.heads, self.dtype, self.impl, self.init, name='attn')
-    x = LayerNorm(self.eps, self.dtype, name='ln1')(x + attn(x, mask))
+    kept = x[:, :self.queries] if self.queries else x
+    x = LayerNorm(self.eps, self.dtype, name='ln1')(kept + attn(x, mask, queries=self.queries))
     cross = Attention(self.heads, self.dtype, self.impl, self.init, self.where, name='cross_attn')(
         x, image_mask, kv=image_tokens, kv_index=image_index)
     x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)
@@ -227,23 +236,48 @@ REMAT_POLICIES = ('none', *_REMAT_CHECKPOINT_POLICIES)  # the values of `model.r
 
 
 def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num_broadcast: int = 1,
-          name: str = 'layers', **block_kwargs) -> Callable:
+          name: str = 'layers', last_queries: int = 0, **block_kwargs) -> Callable:
   """Returns `f(x, *broadcast_args) -> x` applying `depth` copies of `block_cls`.
 
   With `scan`, one block is traced and its parameters are stacked on a leading 'layers' axis (compile time flat in
   depth); without, the blocks are `name_0 ... name_{depth-1}`. `remat` picks what the backward pass may keep.
+  `last_queries` > 0: the last block is built with `queries=last_queries` (FusionBlock: only the first tokens come
+  out), from the same parameters.
   """
   if remat != 'none':
     block_cls = nn.remat(block_cls, policy=_REMAT_CHECKPOINT_POLICIES[remat], prevent_cse=not scan)
+  scanned = functools.partial(nn.scan, block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+                              in_axes=(nn.broadcast,) * num_broadcast, metadata_params={nn.PARTITION_NAME: 'layers'})
+  if scan and last_queries:
+    # The stacked parameters seen as the first depth - 1 layers, scanned, and the last one on its own.
+    split = lambda variables: {
+        collection: {'first': jax.tree.map(lambda p: p[:-1], tree), 'last': jax.tree.map(lambda p: p[-1], tree)}
+        for collection, tree in variables.items()}
+    return nn.map_variables(_FirstAndLast, 'params', trans_in_fn=split, mutable=False)(
+        scanned(length=depth - 1) if depth > 1 else None,
+        functools.partial(block_cls, queries=last_queries, **block_kwargs), block_kwargs, name=name)
   if scan:
-    scanned = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
-                      in_axes=(nn.broadcast,) * num_broadcast, length=depth,
-                      metadata_params={nn.PARTITION_NAME: 'layers'})(name=name, **block_kwargs)
-    return lambda x, *args: scanned(x, *args)[0]
-  blocks = [block_cls(name=f'{name}_{i}', **block_kwargs) for i in range(depth)]
+    blocks = scanned(length=depth)(name=name, **block_kwargs)
+    return lambda x, *args: blocks(x, *args)[0]
+  last = {'queries': last_queries} if last_queries else {}
+  blocks = [block_cls(name=f'{name}_{i}', **block_kwargs, **(last if i == depth - 1 else {})) for i in range(depth)]
 
   def apply(x, *args):
     for block in blocks:
       x, _ = block(x, *args)
     return x
   return apply
+
+
+class _FirstAndLast(nn.Module):
+  """`first` (a scanned block class of depth - 1 layers), then `last` (a block class): `stack`'s view of stacked
+  parameters split as {'first': layers[:-1], 'last': layers[-1]}."""
+  first: Callable | None  # None for a stack of one
+  last: Callable
+  block_kwargs: dict
+
+  @nn.compact
+  def __call__(self, x, *args):
+    if self.first is not None:
+      x, _ = self.first(name='first', **self.block_kwargs)(x, *args)
+    return self.last(name='last')(x, *args)[0]

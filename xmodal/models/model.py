@@ -162,7 +162,7 @@ class XModal(nn.Module):
     Logit 1 is "matches", logit 0 "does not match" (ALBEF's order). With `image_index` (B,) int, image tokens (and
     mask) hold M images and text i is paired with image `image_index[i]` (`FusionEncoder`).
     """
-    fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index)
+    fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index, cls_only=True)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
 
   def locate(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,

@@ -60,6 +60,33 @@ def conv_stem_channels(patch_size: int, width: int) -> tuple[int, ...]:
   return tuple(max(width // 2 ** (steps - 1 - i), 8) for i in range(steps))
 
 
+class StridedConv(nn.Module):
+  """(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), features): a 3x3 stride-2 'SAME' convolution (nn.Conv's parameters
+  and initial values), computed as a matmul of each output pixel's 3x3 input patch.
+
+  Why not nn.Conv: on XLA:CPU its backward (the kernel's gradient above all) ran at a tenth of the matmul peak; the
+  patches and one matmul take the stem's three layers from 114 to 77 ms a step, forward and backward, on the shapes
+  batch (docs/performance.md). The same sums in another order.
+  """
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    kernel = self.param('kernel', layers.with_names(nn.initializers.lecun_normal(), None, None, None, None),
+                        (3, 3, channels, self.features), jnp.float32)
+    bias = self.param('bias', layers.with_names(nn.initializers.zeros, None), (self.features,), jnp.float32)
+    height, width = x.shape[1:3]
+    # 'SAME' at stride 2: out = ceil(in / 2); the padding a 3-wide window needs, the odd one after (as XLA's).
+    pads = [((total := max((-(-n // 2) - 1) * 2 + 3 - n, 0)) // 2, total - total // 2) for n in (height, width)]
+    x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
+    rows, cols = -(-height // 2), -(-width // 2)
+    patches = jnp.concatenate([x[:, dy:dy + 2 * rows - 1:2, dx:dx + 2 * cols - 1:2]
+                               for dy in range(3) for dx in range(3)], axis=-1)  # (B, rows, cols, 9 C): dy, dx, C
+    return patches @ kernel.reshape(9 * channels, self.features).astype(self.dtype) + bias.astype(self.dtype)
+
+
 class ConvStem(nn.Module):
   """images (B, H, W, 3) -> (B, H/p, W/p, D): log2(p) 3x3 stride-2 convolutions with ReLU, channels doubling up to
   D, then a 1x1 projection: the token grid of a p x p patchify (the hybrid ViT of Dosovitskiy et al.; Xiao et al.
@@ -77,11 +104,7 @@ class ConvStem(nn.Module):
   def __call__(self, images: jax.Array) -> jax.Array:
     x = images.astype(self.dtype)
     for i, channels in enumerate(conv_stem_channels(self.patch_size, self.width)):
-      x = nn.Conv(channels, (3, 3), strides=(2, 2), padding='SAME',
-                  dtype=self.dtype, param_dtype=jnp.float32, name=f'conv_{i}',
-                  kernel_init=layers.with_names(nn.initializers.lecun_normal(), None, None, None, None),
-                  bias_init=layers.with_names(nn.initializers.zeros, None))(x)
-      x = nn.relu(x)
+      x = nn.relu(StridedConv(channels, self.dtype, name=f'conv_{i}')(x))
     return nn.Conv(self.width, (1, 1), dtype=self.dtype, param_dtype=jnp.float32, name='proj',
                    kernel_init=layers.with_names(nn.initializers.lecun_normal(), None, None, None, 'embed'),
                    bias_init=layers.with_names(nn.initializers.zeros, 'embed'))(x)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import statistics
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -23,7 +25,7 @@ import ml_collections
 import numpy as np
 
 from xmodal import sharding
-from xmodal.models import flops
+from xmodal.models import buckets, flops
 from xmodal.train import state as state_lib
 from xmodal.train.objective import LossWeights
 from xmodal.train.step import caches_gradients, jit_train_step
@@ -50,17 +52,17 @@ def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 10) 
 
 
 def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool = False,
-                    regions: tuple[int, int] | None = None, grounded: bool = False, relations: bool = False
-                    ) -> dict[str, np.ndarray]:
+                    regions: tuple[int, int] | None = None, grounded: bool = False, relations: bool = False,
+                    length_buckets: Sequence[buckets.Bucket] = ()) -> dict[str, np.ndarray]:
   """Random inputs of the model's shapes; captions of random length; distinct image ids; with `negatives`, a written
   negative caption per example too (as data.negatives_key gives); with `regions` (R, phrase length), R boxes of
   random phrases per example (as data.region_boxes_key gives), and with `grounded` each caption token's region
   index or -1 (as data.caption_grounding gives); with `relations`, a relation swap per example (as
-  data.relation_swaps gives)."""
+  data.relation_swaps gives). Texts' lengths follow `length_buckets` where given (`_text_lengths`)."""
   length = spec.max_text_len
 
   def texts() -> tuple[np.ndarray, np.ndarray]:
-    lengths = rng.integers(length // 3, length + 1, size=batch)
+    lengths = _text_lengths(length, batch, rng, length_buckets)
     return (rng.integers(5, spec.text.vocab_size, size=(batch, length)).astype(np.int32),
             (np.arange(length)[None] < lengths[:, None]).astype(np.int32))
 
@@ -83,6 +85,27 @@ def synthetic_batch(spec, batch: int, rng: np.random.Generator, negatives: bool 
     if grounded:
       out['text_regions'] = rng.integers(-1, count, size=(batch, length), dtype=np.int32)
   return out
+
+
+def _text_lengths(length: int, batch: int, rng: np.random.Generator, plan: Sequence[buckets.Bucket]) -> np.ndarray:
+  """Random text lengths, uniform over [length / 3, length]; with a bucket `plan` (loss.length_buckets), each
+  bucket's share of the rows and a quarter more uniform up to its length, above the one before (the rows left
+  above the last), in random order: the step a bench times is then the bucketed one, as on data the plan fits.
+  (ITM's hard negatives repeat some texts and leave out others: at the plan's exact shares a batch often would not
+  fit.)"""
+  if not plan:
+    return rng.integers(length // 3, length + 1, size=batch)
+  bounds = [length // 3 - 1]
+  counts = []
+  for share, top in plan:
+    counts.append(min(math.ceil(1.25 * share * batch), batch - sum(counts)))
+    bounds.append(top)
+  counts.append(batch - sum(counts))
+  bounds.append(length)
+  bounds[0] = min(bounds[0], bounds[1] - 1)
+  lengths = np.concatenate([rng.integers(low + 1, high + 1, size=count)
+                            for low, high, count in zip(bounds, bounds[1:], counts)])
+  return rng.permutation(lengths)
 
 
 def compiler_options(config: ml_collections.ConfigDict) -> dict | None:
@@ -148,7 +171,8 @@ def compile_step(config: ml_collections.ConfigDict, total_steps: int) -> Compile
     batch = sharding.host_to_global(synthetic_batch(model.spec, config.data.batch_size, np.random.default_rng(0),
                                                     negatives=bool(config.data.negatives_key), regions=regions,
                                                     grounded=weights.grounded_captions,
-                                                    relations=weights.relation > 0), mesh)
+                                                    relations=weights.relation > 0,
+                                                    length_buckets=weights.length_buckets), mesh)
     rng = jax.random.key(1)
     start = time.perf_counter()
     options = compiler_options(config)

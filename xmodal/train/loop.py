@@ -106,6 +106,11 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
 
   # ----------------------------------------------------------------------------------------------- update step
   weights = LossWeights.from_config(config.loss, config.data)
+  if weights.length_buckets and jax.process_count() > 1:
+    # Whether a batch fits the plan is decided on the host, and each process holds only its part of the batch.
+    log.warning('loss.length_buckets is for single-process runs; this one (%d processes) computes every text at '
+                'full length', jax.process_count())
+    weights = weights.without_buckets()
   compile_step = functools.partial(jit_train_step, built, mesh=mesh, grad_accum=config.train.grad_accum,
                                    grad_accum_mode=config.train.grad_accum_mode,
                                    skip_nonfinite=config.train.nan_policy == 'skip')
@@ -114,6 +119,18 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
   # step would multiply them by 0 (the same update; a second compilation).
   early_weights = weights.before_matching()
   early_step = None if early_weights is None else compile_step(early_weights)
+  # A batch that the length buckets do not fit (loss.length_buckets) runs a full-length step, compiled when first
+  # needed: the same update up to float rounding.
+  full_length_steps = {}
+
+  def step_for(step: int, host_batch: dict):
+    step_weights, step_fn = (early_weights, early_step) if is_early(step) else (weights, jit_step)
+    if step_weights.buckets_fit(host_batch):
+      return step_fn
+    if step_weights not in full_length_steps:
+      log.info('step %d: its texts do not fit loss.length_buckets; running it at full length', step)
+      full_length_steps[step_weights] = compile_step(step_weights.without_buckets())
+    return full_length_steps[step_weights]
   rng = jax.random.key(config.train.seed + 1)
 
   # --------------------------------------------------------------------------------------------------- metrics
@@ -146,7 +163,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, checkpointe
         stopped_early = True
         break
       batch = sharding.host_to_global(host_batch, mesh, batch_sharding)
-      state, metrics = (early_step if is_early(step) else jit_step)(state, batch, rng)
+      state, metrics = step_for(step, host_batch)(state, batch, rng)
       if pending is not None:
         now = time.perf_counter()
         report(*pending, now - last_time)

@@ -18,15 +18,18 @@ micro-batch's ITM and MLM with those embeddings' cached gradients in place of it
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from xmodal import losses
 from xmodal.losses import ring as losses_chunked
-from xmodal.models import flops, regions
+from xmodal.models import buckets, flops, regions
 from xmodal.models.model import ModelSpec, XModal
 
 
@@ -86,8 +89,14 @@ class LossWeights:
   # relation adds one pair, its image with the swap, scored against its own positive pair (balanced, apart from
   # ITM's own mean): on the shapes data ITM's other negatives outnumber the relation swaps ~20 to 1.
   relation: float = 0.0
+  # The text tower's and the fusion encoder's rows computed at about their real length (models/buckets.py;
+  # loss.length_buckets): ((share, length), ...), () = all at full length. A batch the plan does not fit must run
+  # `without_buckets()` (`buckets_fit` tells on the host).
+  length_buckets: tuple[tuple[float, int], ...] = ()
 
   def __post_init__(self):
+    # A config holds lists where a tuple was set; the weights are hashable (a static argument of the jitted step).
+    object.__setattr__(self, 'length_buckets', tuple((float(s), int(n)) for s, n in self.length_buckets))
     if self.momentum > 0 and (self.chunked or self.itc_written_negatives):
       raise ValueError('the momentum form of ITC has neither a ring form (chunked) nor written-negative columns')
     if (self.queue_size or self.distill_alpha) and not self.momentum:
@@ -121,7 +130,8 @@ class LossWeights:
                mlm_vocab_size=vocab_size, momentum=float(loss.momentum), queue_size=int(loss.queue_size),
                distill_alpha=float(loss.distill_alpha), distill_warmup=int(loss.distill_warmup_steps),
                region=region, regions_per_example=phrase_shape[0], phrase_len=phrase_shape[1], locate=locate,
-               grounded_captions=locate > 0 and bool(data.get('caption_grounding', '')), relation=relation)
+               grounded_captions=locate > 0 and bool(data.get('caption_grounding', '')), relation=relation,
+               length_buckets=loss.get('length_buckets', ()))
 
   @property
   def itm_pairs(self) -> float:
@@ -143,7 +153,34 @@ class LossWeights:
     `grad_cache`: the step accumulates by gradient caching (step.caches_gradients), running the towers twice."""
     return flops.train_flops(spec, batch, self.itm_pairs, self.extra_texts, self.mlm > 0, self.momentum > 0,
                              self.queue_size, self.distill_alpha > 0, grad_cache, self.regions_per_example,
-                             self.phrase_len, self.region > 0, self.locate > 0, self.grounded_captions)
+                             self.phrase_len, self.region > 0, self.locate > 0, self.grounded_captions,
+                             self.length_buckets, 1 / self.itm_subsample if self.itm > 0 else 0)
+
+  def without_buckets(self) -> LossWeights:
+    """These weights with every text at full length: the step for a batch that `buckets_fit` says does not fit."""
+    return dataclasses.replace(self, length_buckets=())
+
+  def buckets_fit(self, batch: Mapping[str, np.ndarray]) -> bool:
+    """Whether the step's length buckets fit this host batch: the texts through the text tower (`_encode_texts`) and
+    ITM's pairs through the fusion encoder (`_matching`) but those whose texts the step draws itself (ITM's hard
+    negative texts, and with 'replace' the written ones mixed in), each sorted by length. True without buckets."""
+    if not self.length_buckets:
+      return True
+    lengths = {name: np.sum(np.asarray(batch[f'{name}_mask']) > 0, axis=1) for name in _texts(self, batch)}
+    full_length = np.asarray(batch['text_mask']).shape[1]
+    fit = lambda rows: bool(buckets.fits(np.concatenate(rows), self.length_buckets, full_length))
+    if not fit(list(lengths.values())):
+      return False
+    if self.itm <= 0:
+      return True
+    pick = slice(None, None, self.itm_subsample)
+    captions = lengths['text'][pick]
+    pairs = [captions, captions]  # not the negative texts the step draws: they run at full length (_match_groups)
+    if self.itm_written_negatives == 'add' and 'negative' in lengths:
+      pairs.append(lengths['negative'][pick])
+    if 'relation' in lengths:
+      pairs.append(lengths['relation'][pick])
+    return fit(pairs)
 
   def negative_hardness(self, step: jax.Array | None) -> jax.Array:
     """1 = ALBEF's hard negatives, 0 = uniform ones; rises linearly over `itm_hard_warmup` steps."""
@@ -249,20 +286,24 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
   """Runs inside `model.apply`: `module` is the bound XModal."""
   ids = batch.get('image_ids')
   image_tokens, image_emb = module.encode_image(batch['images'])
-  text_tokens, text_emb = module.encode_text(batch['text_ids'], batch['text_mask'])
   temperature = module.temperature()
   metrics = {'temperature': temperature}
   total = jnp.zeros((), jnp.float32)
 
+  # The captions, and the written negatives and relation swaps where a loss uses them, through the text tower in one
+  # call (bucketed by length as a whole, with weights.length_buckets).
+  texts = _texts(weights, batch)
+  encoded, fits = _encode_texts(module, [(batch[f'{name}_ids'], batch[f'{name}_mask']) for name in texts],
+                                weights.length_buckets)
+  (text_tokens, text_emb), encoded = encoded[0], dict(zip(texts[1:], encoded[1:]))
   written = None  # the data's written negatives through the text tower, when a loss uses them
-  if 'negative_ids' in batch and (weights.itc_written_negatives or
-                                  (weights.itm > 0 and weights.itm_written_negatives != 'off')):
-    tokens, emb = module.encode_text(batch['negative_ids'], batch['negative_mask'])
-    written = WrittenNegatives(tokens, batch['negative_mask'], emb, batch['negative_valid'].astype(bool))
+  if 'negative' in encoded:
+    written = WrittenNegatives(*encoded['negative'][:1], batch['negative_mask'], *encoded['negative'][1:],
+                               batch['negative_valid'].astype(bool))
   swaps = None  # the captions' relation swaps through the text tower, for ITM
-  if weights.itm > 0 and weights.relation > 0:
-    tokens, emb = module.encode_text(batch['relation_ids'], batch['relation_mask'])
-    swaps = WrittenNegatives(tokens, batch['relation_mask'], emb, batch['relation_valid'].astype(bool))
+  if 'relation' in encoded:
+    swaps = WrittenNegatives(*encoded['relation'][:1], batch['relation_mask'], *encoded['relation'][1:],
+                             batch['relation_valid'].astype(bool))
 
   if embedding_grads is None:
     contrastive, contrastive_metrics = _contrastive(module, image_emb, text_emb, ids, weights, step, teacher, queue,
@@ -285,6 +326,7 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     sim = jnp.einsum('ie,te->it', image_emb, text_emb) / temperature
     itm, relation, itm_metrics = _matching(batch, image_tokens, text_tokens, written, sim, rng, weights, step,
                                            module, swaps)
+    fits &= itm_metrics.pop('length_buckets_fit')
     metrics.update(itm_metrics)
     total += weights.matching_on(step) * (weights.itm * itm + weights.relation * relation)
 
@@ -295,6 +337,8 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     metrics.update(mlm_metrics)
     total += weights.mlm * mlm
 
+  if weights.length_buckets:
+    metrics['length_buckets_fit'] = fits.astype(jnp.float32)  # 1 where every bucketed call of the step fit
   metrics['loss'] = total
   if embedding_grads is not None:
     # Gradient caching: ITC and the sigmoid loss were taken over the whole batch (train/step.py). This term's value
@@ -302,6 +346,34 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
     g = jax.lax.stop_gradient(embedding_grads)
     total += jnp.sum(g.image * image_emb) + jnp.sum(g.text * text_emb)
   return total, metrics
+
+
+def _texts(weights: LossWeights, batch: Mapping[str, Any]) -> list[str]:
+  """The batch's texts the step runs through the text tower: 'text' (the captions), 'negative' (the written
+  negatives) and 'relation' (the relation swaps) where a loss uses them."""
+  texts = ['text']
+  if 'negative_ids' in batch and (weights.itc_written_negatives or
+                                  (weights.itm > 0 and weights.itm_written_negatives != 'off')):
+    texts.append('negative')
+  if weights.itm > 0 and weights.relation > 0:
+    texts.append('relation')
+  return texts
+
+
+def _encode_texts(module: XModal, texts: list[tuple[jax.Array, jax.Array]], plan: Sequence[buckets.Bucket]
+                  ) -> tuple[list[tuple[jax.Array, jax.Array]], jax.Array]:
+  """[(ids, mask) (B, L)] -> ([(tokens (B, L, Dt), emb (B, E))], whether the length buckets fit): the texts through
+  the text tower as one batch, bucketed by length by `plan` (tokens are zero past a row's bucket)."""
+  ids, mask = (jnp.concatenate(parts) for parts in zip(*texts))
+  encode = lambda mdl, mask, per_token, per_row, shared: _tokens_and_rows(mdl.encode_text(per_token[0], mask))
+  ((tokens,), (emb,)), fits = buckets.apply_by_length(module, encode, mask, [ids], [], [], plan)
+  bounds = [0] + list(itertools.accumulate(part[0].shape[0] for part in texts))
+  return [(tokens[a:b], emb[a:b]) for a, b in zip(bounds, bounds[1:])], fits
+
+
+def _tokens_and_rows(encoded: tuple[jax.Array, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
+  tokens, emb = encoded
+  return [tokens], [emb]
 
 
 class Phrases(NamedTuple):
@@ -433,13 +505,8 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     pair_text.append(swaps.tokens[pick].astype(text_tokens.dtype))
     pair_mask.append(swaps.mask[pick])
     pair_image.append(own_image)
-  if flops.fusion_image_passes(weights.itm_pairs) < weights.itm_pairs:
-    logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), image_tokens,
-                          image_index=jnp.concatenate(pair_image))
-  else:  # no more pairs than images: projecting the pairs' own copies is less work
-    own_tokens = image_tokens[pick]
-    copies = [own_tokens if rows is own_image else image_tokens[rows] for rows in pair_image]
-    logits = module.match(jnp.concatenate(pair_text), jnp.concatenate(pair_mask), jnp.concatenate(copies))
+  # The third group's texts are drawn in this step: the loop cannot check them against the length buckets.
+  logits, fits = _match_groups(module, weights, pair_text, pair_mask, pair_image, image_tokens, drawn=2)
   size = own_image.shape[0]
   itm, metrics = losses.matching_loss(logits[:size], logits[size:groups * size], jnp.concatenate(negative_valid))
   relation = jnp.zeros((), jnp.float32)
@@ -452,6 +519,7 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     ahead = (margin(logits[:size]) > margin(logits[groups * size:])) & swap_valid
     metrics['relation_pair_acc'] = jnp.sum(ahead) / jnp.maximum(jnp.sum(swap_valid), 1)
   metrics['itm_hardness'] = hardness
+  metrics['length_buckets_fit'] = fits
   if written is not None:
     # How often the written negatives (the binding the test measures) are told apart: rows 2n..3n or 3n..4n.
     rows = logits[(2 if weights.itm_written_negatives == 'replace' else 3) * size:][:size]
@@ -459,6 +527,33 @@ def _matching(batch: dict[str, jax.Array], image_tokens: jax.Array, text_tokens:
     correct = (jnp.argmax(rows, axis=-1) == 0) & shown
     metrics['itm_written_acc'] = jnp.sum(correct) / jnp.maximum(jnp.sum(shown), 1)
   return itm, relation, metrics
+
+
+def _match_groups(module: XModal, weights: LossWeights, texts: list[jax.Array], masks: list[jax.Array],
+                  images: list[jax.Array], image_tokens: jax.Array, drawn: int) -> tuple[jax.Array, jax.Array]:
+  """ITM logits (G n, 2) of G groups of n pairs: texts[g] (n, L, Dt) with masks[g] (n, L) against the images of
+  `image_tokens` (B, N, Dv) that images[g] (n,) name. With weights.length_buckets, group `drawn` (texts the step drew
+  itself) runs at full length in a call of its own and the others bucketed by length; returns (logits, whether the
+  buckets fit)."""
+  calls = [list(range(len(texts)))]
+  if weights.length_buckets:
+    calls = [[g for g in calls[0] if g != drawn], [drawn]]
+  logits, fits = [None] * len(texts), jnp.bool_(True)
+  for groups, plan in zip(calls, (weights.length_buckets, ())):
+    text, mask = jnp.concatenate([texts[g] for g in groups]), jnp.concatenate([masks[g] for g in groups])
+    rows = jnp.concatenate([images[g] for g in groups])
+    if text.shape[0] > image_tokens.shape[0]:
+      # More pairs than images: the fusion encoder projects each image's keys and values once and gathers them for
+      # the pairs (flops.fusion_image_passes).
+      match = lambda mdl, m, tok, row, shared: ([], [mdl.match(tok[0], m, shared[0], image_index=row[0])])
+      ((), (out,)), fit = buckets.apply_by_length(module, match, mask, [text], [rows], [image_tokens], plan)
+    else:  # no more pairs than images: projecting the pairs' own copies is less work
+      match = lambda mdl, m, tok, row, shared: ([], [mdl.match(tok[0], m, row[0])])
+      ((), (out,)), fit = buckets.apply_by_length(module, match, mask, [text], [image_tokens[rows]], [], plan)
+    fits &= fit
+    for g, part in zip(groups, jnp.split(out, len(groups))):
+      logits[g] = part
+  return jnp.concatenate(logits), fits
 
 
 def compute_loss(model: XModal, params, batch: dict[str, jax.Array], rng: jax.Array, weights: LossWeights,
