@@ -2,7 +2,7 @@
 
 A caption batch is padded to `max_text_len`, and the text tower and the fusion encoder compute every padded position
 as if it were a word. On the shapes data half of every row is padding (captions of 12 tokens in 24). A bucket plan
-(`model.length_buckets`, e.g. ((0.375, 12), (0.375, 16))) says: of a call's R rows, sorted by length, the shortest
+(`loss.length_buckets`, e.g. ((0.375, 12), (0.375, 16))) says: of a call's R rows, sorted by length, the shortest
 3/8 run at length 12, the next 3/8 at 16, the rest at the full length. Each bucket is one call of the same function
 on its rows, cut to its length; the outputs are put back in the rows' order (per-token outputs padded with zeros).
 

@@ -254,8 +254,8 @@ def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num
         collection: {'first': jax.tree.map(lambda p: p[:-1], tree), 'last': jax.tree.map(lambda p: p[-1], tree)}
         for collection, tree in variables.items()}
     return nn.map_variables(_FirstAndLast, 'params', trans_in_fn=split, mutable=False)(
-        scanned(length=depth - 1) if depth > 1 else None,
-        functools.partial(block_cls, queries=last_queries, **block_kwargs), block_kwargs, name=name)
+        functools.partial(scanned(length=depth - 1), **block_kwargs) if depth > 1 else None,
+        functools.partial(block_cls, queries=last_queries, **block_kwargs), name=name)
   if scan:
     blocks = scanned(length=depth)(name=name, **block_kwargs)
     return lambda x, *args: blocks(x, *args)[0]
@@ -270,14 +270,13 @@ def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num
 
 
 class _FirstAndLast(nn.Module):
-  """`first` (a scanned block class of depth - 1 layers), then `last` (a block class): `stack`'s view of stacked
-  parameters split as {'first': layers[:-1], 'last': layers[-1]}."""
+  """`first` (depth - 1 scanned layers), then `last` (one layer), each a block constructor taking only its name:
+  `stack`'s view of stacked parameters split as {'first': layers[:-1], 'last': layers[-1]}."""
   first: Callable | None  # None for a stack of one
   last: Callable
-  block_kwargs: dict
 
   @nn.compact
   def __call__(self, x, *args):
     if self.first is not None:
-      x, _ = self.first(name='first', **self.block_kwargs)(x, *args)
+      x, _ = self.first(name='first')(x, *args)
     return self.last(name='last')(x, *args)[0]

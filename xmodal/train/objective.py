@@ -298,12 +298,12 @@ def _losses(module: XModal, batch: dict[str, jax.Array], rng: jax.Array, weights
   (text_tokens, text_emb), encoded = encoded[0], dict(zip(texts[1:], encoded[1:]))
   written = None  # the data's written negatives through the text tower, when a loss uses them
   if 'negative' in encoded:
-    written = WrittenNegatives(*encoded['negative'][:1], batch['negative_mask'], *encoded['negative'][1:],
-                               batch['negative_valid'].astype(bool))
+    tokens, emb = encoded['negative']
+    written = WrittenNegatives(tokens, batch['negative_mask'], emb, batch['negative_valid'].astype(bool))
   swaps = None  # the captions' relation swaps through the text tower, for ITM
   if 'relation' in encoded:
-    swaps = WrittenNegatives(*encoded['relation'][:1], batch['relation_mask'], *encoded['relation'][1:],
-                             batch['relation_valid'].astype(bool))
+    tokens, emb = encoded['relation']
+    swaps = WrittenNegatives(tokens, batch['relation_mask'], emb, batch['relation_valid'].astype(bool))
 
   if embedding_grads is None:
     contrastive, contrastive_metrics = _contrastive(module, image_emb, text_emb, ids, weights, step, teacher, queue,
@@ -365,15 +365,10 @@ def _encode_texts(module: XModal, texts: list[tuple[jax.Array, jax.Array]], plan
   """[(ids, mask) (B, L)] -> ([(tokens (B, L, Dt), emb (B, E))], whether the length buckets fit): the texts through
   the text tower as one batch, bucketed by length by `plan` (tokens are zero past a row's bucket)."""
   ids, mask = (jnp.concatenate(parts) for parts in zip(*texts))
-  encode = lambda mdl, mask, per_token, per_row, shared: _tokens_and_rows(mdl.encode_text(per_token[0], mask))
+  encode = lambda mdl, mask, per_token, per_row, shared: tuple([x] for x in mdl.encode_text(per_token[0], mask))
   ((tokens,), (emb,)), fits = buckets.apply_by_length(module, encode, mask, [ids], [], [], plan)
   bounds = [0] + list(itertools.accumulate(part[0].shape[0] for part in texts))
   return [(tokens[a:b], emb[a:b]) for a, b in zip(bounds, bounds[1:])], fits
-
-
-def _tokens_and_rows(encoded: tuple[jax.Array, jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-  tokens, emb = encoded
-  return [tokens], [emb]
 
 
 class Phrases(NamedTuple):
