@@ -13,7 +13,9 @@ Threads: torch.set_num_threads(the cores this process may use); XLA:CPU sizes it
 cores (no flag is set here). Both pools live in the one process, but each waits parked while the other side runs
 (every step ends in a barrier: block_until_ready, or eager torch returning), so they do not compete for the cores;
 one process makes both sides see the same load and the same memory state, which separate processes one after the
-other would not. What they share is the heap (glibc malloc) and the caches, one side's step after the other's.
+other would not. What they share is the heap (glibc malloc) and the caches, one side's step after the other's. The
+process re-executes itself with transparent huge pages for the heap, as the `xmodal` command does
+(xmodal/cli/huge_pages.py); torch's step takes the same time with or without them (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import config_args  # this folder, which Python puts on the path for a script
 import timing
 import torch_reference
+from xmodal.cli import huge_pages
 from xmodal.train import bench, optim
 
 
@@ -101,4 +104,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  huge_pages.reexec_with_huge_pages()  # as the `xmodal` command does, so that the step runs as users run it
   sys.exit(main())

@@ -34,6 +34,7 @@ import jax
 
 import config_args  # this folder, which Python puts on the path for a script
 import timing
+from xmodal.cli import huge_pages
 from xmodal.train import bench
 
 # Operations that only contain others (their bodies' operations are traced on their own).
@@ -219,4 +220,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  huge_pages.reexec_with_huge_pages()  # as the `xmodal` command does, so that the step runs as users run it
   sys.exit(main())

@@ -18,7 +18,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from xmodal.cli import bench, config as show_config, console, eval as evaluate, train
+from xmodal.cli import bench, config as show_config, console, eval as evaluate, huge_pages, train
 
 # The commands whose arguments this parser reads, in the order `xmodal --help` lists them.
 _COMMANDS = {'train': train, 'eval': evaluate, 'bench': bench, 'config': show_config}
@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  if argv is None:  # the process's own command line: it may start again with huge pages (not when called in-process)
+    huge_pages.reexec_with_huge_pages()
   argv = list(sys.argv[1:] if argv is None else argv)
   # Both are plain classes: catching them imports neither models nor TensorFlow (search stays light).
   from xmodal.data.faults import DataError  # pylint: disable=g-import-not-at-top
