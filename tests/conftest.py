@@ -1,10 +1,13 @@
-"""Test setup: 8 fake CPU devices, so that sharding is tested on every machine (set before jax is imported)."""
+"""Test setup: 8 fake CPU devices, so that sharding is tested on every machine (set before jax's backend starts)."""
 
 import os
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
-os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')  # read when jax is imported (helpers imports it)
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from helpers import xla_flags  # noqa: E402  # this folder; XLA_FLAGS is read when the backend starts, not at import
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags(8)).strip()
 # The pytest-xdist workers and the `xmodal` subprocesses start after this and inherit it: their heaps get the huge
 # pages that the `xmodal` command re-executes itself for (xmodal/cli/huge_pages.py; the suite ran about 5 % faster).
 from xmodal.cli import huge_pages  # noqa: E402  # imports neither jax nor the models

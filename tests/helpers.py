@@ -22,6 +22,14 @@ from xmodal.config.model import model_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # the repository root: configs/, launch/, README.md
 
 
+def xla_flags(devices: int) -> str:
+  """XLA_FLAGS of the test process and of its `xmodal` subprocesses: `devices` fake CPU devices, and XLA:CPU's own
+  kernels built by LLVM at -O1 rather than -O3. The suite mostly compiles small programs: -O1 ran it 20 % faster
+  (test_buckets + test_models on 2 workers, 279 -> 223 s). Not the framework's default: on the shapes step it saved
+  6 s of a 45 s compile and cost about 1.5 % per step; the matmuls are library calls either way."""
+  return f'--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=1'
+
+
 XMODAL = (sys.executable, '-m', 'xmodal.cli')  # the command line, run from ROOT, of the xmodal under test
 
 
@@ -29,7 +37,7 @@ def one_device_env(compile_cache: bool = True) -> dict:
   """The environment of an `xmodal` subprocess: one device, since on a 2-core machine the 8 fake devices of the test
   process would split each step eight ways. The suite's compilation cache comes with it (conftest.py) unless
   `compile_cache` is False, e.g. for a child under a file-size limit that a cache write would exceed."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   if not compile_cache:
     env.pop('JAX_COMPILATION_CACHE_DIR', None)
   return env

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 from xmodal import distributed
 from xmodal.train.checkpoint import Checkpointer
 
@@ -94,7 +94,7 @@ def two_process_run(tmp_path_factory):
   for pid in range(PROCESSES):
     env = dict(os.environ, XMODAL_COORDINATOR=f'127.0.0.1:{port}', XMODAL_NUM_PROCESSES=str(PROCESSES),
                XMODAL_PROCESS_ID=str(pid), JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={DEVICES_PER_PROCESS}')
+               XLA_FLAGS=xla_flags(DEVICES_PER_PROCESS))
     procs.append(subprocess.Popen([sys.executable, '-c', _WORKER, str(BATCH), str(DIM), str(workdir)], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
   outputs = []

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, logged_losses, micro_model_config, train_command
+from helpers import ROOT, logged_losses, micro_model_config, train_command, xla_flags
 from xmodal.config.defaults import base_config
 
 # Every test trains the micro model on shapes for a few steps, most of them in subprocesses.
@@ -127,12 +127,12 @@ def test_sigterm_mid_run_leaves_a_restorable_checkpoint(shapes_dir, tmp_path):
 
 def test_two_processes_give_the_losses_of_one(shapes_dir, tmp_path):
   single = tmp_path / 'single'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
   subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', *train_command(single, shapes_dir, 3)],
                  check=True, cwd=ROOT, env=env, timeout=600, capture_output=True)
   double = tmp_path / 'double'
   # local.sh starts `xmodal` from PATH: the one installed beside this interpreter.
-  env1 = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1',
+  env1 = dict(os.environ, XLA_FLAGS=xla_flags(1),
               PATH=f'{pathlib.Path(sys.executable).parent}:{os.environ["PATH"]}')
   result = subprocess.run(['bash', str(ROOT / 'launch' / 'local.sh'), '-n', '2', '-l', str(tmp_path / 'logs'), '--',
                            *train_command(double, shapes_dir, 3)], cwd=ROOT, env=env1, timeout=600,

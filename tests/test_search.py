@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 
 # The micro model reads 10 tokens, as it was trained on: the gallery's captions are cut on purpose; not reported.
 _CAPTIONS_CUT = pytest.mark.filterwarnings('ignore:query .* cut to the model')
@@ -60,7 +60,7 @@ def bundle(shapes, tmp_path_factory):
                # and ITM's negatives easy at first, so that re-ranking helps rather than shuffles the top 16.
                '--config.data.crop_scale=(1.0, 1.0)', '--config.model.pool=mean',
                '--config.model.vision.posemb_init=sincos2d', f'--config.loss.itm_hard_warmup_steps={TRAIN_STEPS}']
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   result = subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', '--config', str(ROOT / 'tests' /
                                                                                       'micro_config.py'),
                            '--workdir', str(workdir), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, xla_flags
 from test_export import exported, random_images, write_pngs  # noqa: F401  # exported: the micro bundle, a module fixture
 
 faiss = pytest.importorskip('faiss')
@@ -181,7 +181,7 @@ REOPEN = textwrap.dedent('''
 
 def reopen_and_search(bundle, folder):
   """Opens the Milvus gallery in a fresh process (nothing shared with this one but the files) and searches."""
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONPATH=str(ROOT))
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1), PYTHONPATH=str(ROOT))
   result = subprocess.run([sys.executable, '-c', REOPEN, str(bundle), str(folder), json.dumps(QUERIES)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]

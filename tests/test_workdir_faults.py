@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import ROOT, logged_losses, one_device_env, train_command
+from helpers import ROOT, logged_losses, one_device_env, train_command, xla_flags
 
 # Every test resumes a 4-step run in a subprocess (about half a minute each on two cores).
 pytestmark = pytest.mark.slow
@@ -89,7 +89,7 @@ def test_a_damaged_newest_checkpoint_falls_back_and_the_resume_gives_the_losses_
 def test_a_second_run_on_a_live_workdir_is_refused_naming_the_holder(workdir, shapes_dir):
   first = subprocess.Popen([sys.executable, '-m', 'xmodal.cli', 'train',
                             *_train_args(workdir, shapes_dir, steps=100000)],
-                           cwd=ROOT, env=dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1'),
+                           cwd=ROOT, env=dict(os.environ, XLA_FLAGS=xla_flags(1)),
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     lock = workdir / 'run.lock'
