@@ -6,7 +6,7 @@ Renders xmodal_shapes into tfds' data_dir on first use (no download; `--config.d
 for `train.steps` at batch 64, then prints ITC and ITC + ITM re-ranking recalls on the 1,000-image test split and
 the attribute-binding accuracy on test_hard, and draws WORKDIR/curves.png.
 
-Expected (2-core AMD EPYC, 14 min 34 s: 400 steps of 0.7 s without ITM, 400 of 1.0 s with it): ITC R@1 t2i 42.7,
+Expected (2-core AMD EPYC, 12 min 18 s: 400 steps of 0.57 s without ITM, 400 of 0.77 s with it): ITC R@1 t2i 42.7,
 i2t 41.3 (oracle 69.6 / 67.2); ITC+ITM 46.7 / 43.9; binding ITC 49.1, ITM 95.8 (a colour on the wrong object 96.2,
 only the relation wrong 95.5).
 docs/shapes_recipe.md has how the recipe was chosen.
@@ -17,7 +17,7 @@ Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; 
 from xmodal import config as config_lib
 from xmodal.config.defaults import base_config
 
-STEPS = 800  # with the evaluation: 15 minutes on README's 2-core CPU ("Shapes run"); ITM starts at STEPS // 2
+STEPS = 800  # with the evaluation: about 12 minutes on README's 2-core CPU ("Shapes run"); ITM starts at STEPS // 2
 
 
 def get_config(arg=None):
