@@ -12,7 +12,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + xla_flags(8))
 # pages that the `xmodal` command re-executes itself for (xmodal/cli/huge_pages.py; the suite ran about 5 % faster).
 from xmodal.cli import huge_pages  # noqa: E402  # imports neither jax nor the models
 
-_TUNABLES = huge_pages.tunables_with_huge_pages(os.environ, huge_pages.thp_mode(), huge_pages.glibc_version())
+_TUNABLES = huge_pages.tunables_here(os.environ)
 if _TUNABLES:
   os.environ['GLIBC_TUNABLES'] = _TUNABLES
 

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from helpers import ROOT
 from xmodal.cli import huge_pages
 
 _GLIBC = (2, 36)
@@ -43,10 +44,11 @@ def test_main_re_executes_only_as_the_process_entry(monkeypatch, capsys):
   from xmodal.cli import main as cli_main
   calls = []
   monkeypatch.setattr(huge_pages, 'reexec_with_huge_pages', lambda: calls.append(1))
-  monkeypatch.setattr(sys, 'argv', ['xmodal', 'config', '--config', 'configs/bench_cpu.py'])
+  config = str(ROOT / 'configs' / 'bench_cpu.py')
+  monkeypatch.setattr(sys, 'argv', ['xmodal', 'config', '--config', config])
   assert cli_main.main() == 0
   assert calls == [1]
-  assert cli_main.main(['config', '--config', 'configs/bench_cpu.py']) == 0  # called in-process: a test, a notebook
+  assert cli_main.main(['config', '--config', config]) == 0  # called in-process: a test, a notebook
   assert calls == [1]
   capsys.readouterr()
 
@@ -77,7 +79,7 @@ def _child(**env):
 
 
 def test_a_re_executed_process_has_the_tunable_and_far_fewer_page_faults():
-  applies = huge_pages.tunables_with_huge_pages({}, huge_pages.thp_mode(), huge_pages.glibc_version()) is not None
+  applies = huge_pages.tunables_here({}) is not None
   with_pages, without = _child(), _child(XMODAL_HUGE_PAGES='0')
   assert without['tunables'] is None
   if not applies:  # another kernel mode or C library: the process runs as it was started

@@ -57,15 +57,20 @@ def tunables_with_huge_pages(environ: Mapping[str, str], mode: str | None,
   return ':'.join(filter(None, (current, f'{TUNABLE}=1')))
 
 
+def tunables_here(environ: Mapping[str, str]) -> str | None:
+  """`tunables_with_huge_pages` for this machine's kernel and C library."""
+  if sys.platform != 'linux':
+    return None
+  return tunables_with_huge_pages(environ, thp_mode(), glibc_version())
+
+
 def reexec_with_huge_pages() -> None:
   """Replaces this process by the same command line with the tunable set; returns where it does not apply.
 
   Call it first thing in a program's entry point, before any thread starts or any output is written: the process
   image is replaced (same PID, same open files), so nothing done before survives.
   """
-  if sys.platform != 'linux':
-    return
-  tunables = tunables_with_huge_pages(os.environ, thp_mode(), glibc_version())
+  tunables = tunables_here(os.environ)
   if tunables is None:
     return
   sys.stdout.flush()
