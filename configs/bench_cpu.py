@@ -6,8 +6,8 @@
 128; vocabulary 4,096; text length 32; batch 64; float32 (~8M parameters). `mfu` in the last line is the step's model
 FLOP/s over a large jitted float32 matmul timed in the same run.
 
-Expected on the 2-core AMD EPYC: about 2.6 s/step, MFU 0.52-0.56 (docs/performance.md); eager PyTorch on the same
-model ran 1.5-1.6 s/step (the performance issue).
+Expected on the 2-core AMD EPYC (2026-12-05): about 1.4 s/step; eager PyTorch on the same model and step, in the same
+process, about 1.2 s (benchmarks/compare.py: xmodal at 0.86x; docs/performance.md, "Huge pages").
 """
 
 from xmodal import config as config_lib
