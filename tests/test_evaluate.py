@@ -72,11 +72,11 @@ def test_retrieval_metrics_count_ties_against_the_model():
 # Re-ranking.
 # ---------------------------------------------------------------------------------------------------------------
 
-def synthetic_match(text_tokens, text_mask, image_tokens):
+def synthetic_match(text_tokens, text_mask, image_tokens, image_index):
   """A pair-dependent score: masked mean text token . mean image token."""
   m = text_mask[..., None].astype(jnp.float32)
   text = jnp.sum(text_tokens * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
-  s = jnp.sum(text * jnp.mean(image_tokens, 1), -1)
+  s = jnp.sum(text * jnp.mean(image_tokens[image_index], 1), -1)
   return jnp.stack([-s, s], axis=-1)
 
 
@@ -87,7 +87,8 @@ def pairwise_rerank(match_one, image_tokens, text_tokens, text_mask, sim, k, sco
   t2i = np.full(sim.shape, -np.inf)
 
   def pair_score(i, j):
-    logit = float(match_one(text_tokens[j:j + 1], text_mask[j:j + 1], image_tokens[i:i + 1])[0, 1])
+    pair = (text_tokens[j:j + 1], text_mask[j:j + 1], image_tokens[i:i + 1], np.zeros(1, np.int32))
+    logit = float(match_one(*pair)[0, 1])
     itc = {'itm': 0.0, 'itm+itc': float(sim[i, j]), 'itm+itc_logit': float(sim[i, j]) / temperature}[score]
     return logit + itc
 
@@ -152,9 +153,31 @@ def test_rerank_matches_pairwise_loop_with_tiny_xmodal(tiny_model):
   rng = np.random.default_rng(2)
   embedded = evaluation.embed_dataset(model, variables, [random_batch(rng, model.spec, batch=6, captions=2)])
   sim = embedded.image_emb @ embedded.text_emb.T
-  match_one = jax.jit(lambda t, m, i: model.apply(variables, t, m, i, method=XModal.match))
+  # The reference: every pair alone, at full text length, its image's keys and values its own.
+  match_one = jax.jit(lambda t, m, i, _: model.apply(variables, t, m, i, method=XModal.match))
   check_rerank(evaluation.match_fn_for(model, variables), match_one, embedded.image_tokens, embedded.text_tokens,
                embedded.text_mask, sim, embedded.text_to_image, k=3, chunk_size=8, score='itm', atol=1e-4)
+
+
+@pytest.mark.slow  # initialises the tiny model (session fixture) and compiles its towers
+def test_pairs_at_their_text_length_with_shared_images_equal_full_length_pairs_with_tiny_xmodal(tiny_model):
+  model, variables = tiny_model
+  rng = np.random.default_rng(6)
+  num_images, num_texts, length = 5, 12, 24
+  text_mask = (np.arange(length) < rng.integers(2, length + 1, num_texts)[:, None]).astype(np.int32)
+  ids = rng.integers(1, model.spec.text.vocab_size, (num_texts, length)).astype(np.int32) * text_mask
+  text_tokens, _ = model.apply(variables, ids, text_mask, method=XModal.encode_text)
+  images = rng.normal(size=(num_images, model.spec.image_size, model.spec.image_size, 3)).astype(np.float32)
+  image_tokens, _ = model.apply(variables, images, method=XModal.encode_image)
+  text_idx, image_idx = rng.integers(0, num_texts, 40), rng.integers(0, num_images, 40)
+  got = evaluation.score_pairs(evaluation.match_fn_for(model, variables), text_tokens, text_mask, image_tokens,
+                               text_idx, image_idx, chunk_size=8)
+  # The reference: every pair alone, at full length, its image's keys and values its own.
+  match_one = jax.jit(lambda t, m, i: model.apply(variables, t, m, i, method=XModal.match))
+  want = [match_one(text_tokens[t:t + 1], text_mask[t:t + 1], image_tokens[i:i + 1])[0, 1]
+          for t, i in zip(text_idx, image_idx)]
+  assert len(set(evaluation.rerank.text_lengths(text_mask).tolist())) == 3  # three lengths: 8, 16 and 24
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 def perfect_itm_gallery(rng, num_images):
@@ -167,8 +190,8 @@ def perfect_itm_gallery(rng, num_images):
   return t2i, image_tokens, text_tokens, text_mask, sim
 
 
-def perfect_match(text_tokens, text_mask, image_tokens):
-  s = jnp.where(text_tokens[:, 0, 0] == image_tokens[:, 0, 0], 10.0, -10.0)
+def perfect_match(text_tokens, text_mask, image_tokens, image_index):
+  s = jnp.where(text_tokens[:, 0, 0] == image_tokens[image_index, 0, 0], 10.0, -10.0)
   return jnp.stack([-s, s], axis=-1)
 
 
@@ -183,19 +206,44 @@ def test_rerank_with_perfect_itm_over_all_candidates_ranks_perfectly():
     assert all(v == 100.0 for v in metrics.values()), (score, metrics)
 
 
-def test_fusion_chunks_compile_once_for_two_gallery_sizes():
+def test_fusion_chunks_compile_per_chunk_shape_not_per_gallery():
   traces = []
 
   @jax.jit
-  def counting_match(text_tokens, text_mask, image_tokens):
-    traces.append(text_tokens.shape)  # runs only when jit traces, i.e. compiles
-    return perfect_match(text_tokens, text_mask, image_tokens)
+  def counting_match(text_tokens, text_mask, image_tokens, image_index):
+    traces.append((text_tokens.shape, image_tokens.shape))  # runs only when jit traces, i.e. compiles
+    return perfect_match(text_tokens, text_mask, image_tokens, image_index)
 
   rng = np.random.default_rng(4)
-  for num_images in (7, 19):
+  for num_images in (7, 19, 23, 31):
     t2i, image_tokens, text_tokens, text_mask, sim = perfect_itm_gallery(rng, num_images)
     evaluation.rerank.rerank(counting_match, image_tokens, text_tokens, text_mask, sim, k=5, chunk_size=16)
-  assert traces == [(16, 4, 2)]
+  # 16 pairs of texts at their length (4), and image slots that round up to a power of two: a handful of programs
+  # for any number of galleries.
+  assert {text for text, _ in traces} == {(16, 4, 2)}
+  slots = [images[0] for _, images in traces]
+  assert all(m in (1, 2, 4, 8, 16) for m in slots) and len(traces) < 4, traces
+
+
+def test_chunks_hold_one_text_length_and_few_images_and_every_pair_once():
+  rng = np.random.default_rng(5)
+  mask = np.zeros((40, 24), np.int32)
+  for row, length in enumerate(rng.integers(1, 25, 40)):
+    mask[row, :length] = 1
+  mask[3, 5] = 0  # a hole: the length is where the mask ends
+  lengths = evaluation.rerank.text_lengths(mask)
+  np.testing.assert_array_equal(lengths, [min(24, -(-(np.flatnonzero(r).max() + 1) // 8) * 8) for r in mask])
+  assert set(lengths.tolist()) == {8, 16, 24}
+  text_idx = rng.integers(0, 40, 300)
+  image_idx = np.sort(rng.integers(0, 30, 300))  # many pairs per image, as a top-k's are
+  chunks = evaluation.rerank._plan_chunks(text_idx, image_idx, lengths, chunk_size=32)
+  np.testing.assert_array_equal(np.sort(np.concatenate([c.pairs for c in chunks])), np.arange(300))
+  for c in chunks:
+    assert c.text_rows.shape == c.image_index.shape == (32,) and c.images.shape == chunks[0].images.shape
+    np.testing.assert_array_equal(c.text_rows[:c.pairs.size], text_idx[c.pairs])
+    np.testing.assert_array_equal(c.images[c.image_index[:c.pairs.size]], image_idx[c.pairs])
+    assert set(lengths[c.text_rows].tolist()) == {c.length}
+  assert chunks[0].images.shape[0] < 32  # pairs sorted by image share slots
 
 
 def test_top_k_is_best_first_with_ties_by_index_along_either_axis_and_across_row_blocks():
@@ -271,7 +319,7 @@ def test_binding_accuracy_matches_hand_computation():
   with pytest.raises(ValueError, match='3 binding kinds for 4 images'):
     evaluation.binding_accuracy(jax.jit(perfect_match), dataclasses.replace(binding, kinds=np.array(['a'] * 3)))
   # An ITM that answers the same for every pair: spread 0, and every pair a tie, so accuracy 0, not 50.
-  constant = jax.jit(lambda text_tokens, text_mask, image_tokens: jnp.zeros((text_tokens.shape[0], 2)))
+  constant = jax.jit(lambda text_tokens, *_: jnp.zeros((text_tokens.shape[0], 2)))
   assert evaluation.binding_accuracy(constant, binding, chunk_size=3) == pytest.approx({
       'itc': 50.0, 'itm': 0.0, 'count': 4, 'itm_spread': 0.0})
 

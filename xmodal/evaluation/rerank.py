@@ -13,7 +13,7 @@ Score variants ('itm_score' in the config):
              t2i R@1 that this score gains (docs/shapes_recipe.md, "Re-ranking by both logits").
 
 Pairs come from both directions (image queries over texts, text queries over images); a pair in both top-k sets is
-scored once. Image and text tokens are computed once per item (`embed.embed_dataset`) and gathered per pair.
+scored once. Image and text tokens are computed once per item (`embed.embed_dataset`) and gathered per chunk.
 
 Search re-ranks too (`xmodal.inference.ranking.rank`), and the two share their top-k (`ranking.top_k`) but not the
 re-ranking: search returns each query's hit list, its unscored candidates following by ITC, from a bundle's functions
@@ -24,6 +24,7 @@ once for both directions by the jitted model on the device.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 from typing import Callable
 
@@ -36,8 +37,9 @@ from xmodal.models.model import XModal
 
 ITM_SCORES = ('itm', 'itm+itc', 'itm+itc_logit')
 
-# (text tokens (P, L, Dt), text mask (P, L), image tokens (P, N, Dv)) -> match logits (P, 2).
-MatchFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# (text tokens (P, L, Dt), text mask (P, L), image tokens (M, N, Dv), image index (P,) int) -> match logits (P, 2):
+# text i is paired with image `image_index[i]` of the M, whose keys and values the fusion encoder projects once.
+MatchFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 
 # (pairs scored so far, pairs to score): called as each chunk's logits reach the host, e.g. to move a progress bar.
 Progress = Callable[[int, int], None]
@@ -46,6 +48,9 @@ Progress = Callable[[int, int], None]
 # reported as chunks finish (a CPU backend runs a chunk within the dispatch) and that pending outputs stay few.
 _IN_FLIGHT = 8
 
+# Texts are cut to their length rounded up to a multiple of this: few lengths, so few compiled programs.
+LENGTH_MULTIPLE = 8
+
 
 def match_fn_for(model: XModal, variables) -> MatchFn:
   """The jitted match function of a model, with the parameters as an argument (not baked into the program).
@@ -53,65 +58,117 @@ def match_fn_for(model: XModal, variables) -> MatchFn:
   Calls with the same chunk shape share one compilation, whatever gallery the chunks come from.
   """
   apply = _jitted_match(model)
-  return lambda text_tokens, text_mask, image_tokens: apply(variables, text_tokens, text_mask, image_tokens)
+  return lambda text_tokens, text_mask, image_tokens, image_index: apply(variables, text_tokens, text_mask,
+                                                                          image_tokens, image_index)
 
 
 @functools.lru_cache(maxsize=4)
 def _jitted_match(model: XModal):
   # One jitted function per model (modules hash by their fields): a run that evaluates every N steps compiles once.
-  return jax.jit(lambda v, t, m, i: model.apply(v, t, m, i, method=XModal.match))
+  return jax.jit(lambda v, t, m, i, index: model.apply(v, t, m, i, image_index=index, method=XModal.match))
 
 
-@jax.jit
-def _gather_pairs(text_tokens, text_mask, image_tokens, text_idx, image_idx):
-  # Compiled once per gallery shape; it only gathers, so the fusion encoder's program stays gallery-independent.
-  return text_tokens[text_idx], text_mask[text_idx], image_tokens[image_idx]
+@functools.partial(jax.jit, static_argnames='length')
+def _gather_chunk(text_tokens, text_mask, image_tokens, text_rows, images, *, length: int):
+  # Compiled once per gallery shape and length; it only gathers, so the fusion encoder's program stays
+  # gallery-independent.
+  return text_tokens[text_rows, :length], text_mask[text_rows, :length], image_tokens[images]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  length: int  # the texts' tokens kept: every text of the chunk is masked out beyond it
+  text_rows: np.ndarray  # (chunk_size,) int32, rows of the text table
+  images: np.ndarray  # (image_slots,) int32, rows of the image table
+  image_index: np.ndarray  # (chunk_size,) int32, each pair's slot in `images`
+  pairs: np.ndarray  # (P,) int, which of the caller's pairs the chunk's first P rows score
+
+
+def text_lengths(text_mask: np.ndarray, multiple: int = LENGTH_MULTIPLE) -> np.ndarray:
+  """(T, L) mask -> (T,) int: each text's last unmasked position + 1, rounded up to `multiple` and at most L."""
+  mask = np.asarray(text_mask) != 0
+  full = mask.shape[1]
+  last = np.where(mask.any(axis=1), full - np.argmax(mask[:, ::-1], axis=1), 1)
+  return np.minimum(-(-last // multiple) * multiple, full)
+
+
+def _plan_chunks(text_idx: np.ndarray, image_idx: np.ndarray, lengths: np.ndarray, chunk_size: int) -> list[_Chunk]:
+  """The pairs in chunks of `chunk_size` that share a text length and, sorted by image, few images.
+
+  Every chunk has the same number of image slots: a power of two that holds the most images any chunk needs, so that
+  the fusion encoder compiles once per length whatever the gallery (padding repeats the chunk's last pair).
+  """
+  pair_lengths = lengths[text_idx]
+  order = np.lexsort((text_idx, image_idx, pair_lengths))  # by length, then image, then text
+  plans = []
+  for length in np.unique(pair_lengths):
+    group = order[pair_lengths[order] == length]
+    for start in range(0, group.size, chunk_size):
+      pairs = group[start:start + chunk_size]
+      images, index = np.unique(image_idx[pairs], return_inverse=True)
+      plans.append((int(length), pairs, images, index))
+  slots = min(chunk_size, 1 << (max(images.size for _, _, images, _ in plans) - 1).bit_length())
+  chunks = []
+  for length, pairs, images, index in plans:
+    pad = chunk_size - pairs.size
+    chunks.append(_Chunk(length, np.pad(text_idx[pairs], (0, pad), mode='edge'),
+                         np.pad(images, (0, slots - images.size), mode='edge'),
+                         np.pad(index, (0, pad), mode='edge').astype(np.int32), pairs))
+  return chunks
 
 
 def score_pairs(match_fn: MatchFn, text_tokens, text_mask, image_tokens, text_idx: np.ndarray,
                 image_idx: np.ndarray, chunk_size: int = 256, progress: Progress | None = None) -> np.ndarray:
   """ITM match logits (class 1) of (text, image) pairs, run in chunks of exactly `chunk_size` pairs.
 
+  The fusion encoder does only the work each pair needs: a chunk holds texts of one length (`text_lengths`: the
+  tokens past a text's mask change nothing but the arithmetic's order), cut to it, and pairs sorted by image, whose
+  keys and values it projects once per image rather than once per pair.
+
   Args:
-    match_fn: see `MatchFn`; pass a jitted function (`match_fn_for`) so that each chunk reuses one compilation.
+    match_fn: see `MatchFn`; pass a jitted function (`match_fn_for`) so that each chunk shape compiles once.
     text_tokens: (num_texts, L, Dt) from the text tower, on host or device.
     text_mask: (num_texts, L).
     image_tokens: (num_images, N, Dv) from the image tower.
     text_idx: (P,) int, the text of each pair.
     image_idx: (P,) int, the image of each pair.
-    chunk_size: pairs per fusion call; the last chunk is padded with pair (0, 0) and its padding dropped.
+    chunk_size: pairs per fusion call; a group's last chunk is padded and its padding dropped.
     progress: optional; see `Progress`.
 
   Returns:
-    (P,) float32 match logits.
+    (P,) float32 match logits, in the order of the pairs given.
   """
   text_idx = np.asarray(text_idx, np.int32)
   image_idx = np.asarray(image_idx, np.int32)
   num_pairs = text_idx.shape[0]
   if num_pairs == 0:
     return np.zeros((0,), np.float32)
-  pad = -num_pairs % chunk_size
-  text_idx = np.pad(text_idx, (0, pad)).reshape(-1, chunk_size)
-  image_idx = np.pad(image_idx, (0, pad)).reshape(-1, chunk_size)
+  chunks = _plan_chunks(text_idx, image_idx, text_lengths(text_mask), chunk_size)
   # Moved to the device once; every chunk then gathers there (a no-op if they already live on the device).
   text_tokens, text_mask, image_tokens = map(jnp.asarray, (text_tokens, text_mask, image_tokens))
-  pending, logits = collections.deque(), []
+  logits = np.empty((num_pairs,), np.float32)
+  pending, scored = collections.deque(), 0
 
   def read_oldest():
-    logits.append(np.asarray(pending.popleft(), np.float32)[:, 1])
+    nonlocal scored
+    chunk, chunk_logits = pending.popleft()
+    logits[chunk.pairs] = np.asarray(chunk_logits, np.float32)[:chunk.pairs.size, 1]
+    scored += chunk.pairs.size
     if progress is not None:
-      progress(min(len(logits) * chunk_size, num_pairs), num_pairs)
+      progress(scored, num_pairs)
 
   if progress is not None:
     progress(0, num_pairs)
-  for t, i in zip(text_idx, image_idx):
+  for chunk in chunks:
+    texts, mask, images = _gather_chunk(text_tokens, text_mask, image_tokens, chunk.text_rows, chunk.images,
+                                        length=chunk.length)
     # Dispatched asynchronously and read back _IN_FLIGHT chunks later: the host never waits on the chunk it just sent.
-    pending.append(match_fn(*_gather_pairs(text_tokens, text_mask, image_tokens, t, i)))
+    pending.append((chunk, match_fn(texts, mask, images, chunk.image_index)))
     if len(pending) > _IN_FLIGHT:
       read_oldest()
   while pending:
     read_oldest()
-  return np.concatenate(logits)[:num_pairs]
+  return logits
 
 
 def rerank(match_fn: MatchFn, image_tokens, text_tokens, text_mask, sim: np.ndarray, k: int, chunk_size: int = 256,

@@ -95,7 +95,7 @@ def evaluate_retrieval(embedded: Embedded, match_fn: MatchFn, *, k: int = 256, c
 
   Args:
     embedded: the split from `embed_dataset`.
-    match_fn: jitted (text tokens, text mask, image tokens) -> logits (P, 2), e.g. `match_fn_for(model, variables)`.
+    match_fn: see `rerank.MatchFn`, e.g. `match_fn_for(model, variables)`.
     k: candidates re-ranked per query (ALBEF: 128 Flickr30K, 256 COCO); 0 = no re-ranking (ITC only).
     chunk_size: (text, image) pairs per fusion call.
     score: the re-ranking score, one of `ITM_SCORES`.
