@@ -6,8 +6,10 @@
 128; vocabulary 4,096; text length 32; batch 64; float32 (~8M parameters). `mfu` in the last line is the step's model
 FLOP/s over a large jitted float32 matmul timed in the same run.
 
-Expected on the 2-core AMD EPYC (2026-12-05): about 1.4 s/step; eager PyTorch on the same model and step, in the same
-process, about 1.2 s (benchmarks/compare.py: xmodal at 0.86x; docs/performance.md, "Huge pages").
+Expected on a 2-core AMD EPYC with AVX-512 (2026-12-05, evening): about 0.59 s/step; eager PyTorch on the same model
+and step, in the same process, about 0.83 s (benchmarks/compare.py: xmodal at 1.41x). On an older 2-core EPYC, 1.4
+against 1.2 s (0.86x): the ratio follows the two libraries' matmuls on the machine (docs/performance.md, "Another
+machine").
 """
 
 from xmodal import config as config_lib

@@ -6,9 +6,9 @@ Renders xmodal_shapes into tfds' data_dir on first use (no download; `--config.d
 for `train.steps` at batch 64, then prints ITC and ITC + ITM re-ranking recalls on the 1,000-image test split and
 the attribute-binding accuracy on test_hard, and draws WORKDIR/curves.png.
 
-Expected (2-core AMD EPYC, 12 min 18 s: 400 steps of 0.57 s without ITM, 400 of 0.77 s with it): ITC R@1 t2i 42.7,
-i2t 41.3 (oracle 69.6 / 67.2); ITC+ITM 46.7 / 43.9; binding ITC 49.1, ITM 95.8 (a colour on the wrong object 96.2,
-only the relation wrong 95.5).
+Expected (2-core AMD EPYC with AVX-512, 6 min 2 s: 400 steps of 0.27 s without ITM, 400 of 0.42 s with it): ITC R@1
+t2i 43.2, i2t 40.1 (oracle 69.6 / 67.2); ITC+ITM 47.1 / 44.9; binding ITC 48.9, ITM 86.8 (a colour on the wrong object
+88.2, only the relation wrong 85.9). An older EPYC rounds differently: 12 min 18 s, ITC+ITM t2i 46.7, binding 95.8.
 docs/shapes_recipe.md has how the recipe was chosen.
 
 Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; steps — training steps.
@@ -17,7 +17,7 @@ Arguments (`configs/shapes.py:size=tiny,steps=800`): size — the model preset; 
 from xmodal import config as config_lib
 from xmodal.config.defaults import base_config
 
-STEPS = 800  # with the evaluation: about 12 minutes on README's 2-core CPU ("Shapes run"); ITM starts at STEPS // 2
+STEPS = 800  # with the evaluation: 6 to 12 minutes on a 2-core CPU (README, "Shapes run"); ITM starts at STEPS // 2
 
 
 def get_config(arg=None):
