@@ -230,12 +230,12 @@ def test_chunks_hold_one_text_length_and_few_images_and_every_pair_once():
   mask = np.zeros((40, 24), np.int32)
   for row, length in enumerate(rng.integers(1, 25, 40)):
     mask[row, :length] = 1
-  mask[3, 5] = 0  # a hole: the length is where the mask ends
+  mask[3, :20], mask[3, 5] = 1, 0  # a hole: the length is where the mask ends (20 tokens -> 24)
   lengths = evaluation.rerank.text_lengths(mask)
   np.testing.assert_array_equal(lengths, [min(24, -(-(np.flatnonzero(r).max() + 1) // 8) * 8) for r in mask])
   assert set(lengths.tolist()) == {8, 16, 24}
   text_idx = rng.integers(0, 40, 300)
-  image_idx = np.sort(rng.integers(0, 30, 300))  # many pairs per image, as a top-k's are
+  image_idx = rng.integers(0, 30, 300)  # ten pairs per image, as a top-k has several, in no order
   chunks = evaluation.rerank._plan_chunks(text_idx, image_idx, lengths, chunk_size=32)
   np.testing.assert_array_equal(np.sort(np.concatenate([c.pairs for c in chunks])), np.arange(300))
   for c in chunks:
@@ -243,7 +243,7 @@ def test_chunks_hold_one_text_length_and_few_images_and_every_pair_once():
     np.testing.assert_array_equal(c.text_rows[:c.pairs.size], text_idx[c.pairs])
     np.testing.assert_array_equal(c.images[c.image_index[:c.pairs.size]], image_idx[c.pairs])
     assert set(lengths[c.text_rows].tolist()) == {c.length}
-  assert chunks[0].images.shape[0] < 32  # pairs sorted by image share slots
+  assert lengths[3] == 24 and chunks[0].images.shape[0] < 32  # pairs sorted by image share slots
 
 
 def test_top_k_is_best_first_with_ties_by_index_along_either_axis_and_across_row_blocks():
