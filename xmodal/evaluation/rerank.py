@@ -57,9 +57,7 @@ def match_fn_for(model: XModal, variables) -> MatchFn:
 
   Calls with the same chunk shape share one compilation, whatever gallery the chunks come from.
   """
-  apply = _jitted_match(model)
-  return lambda text_tokens, text_mask, image_tokens, image_index: apply(variables, text_tokens, text_mask,
-                                                                          image_tokens, image_index)
+  return functools.partial(_jitted_match(model), variables)
 
 
 @functools.lru_cache(maxsize=4)
