@@ -429,6 +429,28 @@ def test_a_match_computes_the_last_fusion_layer_for_cls_alone_and_gets_the_full_
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6), *grads)
 
 
+@pytest.mark.slow  # compiles the micro fusion encoder four times
+@pytest.mark.parametrize('scan', [True, False])
+def test_a_match_on_each_images_kept_keys_and_values_equals_the_match_on_its_tokens(scan):
+  """What a search index keeps per image (every cross-attention's keys and values, the Locator's included) scores
+  as the image tokens do, pair by pair and with pairs naming their images by index."""
+  cfg = micro_model_config()
+  cfg.update(fusion_depth=3, fusion_word_window=2, fusion_locator=True, scan_layers=scan)
+  model = build(cfg)
+  variables = {'params': nn.unbox(model.init(jax.random.key(0), *dummy_inputs(model.spec))['params'])}
+  rng = np.random.default_rng(0)
+  text = jnp.asarray(rng.normal(size=(6, 12, 32)), jnp.float32)
+  mask = jnp.asarray(np.arange(12)[None] < np.array([[3], [5], [12], [7], [2], [9]]))
+  images, index = jnp.asarray(rng.normal(size=(3, 17, 32)), jnp.float32), jnp.array([0, 1, 2, 0, 1, 2])
+  keys_values = model.apply(variables, images, method=XModal.image_keys_values)
+  assert keys_values.shape == (3, 4, 17, 2, 2, 16)  # (images, Locator + 3 layers, tokens, k and v, heads, head dim)
+  match = jax.jit(lambda *args, **kwargs: model.apply(variables, *args, **kwargs, method=XModal.match))
+  np.testing.assert_allclose(match(text, mask, None, image_index=index, keys_values=keys_values),
+                             match(text, mask, images, image_index=index), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(match(text, mask, None, keys_values=keys_values[index]),
+                             match(text, mask, images[index]), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 7, 5, 2)])
 def test_the_strided_conv_is_a_3x3_stride_2_same_convolution(shape):
   """Against a loop over output pixels (TensorFlow's 'SAME': the odd padding pixel after) and nn.Conv's

@@ -56,11 +56,13 @@ class Locator(nn.Module):
   dtype: jnp.dtype = jnp.float32
   impl: str = 'xla'
   init: str = 'bert'
+  kv_projected: bool = False  # image_tokens are the layer's keys and values (`image_keys_values`)
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask, image_index=None) -> jax.Array:
     x, _ = layers.FusionBlock(self.heads, self.mlp_dim, self.eps, self.dtype, self.impl, self.init, where=True,
-                              name='layer')(x, mask, image_tokens, image_mask, image_index)
+                              kv_projected=self.kv_projected, name='layer')(x, mask, image_tokens, image_mask,
+                                                                            image_index)
     return nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32, name='head',
                     kernel_init=layers.with_names(layers.kernel_init(self.init), 'embed', None),
                     bias_init=layers.with_names(nn.initializers.zeros, None))(x.astype(jnp.float32))
@@ -84,19 +86,23 @@ class FusionEncoder(nn.Module):
   locator: bool = False
 
   @nn.compact
-  def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
+  def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array | None,
                image_mask: jax.Array | None = None, image_index: jax.Array | None = None, *,
-               locate_only: bool = False, cls_only: bool = False) -> jax.Array:
+               locate_only: bool = False, cls_only: bool = False, keys_values: jax.Array | None = None) -> jax.Array:
     """`image_index` (B,) int: text row i reads image `image_index[i]` of `image_tokens` (M, N, Dv), whose keys and
     values each layer projects once per image rather than once per row (ITM's negatives reuse the batch's images).
     `locate_only`: return the Locator's positions (B, L, 2) instead of the fused tokens (needs `locator`).
-    `cls_only`: return the fused [CLS] alone (B, 1, Dt): the last layer computes no other token."""
+    `cls_only`: return the fused [CLS] alone (B, 1, Dt): the last layer computes no other token.
+    `keys_values` (C, B or M, N, 2, H, Dh) from `image_keys_values`, in place of `image_tokens` (None): every
+    cross-attention reads its layer's keys and values as given instead of projecting the image's tokens."""
     if self.word_window > 0:
       text_tokens = WordWindow(self.word_window, self.layer_norm_eps, self.dtype, self.init, name='word_window')(
           text_tokens.astype(self.dtype), text_mask)
+    projected = keys_values is not None
+    image = keys_values if projected else image_tokens.astype(self.dtype)
     if image_mask is None:
-      image_mask = jnp.ones(image_tokens.shape[:2], bool)
-    broadcast = [text_mask.astype(bool), image_tokens.astype(self.dtype), image_mask.astype(bool)]
+      image_mask = jnp.ones(image.shape[1:3] if projected else image.shape[:2], bool)
+    broadcast = [text_mask.astype(bool), image, image_mask.astype(bool)]
     if image_index is not None:
       broadcast[2] = jnp.take(broadcast[2], image_index, axis=0)  # the mask is per text row
       broadcast.append(image_index)
@@ -105,9 +111,12 @@ class FusionEncoder(nn.Module):
       # The Locator reads the words and the image behind a stop-gradient: the locate loss trains the Locator alone,
       # not the towers and word window that ITM's colour binding rests on (colours 74 -> 81 % on validation_hard;
       # shapes_recipe.md, "Grounded captions").
-      reads = (jax.lax.stop_gradient(text_tokens), broadcast[0], jax.lax.stop_gradient(broadcast[1]), *broadcast[2:])
+      # With keys and values given, the Locator's layer reads the first of them, the fusion layers the rest.
+      locator_image = broadcast[1][0] if projected else broadcast[1]
+      broadcast[1] = broadcast[1][1:] if projected else broadcast[1]
+      reads = (jax.lax.stop_gradient(text_tokens), broadcast[0], jax.lax.stop_gradient(locator_image), *broadcast[2:])
       positions = Locator(self.heads, self.mlp_dim, self.layer_norm_eps, self.dtype, self.attention, self.init,
-                          name='locator')(*reads)
+                          kv_projected=projected, name='locator')(*reads)
       if locate_only:
         return positions
       # The place enters as an input trained by the locate loss alone: with ITM's gradient in it too, the relation
@@ -120,7 +129,28 @@ class FusionEncoder(nn.Module):
     apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat,
                          num_broadcast=len(broadcast), heads=self.heads, mlp_dim=self.mlp_dim,
                          eps=self.layer_norm_eps, dtype=self.dtype, impl=self.attention, init=self.init,
-                         where=self.locator,
+                         where=self.locator, kv_projected=projected, per_layer_args=(1,) if projected else (),
                          # Init creates the stacked parameters the [CLS]-only view splits.
                          last_queries=1 if cls_only and not self.is_initializing() else 0)
     return apply(text_tokens, *broadcast)
+
+
+def image_keys_values(params, image_tokens: jax.Array, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+  """A fusion encoder's parameters and image tokens (M, N, Dv) -> (C, M, N, 2, H, Dh): the keys and values every
+  cross-attention projects from the image (the Locator's layer first, if any, then the `depth` layers), which
+  `FusionEncoder(..., keys_values=)` reads instead of the tokens. They depend on the image alone: a search index can
+  keep them, so that re-ranking a candidate projects only its text.
+
+  Each layer's own `Projection` computes them, from the parameters where `FusionEncoder` keeps them: 'locator/layer'
+  and 'layers' (stacked on a leading axis when scanned, else 'layers_0', 'layers_1', ...), each at 'cross_attn/kv'.
+  """
+  kv = lambda block: block['cross_attn']['kv']
+  one = lambda block: jax.tree.map(lambda p: p[None], kv(block))  # one layer's, on a leading layer axis
+  stacked = [one(params['locator']['layer'])] if 'locator' in params else []
+  stacked += [kv(params['layers'])] if 'layers' in params else [
+      one(params[f'layers_{i}']) for i in range(len(params)) if f'layers_{i}' in params]
+  stacked = jax.tree.map(lambda *p: jnp.concatenate(p), *stacked)
+  # parent=None: a module of its own, applied to the given parameters, not a new child of a calling module.
+  projection = layers.Projection(stacked['kernel'].shape[2:], (None,) * (stacked['kernel'].ndim - 2), dtype=dtype,
+                                 parent=None)
+  return jax.vmap(lambda p: projection.apply({'params': p}, image_tokens))(stacked)

@@ -96,12 +96,14 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
-               kv_index: jax.Array | None = None, queries: int = 0) -> jax.Array:
+               kv_index: jax.Array | None = None, queries: int = 0, kv_projected: bool = False) -> jax.Array:
     """x (B, Lq, D), mask (B, Lk) bool, kv (B, Lk, Dkv) or None -> (B, Lq, D).
 
     With `kv_index` (B,) int, `kv` holds (M, Lk, Dkv) distinct inputs and query row i reads `kv[kv_index[i]]`: keys
     and values are projected once per distinct input and gathered, not once per query row. With `queries` > 0
     (self-attention), only the first `queries` tokens ask: -> (B, queries, D), every token still a key and value.
+    With `kv_projected`, `kv` holds this layer's keys and values already projected, (B or M, Lk, 2, H, Dh) as
+    `fusion.image_keys_values` computes them: a search index keeps them per image, so only the queries are projected.
     """
     width = x.shape[-1]
     head_dim = width // self.heads
@@ -114,8 +116,8 @@ class Attention(nn.Module):
         q = q[:, :queries]
     else:
       q = Projection((self.heads, head_dim), ('heads', 'kv'), dtype=self.dtype, init=self.init, name='query')(x)
-      kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
-                           name='kv')(kv)
+      kv_proj = kv.astype(self.dtype) if kv_projected else Projection(
+          (2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init, name='kv')(kv)
       if kv_index is not None:
         kv_proj = gather.take_rows(kv_proj, kv_index)
       k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
@@ -213,6 +215,7 @@ class FusionBlock(nn.Module):
   # > 0: only the first `queries` tokens come out (-> (B, queries, D)), every token still read by self-attention.
   # The last layer of a match needs only [CLS]: its other tokens' queries, cross-attention and MLP are not computed.
   queries: int = 0
+  kv_projected: bool = False  # image_tokens are this layer's keys and values (`Attention`'s kv_projected)
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask, image_index=None):
@@ -221,7 +224,7 @@ class FusionBlock(nn.Module):
     kept = x[:, :self.queries] if self.queries else x
     x = LayerNorm(self.eps, self.dtype, name='ln1')(kept + attn(x, mask, queries=self.queries))
     cross = Attention(self.heads, self.dtype, self.impl, self.init, self.where, name='cross_attn')(
-        x, image_mask, kv=image_tokens, kv_index=image_index)
+        x, image_mask, kv=image_tokens, kv_index=image_index, kv_projected=self.kv_projected)
     x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)
     x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, self.init, name='mlp')(x))
     return constrain(x, 'batch', 'length', 'embed'), None
@@ -236,26 +239,31 @@ REMAT_POLICIES = ('none', *_REMAT_CHECKPOINT_POLICIES)  # the values of `model.r
 
 
 def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num_broadcast: int = 1,
-          name: str = 'layers', last_queries: int = 0, **block_kwargs) -> Callable:
+          name: str = 'layers', last_queries: int = 0, per_layer_args: tuple[int, ...] = (),
+          **block_kwargs) -> Callable:
   """Returns `f(x, *broadcast_args) -> x` applying `depth` copies of `block_cls`.
 
   With `scan`, one block is traced and its parameters are stacked on a leading 'layers' axis (compile time flat in
   depth); without, the blocks are `name_0 ... name_{depth-1}`. `remat` picks what the backward pass may keep.
   `last_queries` > 0: the last block is built with `queries=last_queries` (FusionBlock: only the first tokens come
-  out), from the same parameters.
+  out), from the same parameters. `per_layer_args`: positions among the `num_broadcast` arguments that hold one slice
+  per layer on a leading (depth, ...) axis, layer i reading `arg[i]` (e.g. keys and values projected ahead of time).
   """
   if remat != 'none':
     block_cls = nn.remat(block_cls, policy=_REMAT_CHECKPOINT_POLICIES[remat], prevent_cse=not scan)
+  in_axes = tuple(0 if i in per_layer_args else nn.broadcast for i in range(num_broadcast))
   scanned = functools.partial(nn.scan, block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
-                              in_axes=(nn.broadcast,) * num_broadcast, metadata_params={nn.PARTITION_NAME: 'layers'})
+                              in_axes=in_axes, metadata_params={nn.PARTITION_NAME: 'layers'})
+  layer_args = lambda args, layer: tuple(a[layer] if i in per_layer_args else a for i, a in enumerate(args))
   if scan and last_queries:
     # The stacked parameters seen as the first depth - 1 layers, scanned, and the last one on its own.
     split = lambda variables: {
         collection: {'first': jax.tree.map(lambda p: p[:-1], tree), 'last': jax.tree.map(lambda p: p[-1], tree)}
         for collection, tree in variables.items()}
-    return nn.map_variables(_FirstAndLast, 'params', trans_in_fn=split, mutable=False)(
+    first_and_last = nn.map_variables(_FirstAndLast, 'params', trans_in_fn=split, mutable=False)(
         functools.partial(scanned(length=depth - 1), **block_kwargs) if depth > 1 else None,
         functools.partial(block_cls, queries=last_queries, **block_kwargs), name=name)
+    return lambda x, *args: first_and_last(x, layer_args(args, slice(None, -1)), layer_args(args, -1))
   if scan:
     blocks = scanned(length=depth)(name=name, **block_kwargs)
     return lambda x, *args: blocks(x, *args)[0]
@@ -263,20 +271,21 @@ def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num
   blocks = [block_cls(name=f'{name}_{i}', **block_kwargs, **(last if i == depth - 1 else {})) for i in range(depth)]
 
   def apply(x, *args):
-    for block in blocks:
-      x, _ = block(x, *args)
+    for i, block in enumerate(blocks):
+      x, _ = block(x, *layer_args(args, i))
     return x
   return apply
 
 
 class _FirstAndLast(nn.Module):
   """`first` (depth - 1 scanned layers), then `last` (one layer), each a block constructor taking only its name:
-  `stack`'s view of stacked parameters split as {'first': layers[:-1], 'last': layers[-1]}."""
+  `stack`'s view of stacked parameters split as {'first': layers[:-1], 'last': layers[-1]}. Each reads its own
+  arguments (they differ where some are per layer)."""
   first: Callable | None  # None for a stack of one
   last: Callable
 
   @nn.compact
-  def __call__(self, x, *args):
+  def __call__(self, x, first_args, last_args):
     if self.first is not None:
-      x, _ = self.first(name='first')(x, *args)
-    return self.last(name='last')(x, *args)[0]
+      x, _ = self.first(name='first')(x, *first_args)
+    return self.last(name='last')(x, *last_args)[0]

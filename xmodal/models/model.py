@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from xmodal.models import activations, layers, regions
+from xmodal.models import fusion as fusion_lib
 from xmodal.models.fusion import FusionEncoder
 from xmodal.models.text import TextEncoder
 from xmodal.models.vit import VisionEncoder
@@ -155,15 +156,29 @@ class XModal(nn.Module):
     pooled = regions.pool_regions(patches, regions.region_cells(boxes, grid))
     return _normalize(self.image_proj(pooled))
 
-  def match(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
-            image_mask: jax.Array | None = None, image_index: jax.Array | None = None) -> jax.Array:
+  def match(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array | None,
+            image_mask: jax.Array | None = None, image_index: jax.Array | None = None, *,
+            keys_values: jax.Array | None = None) -> jax.Array:
     """(text tokens (B, L, Dt), text mask (B, L), image tokens (B, N, Dv)[, image mask (B, N)]) -> logits (B, 2).
 
     Logit 1 is "matches", logit 0 "does not match" (ALBEF's order). With `image_index` (B,) int, image tokens (and
-    mask) hold M images and text i is paired with image `image_index[i]` (`FusionEncoder`).
+    mask) hold M images and text i is paired with image `image_index[i]` (`FusionEncoder`). With `keys_values`
+    (B or M, C, N, 2, H, Dh) from `image_keys_values` in place of the image tokens (None), the same logits without
+    projecting the images again.
     """
-    fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index, cls_only=True)
+    if keys_values is not None:
+      keys_values = jnp.moveaxis(keys_values, 1, 0)  # the layers' axis first, as the fusion encoder scans them
+    fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index, cls_only=True,
+                        keys_values=keys_values)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
+
+  def image_keys_values(self, image_tokens: jax.Array) -> jax.Array:
+    """Image tokens (B, N, Dv) -> (B, C, N, 2, H, Dh) in the compute dtype: the keys and values each of the fusion
+    encoder's C cross-attentions (the Locator's, then fusion_depth) projects from the image, per image for a search
+    index to keep (`match(..., keys_values=)`); C x 2 x N x Dt numbers an image."""
+    keys_values = fusion_lib.image_keys_values(nn.unbox(self.fusion.variables['params']), image_tokens,
+                                               jnp.dtype(self.spec.dtype))
+    return jnp.moveaxis(keys_values, 0, 1)
 
   def locate(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
              image_index: jax.Array | None = None) -> jax.Array:
