@@ -15,8 +15,8 @@ Score variants ('itm_score' in the config):
 Pairs come from both directions (image queries over texts, text queries over images); a pair in both top-k sets is
 scored once. Image and text tokens are computed once per item (`embed.embed_dataset`) and gathered per chunk.
 
-Search re-ranks too (`xmodal.inference.ranking.rank`), and the two share their top-k (`ranking.top_k`) but not the
-re-ranking: search returns each query's hit list, its unscored candidates following by ITC, from a bundle's functions
+Search re-ranks too (`xmodal.inference.ranking.rank`), and the two share their top-k (`ranking.top_k`) and the texts'
+lengths (`ranking.text_lengths`) but not the re-ranking: search returns each query's hit list, its unscored candidates following by ITC, from a bundle's functions
 (inference imports no model code); the metrics need dense matrices with -inf outside the top-k, and each pair scored
 once for both directions by the jitted model on the device.
 """
@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xmodal.inference.ranking import top_k
+from xmodal.inference.ranking import text_lengths, top_k
 from xmodal.models.model import XModal
 
 ITM_SCORES = ('itm', 'itm+itc', 'itm+itc_logit')
@@ -47,9 +47,6 @@ Progress = Callable[[int, int], None]
 # Fusion chunks dispatched ahead of the one read back: enough to keep the device busy, few enough that progress is
 # reported as chunks finish (a CPU backend runs a chunk within the dispatch) and that pending outputs stay few.
 _IN_FLIGHT = 8
-
-# Texts are cut to their length rounded up to a multiple of this: few lengths, so few compiled programs.
-LENGTH_MULTIPLE = 8
 
 
 def match_fn_for(model: XModal, variables) -> MatchFn:
@@ -80,14 +77,6 @@ class _Chunk:
   images: np.ndarray  # (image_slots,) int32, rows of the image table
   image_index: np.ndarray  # (chunk_size,) int32, each pair's slot in `images`
   pairs: np.ndarray  # (P,) int, which of the caller's pairs the chunk's first P rows score
-
-
-def text_lengths(text_mask: np.ndarray, multiple: int = LENGTH_MULTIPLE) -> np.ndarray:
-  """(T, L) mask -> (T,) int: each text's last unmasked position + 1, rounded up to `multiple` and at most L."""
-  mask = np.asarray(text_mask) != 0
-  full = mask.shape[1]
-  last = np.where(mask.any(axis=1), full - np.argmax(mask[:, ::-1], axis=1), 1)
-  return np.minimum(-(-last // multiple) * multiple, full)
 
 
 def _plan_chunks(text_idx: np.ndarray, image_idx: np.ndarray, lengths: np.ndarray, chunk_size: int) -> list[_Chunk]:

@@ -2,8 +2,9 @@
 
 For each query the candidates are the gallery items with the highest ITC similarity; the first `rerank` of them are
 scored by the fusion encoder (ITM logit of "match") and placed first in that order, the rest follow by ITC. numpy
-only, so that it runs wherever a bundle does. `top_k` is also the evaluation's (xmodal.evaluation.rerank): search and
-the recalls it is measured by choose their candidates with one function.
+only, so that it runs wherever a bundle does. `top_k` and `text_lengths` are also the evaluation's
+(xmodal.evaluation.rerank): search and the recalls it is measured by choose their candidates, and the lengths ITM runs
+at, with one function each.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import numpy as np
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 _ROWS_PER_STEP = 1024  # rows per argpartition: bounds the transposed copy that a block of columns needs
+
+# Texts are cut to their length rounded up to a multiple of this: few lengths, so few compiled programs.
+LENGTH_MULTIPLE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +64,18 @@ def _top_k_of_rows(scores: np.ndarray, k: int) -> np.ndarray:
   # lexsort's last key is the primary one: score descending, then index ascending.
   order = np.lexsort((part, -picked), axis=1)
   return np.take_along_axis(part, order, axis=1)
+
+
+def text_lengths(text_mask: np.ndarray, multiple: int = LENGTH_MULTIPLE) -> np.ndarray:
+  """(T, L) mask -> (T,) int: each text's last unmasked position + 1, rounded up to `multiple` and at most L.
+
+  The fusion encoder's [CLS] does not read the tokens past a text's mask (padding keys are masked, the word window
+  looks back only), so ITM may run on texts cut to this length: the same scores up to the arithmetic's order.
+  """
+  mask = np.asarray(text_mask) != 0
+  full = mask.shape[1]
+  last = np.where(mask.any(axis=1), full - np.argmax(mask[:, ::-1], axis=1), 1)
+  return np.minimum(-(-last // multiple) * multiple, full)
 
 
 def score_candidates(query_emb: np.ndarray, embeddings: np.ndarray,
