@@ -443,12 +443,15 @@ def test_a_match_on_each_images_kept_keys_and_values_equals_the_match_on_its_tok
   mask = jnp.asarray(np.arange(12)[None] < np.array([[3], [5], [12], [7], [2], [9]]))
   images, index = jnp.asarray(rng.normal(size=(3, 17, 32)), jnp.float32), jnp.array([0, 1, 2, 0, 1, 2])
   keys_values = model.apply(variables, images, method=XModal.image_keys_values)
-  assert keys_values.shape == (3, 4, 17, 2, 2, 16)  # (images, Locator + 3 layers, tokens, k and v, heads, head dim)
+  assert keys_values.shape == (4, 2, 3, 2, 16, 17)  # (Locator + 3 layers, k and v, images, heads, head dim, tokens)
   match = jax.jit(lambda *args, **kwargs: model.apply(variables, *args, **kwargs, method=XModal.match))
-  np.testing.assert_allclose(match(text, mask, None, image_index=index, keys_values=keys_values),
-                             match(text, mask, images, image_index=index), rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(match(text, mask, None, keys_values=keys_values[index]),
-                             match(text, mask, images[index]), rtol=1e-6, atol=1e-6)
+  reference = match(text, mask, images, image_index=index)
+  np.testing.assert_allclose(match(text, mask, None, image_index=index, keys_values=keys_values), reference,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(match(text, mask, None, keys_values=keys_values[:, :, index]), reference,
+                             rtol=1e-5, atol=1e-6)
+  pairs = [(keys[index], values[index]) for keys, values in keys_values]  # each layer's own arrays
+  np.testing.assert_allclose(match(text, mask, None, keys_values=pairs), reference, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 7, 5, 2)])

@@ -102,8 +102,9 @@ class Attention(nn.Module):
     With `kv_index` (B,) int, `kv` holds (M, Lk, Dkv) distinct inputs and query row i reads `kv[kv_index[i]]`: keys
     and values are projected once per distinct input and gathered, not once per query row. With `queries` > 0
     (self-attention), only the first `queries` tokens ask: -> (B, queries, D), every token still a key and value.
-    With `kv_projected`, `kv` holds this layer's keys and values already projected, (B or M, Lk, 2, H, Dh) as
-    `fusion.image_keys_values` computes them: a search index keeps them per image, so only the queries are projected.
+    With `kv_projected`, `kv` holds this layer's keys and values already projected, (2, B or M, H, Dh, Lk) as
+    `fusion.image_keys_values` computes them (or a (keys, values) pair): a search index keeps them per image, so only
+    the queries are projected.
     """
     width = x.shape[-1]
     head_dim = width // self.heads
@@ -116,11 +117,17 @@ class Attention(nn.Module):
         q = q[:, :queries]
     else:
       q = Projection((self.heads, head_dim), ('heads', 'kv'), dtype=self.dtype, init=self.init, name='query')(x)
-      kv_proj = kv.astype(self.dtype) if kv_projected else Projection(
-          (2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init, name='kv')(kv)
-      if kv_index is not None:
-        kv_proj = gather.take_rows(kv_proj, kv_index)
-      k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
+      if kv_projected:
+        # Each (B or M, H, Dh, Lk), the layout XLA:CPU's attention dots read them in (`fusion.image_keys_values`).
+        k, v = (jnp.moveaxis(kv[i], -1, 1).astype(self.dtype) for i in range(2))
+        if kv_index is not None:
+          k, v = gather.take_rows(k, kv_index), gather.take_rows(v, kv_index)
+      else:
+        kv_proj = Projection((2, self.heads, head_dim), (None, 'heads', 'kv'), dtype=self.dtype, init=self.init,
+                             name='kv')(kv)
+        if kv_index is not None:
+          kv_proj = gather.take_rows(kv_proj, kv_index)
+        k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
     out = HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(dot_product_attention(q, k, v, mask,
                                                                                            impl=self.impl))
     if self.where and kv is not None:
@@ -246,28 +253,35 @@ def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num
   With `scan`, one block is traced and its parameters are stacked on a leading 'layers' axis (compile time flat in
   depth); without, the blocks are `name_0 ... name_{depth-1}`. `remat` picks what the backward pass may keep.
   `last_queries` > 0: the last block is built with `queries=last_queries` (FusionBlock: only the first tokens come
-  out), from the same parameters. `per_layer_args`: positions among the `num_broadcast` arguments that hold one slice
-  per layer on a leading (depth, ...) axis, layer i reading `arg[i]` (e.g. keys and values projected ahead of time).
+  out), from the same parameters. `per_layer_args`: positions among the arguments that hold one item per layer
+  (`arg[i]` for layer i: a sequence, or an array with a leading depth axis); the layers then run one by one, scanned
+  parameters sliced per layer (apply only: nothing is initialised that way).
   """
   if remat != 'none':
     block_cls = nn.remat(block_cls, policy=_REMAT_CHECKPOINT_POLICIES[remat], prevent_cse=not scan)
-  in_axes = tuple(0 if i in per_layer_args else nn.broadcast for i in range(num_broadcast))
+  last = {'queries': last_queries} if last_queries else {}
+  layer_args = lambda args, i: tuple(a[i] if n in per_layer_args else a for n, a in enumerate(args))
+  if scan and per_layer_args:
+    # Layer by layer, so that each reads its own arguments as they are given: a scan would stack them into one
+    # array and slice each layer's back out, copies of what most of a match on kept keys and values reads.
+    split = lambda variables: {collection: {f'layer_{i}': jax.tree.map(lambda p, i=i: p[i], tree)
+                                            for i in range(depth)} for collection, tree in variables.items()}
+    return nn.map_variables(_LayerByLayer, 'params', trans_in_fn=split, mutable=False)(
+        tuple(functools.partial(block_cls, **block_kwargs, **(last if i == depth - 1 else {})) for i in range(depth)),
+        layer_args, name=name)
   scanned = functools.partial(nn.scan, block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
-                              in_axes=in_axes, metadata_params={nn.PARTITION_NAME: 'layers'})
-  layer_args = lambda args, layer: tuple(a[layer] if i in per_layer_args else a for i, a in enumerate(args))
+                              in_axes=(nn.broadcast,) * num_broadcast, metadata_params={nn.PARTITION_NAME: 'layers'})
   if scan and last_queries:
     # The stacked parameters seen as the first depth - 1 layers, scanned, and the last one on its own.
     split = lambda variables: {
         collection: {'first': jax.tree.map(lambda p: p[:-1], tree), 'last': jax.tree.map(lambda p: p[-1], tree)}
         for collection, tree in variables.items()}
-    first_and_last = nn.map_variables(_FirstAndLast, 'params', trans_in_fn=split, mutable=False)(
+    return nn.map_variables(_FirstAndLast, 'params', trans_in_fn=split, mutable=False)(
         functools.partial(scanned(length=depth - 1), **block_kwargs) if depth > 1 else None,
         functools.partial(block_cls, queries=last_queries, **block_kwargs), name=name)
-    return lambda x, *args: first_and_last(x, layer_args(args, slice(None, -1)), layer_args(args, -1))
   if scan:
     blocks = scanned(length=depth)(name=name, **block_kwargs)
     return lambda x, *args: blocks(x, *args)[0]
-  last = {'queries': last_queries} if last_queries else {}
   blocks = [block_cls(name=f'{name}_{i}', **block_kwargs, **(last if i == depth - 1 else {})) for i in range(depth)]
 
   def apply(x, *args):
@@ -279,13 +293,25 @@ def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num
 
 class _FirstAndLast(nn.Module):
   """`first` (depth - 1 scanned layers), then `last` (one layer), each a block constructor taking only its name:
-  `stack`'s view of stacked parameters split as {'first': layers[:-1], 'last': layers[-1]}. Each reads its own
-  arguments (they differ where some are per layer)."""
+  `stack`'s view of stacked parameters split as {'first': layers[:-1], 'last': layers[-1]}."""
   first: Callable | None  # None for a stack of one
   last: Callable
 
   @nn.compact
-  def __call__(self, x, first_args, last_args):
+  def __call__(self, x, *args):
     if self.first is not None:
-      x, _ = self.first(name='first')(x, *first_args)
-    return self.last(name='last')(x, *last_args)[0]
+      x, _ = self.first(name='first')(x, *args)
+    return self.last(name='last')(x, *args)[0]
+
+
+class _LayerByLayer(nn.Module):
+  """`stack`'s view of stacked parameters split per layer, as {'layer_0': layers[0], ...}: each layer a block of its
+  own (a constructor taking only its name), reading its own arguments (`select(args, i)`)."""
+  blocks: tuple[Callable, ...]
+  select: Callable
+
+  @nn.compact
+  def __call__(self, x, *args):
+    for i, block in enumerate(self.blocks):
+      x, _ = block(name=f'layer_{i}')(x, *self.select(args, i))
+    return x

@@ -163,22 +163,19 @@ class XModal(nn.Module):
 
     Logit 1 is "matches", logit 0 "does not match" (ALBEF's order). With `image_index` (B,) int, image tokens (and
     mask) hold M images and text i is paired with image `image_index[i]` (`FusionEncoder`). With `keys_values`
-    (B or M, C, N, 2, H, Dh) from `image_keys_values` in place of the image tokens (None), the same logits without
-    projecting the images again.
+    (C, 2, B or M, H, Dh, N) from `image_keys_values` (or its C (keys, values) pairs, separate arrays) in place of
+    the image tokens (None), the same logits without projecting the images again.
     """
-    if keys_values is not None:
-      keys_values = jnp.moveaxis(keys_values, 1, 0)  # the layers' axis first, as the fusion encoder scans them
     fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index, cls_only=True,
                         keys_values=keys_values)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
 
   def image_keys_values(self, image_tokens: jax.Array) -> jax.Array:
-    """Image tokens (B, N, Dv) -> (B, C, N, 2, H, Dh) in the compute dtype: the keys and values each of the fusion
-    encoder's C cross-attentions (the Locator's, then fusion_depth) projects from the image, per image for a search
-    index to keep (`match(..., keys_values=)`); C x 2 x N x Dt numbers an image."""
-    keys_values = fusion_lib.image_keys_values(nn.unbox(self.fusion.variables['params']), image_tokens,
-                                               jnp.dtype(self.spec.dtype))
-    return jnp.moveaxis(keys_values, 0, 1)
+    """Image tokens (B, N, Dv) -> (C, 2, B, H, Dh, N) in the compute dtype: the keys and values each of the fusion
+    encoder's C cross-attentions (the Locator's, then fusion_depth) projects from the image, what a search index
+    keeps for `match(..., keys_values=)`; C x 2 x N x Dt numbers an image (layout: `fusion.image_keys_values`)."""
+    return fusion_lib.image_keys_values(nn.unbox(self.fusion.variables['params']), image_tokens,
+                                        jnp.dtype(self.spec.dtype))
 
   def locate(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
              image_index: jax.Array | None = None) -> jax.Array:
