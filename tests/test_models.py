@@ -452,6 +452,11 @@ def test_a_match_on_each_images_kept_keys_and_values_equals_the_match_on_its_tok
                              rtol=1e-5, atol=1e-6)
   pairs = [(keys[index], values[index]) for keys, values in keys_values]  # each layer's own arrays
   np.testing.assert_allclose(match(text, mask, None, keys_values=pairs), reference, rtol=1e-5, atol=1e-6)
+  # Texts named by index, as a search's pairs name their query: the texts' own layers run once per text.
+  texts, text_index = text[:3], jnp.array([2, 0, 1, 1, 0, 2])
+  np.testing.assert_allclose(
+      match(texts, mask[:3], None, image_index=index, keys_values=keys_values, text_index=text_index),
+      match(texts[text_index], mask[:3][text_index], images, image_index=index), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize('shape', [(2, 8, 8, 3), (1, 7, 5, 2)])

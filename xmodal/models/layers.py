@@ -225,11 +225,15 @@ class FusionBlock(nn.Module):
   kv_projected: bool = False  # image_tokens are this layer's keys and values (`Attention`'s kv_projected)
 
   @nn.compact
-  def __call__(self, x, mask, image_tokens, image_mask, image_index=None):
-    """`image_index` None: row i reads image_tokens[i]; else image_tokens[image_index[i]] (image_mask is per row)."""
+  def __call__(self, x, mask, image_tokens, image_mask, image_index=None, text_index=None):
+    """`image_index` None: row i reads image_tokens[i]; else image_tokens[image_index[i]] (image_mask is per row).
+    `text_index` (B,) int: x and mask hold T texts and row i is text `text_index[i]`: the self-attention, which reads
+    the text alone, runs once per text, the rest of the layer per row."""
     attn = Attention(self.heads, self.dtype, self.impl, self.init, name='attn')
     kept = x[:, :self.queries] if self.queries else x
     x = LayerNorm(self.eps, self.dtype, name='ln1')(kept + attn(x, mask, queries=self.queries))
+    if text_index is not None:
+      x = jnp.take(x, text_index, axis=0)
     cross = Attention(self.heads, self.dtype, self.impl, self.init, self.where, name='cross_attn')(
         x, image_mask, kv=image_tokens, kv_index=image_index, kv_projected=self.kv_projected)
     x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)

@@ -158,16 +158,17 @@ class XModal(nn.Module):
 
   def match(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array | None,
             image_mask: jax.Array | None = None, image_index: jax.Array | None = None, *,
-            keys_values: jax.Array | None = None) -> jax.Array:
+            keys_values: jax.Array | None = None, text_index: jax.Array | None = None) -> jax.Array:
     """(text tokens (B, L, Dt), text mask (B, L), image tokens (B, N, Dv)[, image mask (B, N)]) -> logits (B, 2).
 
     Logit 1 is "matches", logit 0 "does not match" (ALBEF's order). With `image_index` (B,) int, image tokens (and
     mask) hold M images and text i is paired with image `image_index[i]` (`FusionEncoder`). With `keys_values`
     (C, 2, B or M, H, Dh, N) from `image_keys_values` (or its C (keys, values) pairs, separate arrays) in place of
-    the image tokens (None), the same logits without projecting the images again.
+    the image tokens (None), the same logits without projecting the images again. With `text_index` (B,) int, text
+    tokens and mask hold T texts and pair i reads text `text_index[i]` (`FusionEncoder`).
     """
     fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index, cls_only=True,
-                        keys_values=keys_values)
+                        keys_values=keys_values, text_index=text_index)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
 
   def image_keys_values(self, image_tokens: jax.Array) -> jax.Array:
