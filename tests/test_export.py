@@ -112,6 +112,13 @@ def test_manifest_lists_every_file_with_its_sha256_and_symbolic_signatures(expor
   assert manifest['format_version'] == bundle_lib.FORMAT_VERSION and manifest['jax_version'] == jax.__version__
   assert manifest['functions']['encode_image']['inputs']['images']['shape'] == ['b', 32, 32, 3]
   assert manifest['functions']['match']['outputs'] == [{'shape': ['b', 2], 'dtype': 'float32'}]
+  # The matches take any text length (a search cuts each query to its own); an index keeps (C, 2, H, Dh, 1+N) per
+  # image: the micro model's 2 cross-attentions, keys and values, 2 heads of 16, 16 patches and [CLS].
+  assert manifest['functions']['match']['inputs']['text_tokens']['shape'] == ['b', 'l', 32]
+  assert manifest['functions']['image_keys_values']['outputs'][0]['shape'] == ['b', 2, 2, 2, 16, 17]
+  assert {name: entry['shape'] for name, entry in manifest['functions']['match_keys_values']['inputs'].items()} == {
+      'text_tokens': ['t', 'l', 32], 'text_mask': ['t', 'l'], 'text_index': ['b'], 'keys_0': ['b', 2, 16, 17],
+      'values_0': ['b', 2, 16, 17], 'keys_1': ['b', 2, 16, 17], 'values_1': ['b', 2, 16, 17]}
   # Parameters only, readable by the safetensors library itself; no optimizer state, no pickle anywhere.
   from safetensors.numpy import load_file
   stored = load_file(bundle / 'params.safetensors')
@@ -208,6 +215,14 @@ def _set_manifest(copy, **fields):
   (copy / 'manifest.json').write_text(json.dumps(manifest))
 
 
+def _drop_file(copy, name):
+  """Deletes a file and its line in the manifest's files (its function stays listed)."""
+  (copy / name).unlink()
+  manifest = json.loads((copy / 'manifest.json').read_text())
+  del manifest['files'][name]
+  (copy / 'manifest.json').write_text(json.dumps(manifest))
+
+
 def _rehash(copy, name):
   from xmodal.bundle import format as bundle_lib
   manifest = json.loads((copy / 'manifest.json').read_text())
@@ -218,6 +233,7 @@ def _rehash(copy, name):
 @pytest.mark.parametrize('damage, message', [
     (lambda c: _flip_byte(c / 'params.safetensors'), r'params\.safetensors: sha256 mismatch'),
     (lambda c: (c / 'match.stablehlo').unlink(), r'match\.stablehlo: missing'),
+    (lambda c: _drop_file(c, 'match_keys_values.stablehlo'), r'match_keys_values\.stablehlo: not listed'),
     (lambda c: (c / 'tokenizer' / 'shapes_vocab.txt').write_text('[PAD]\n'), r'shapes_vocab\.txt: \d+ bytes'),
     (lambda c: (c / 'manifest.json').unlink(), r'manifest\.json: missing'),
     (lambda c: (c / 'manifest.json').write_text('{"format": '), r'manifest\.json: not valid JSON'),
@@ -226,7 +242,7 @@ def _rehash(copy, name):
      r'encode_text\.stablehlo: cannot deserialize'),
     (lambda c: ((c / 'params.safetensors').write_bytes(b'\x10' + b'\x00' * 7 + b'not json'),
                 _rehash(c, 'params.safetensors')), r'params\.safetensors: not a readable safetensors'),
-], ids=['checksum', 'missing_function', 'truncated_tokenizer', 'missing_manifest', 'bad_manifest', 'version',
+], ids=['checksum', 'missing_function', 'missing_optional_function', 'truncated_tokenizer', 'missing_manifest', 'bad_manifest', 'version',
         'corrupt_stablehlo_with_valid_checksum', 'corrupt_params_with_valid_checksum'])
 def test_a_damaged_bundle_is_refused_naming_the_file(exported, tmp_path, damage, message):
   from xmodal.inference import BundleError, Retriever

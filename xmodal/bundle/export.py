@@ -2,10 +2,11 @@
 
   xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16] [--platforms cpu,cuda]
 
-The three model functions are serialized with `jax.export` at a symbolic batch size 'b'. Parameters are the first
-argument of each function, not constants baked into the program: the weights are stored once (params.safetensors)
-instead of three times, the StableHLO files stay a few hundred KB whatever the model size, and a bundle can be
-re-weighted without re-exporting. Every function takes and returns float32 (and int32 ids/masks); a bfloat16 bundle
+The model functions are serialized with `jax.export` at a symbolic batch size 'b', the matches also at a symbolic
+text length 'l' (re-ranking runs each query at its own length). Parameters are the first argument of each function,
+not constants baked into the program: the weights are stored once (params.safetensors) instead of once per function,
+the StableHLO files stay a few hundred KB whatever the model size, and a bundle can be re-weighted without
+re-exporting. Every function takes and returns float32 (and int32 ids/masks); a bfloat16 bundle
 stores bfloat16 weights and runs its matmuls in bfloat16 (model.dtype), casting at the boundary.
 
 `export_bundle` needs only a config and a parameter tree, so tests and other tools can export without a checkpoint.
@@ -65,24 +66,48 @@ def _model_functions(model: XModal):
                          method=XModal.match)
     return logits.astype(jnp.float32)
 
-  return {'encode_image': encode_image, 'encode_text': encode_text, 'match': match}
+  def image_keys_values(flat, image_tokens):
+    keys_values = model.apply(variables(flat), image_tokens.astype(jnp.dtype(model.spec.dtype)),
+                              method=XModal.image_keys_values)
+    return jnp.moveaxis(keys_values, 2, 0).astype(jnp.float32)  # (B, C, 2, H, Dh, N): an index's rows
+
+  def match_keys_values(flat, text_tokens, text_mask, text_index, *keys_values):
+    # T texts, pair i reading text `text_index[i]` (a query's pairs share it); keys_0, values_0, keys_1, ...: each
+    # layer's its own input, which the attention reads as it lies (sliced out of one array, it would be copied).
+    dtype = jnp.dtype(model.spec.dtype)
+    pairs = tuple((k.astype(dtype), v.astype(dtype)) for k, v in zip(keys_values[::2], keys_values[1::2]))
+    logits = model.apply(variables(flat), text_tokens.astype(dtype), text_mask, None, keys_values=pairs,
+                         text_index=text_index, method=XModal.match)
+    return logits.astype(jnp.float32)
+
+  return {'encode_image': encode_image, 'encode_text': encode_text, 'match': match,
+          'image_keys_values': image_keys_values, 'match_keys_values': match_keys_values}
 
 
 def _signatures(model: XModal, flat_specs: dict[str, jax.ShapeDtypeStruct]):
-  """Input specs with symbolic batch 'b' per function, plus their (name, spec) lists for the manifest."""
-  (b,) = jax.export.symbolic_shape('b')
+  """Input specs with symbolic batch 'b' (and text length 'l', distinct texts 't') per function, as (name, shape,
+  dtype) lists."""
+  b, l, t = jax.export.symbolic_shape('b, l, t')
   spec = model.spec
   size, length = spec.image_size, spec.max_text_len
-  image_tokens = jax.eval_shape(lambda p, x: model.apply(p, x, method=XModal.encode_image),
-                                {'params': traverse_util.unflatten_dict(flat_specs, sep='/')},
+  variables = {'params': traverse_util.unflatten_dict(flat_specs, sep='/')}
+  image_tokens = jax.eval_shape(lambda p, x: model.apply(p, x, method=XModal.encode_image), variables,
                                 jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))[0]
+  keys_values = jax.eval_shape(lambda p, x: model.apply(p, x, method=XModal.image_keys_values), variables,
+                               image_tokens)
   num_patches, vision_width = image_tokens.shape[1:]
   f32, i32 = jnp.float32, jnp.int32
+  # The matches take texts of any length up to the model's: a search cuts each query to its own (padding is masked).
+  texts = [('text_tokens', (b, l, spec.text.width), f32), ('text_mask', (b, l), i32)]
   return {
       'encode_image': [('images', (b, size, size, 3), f32)],
       'encode_text': [('ids', (b, length), i32), ('mask', (b, length), i32)],
-      'match': [('text_tokens', (b, length, spec.text.width), f32), ('text_mask', (b, length), i32),
-                ('image_tokens', (b, num_patches, vision_width), f32)],
+      'match': [*texts, ('image_tokens', (b, num_patches, vision_width), f32)],
+      'image_keys_values': [('image_tokens', (b, num_patches, vision_width), f32)],
+      'match_keys_values': [('text_tokens', (t, l, spec.text.width), f32), ('text_mask', (t, l), i32),
+                            ('text_index', (b,), i32),
+                            *[(f'{kind}_{layer}', (b, *keys_values.shape[3:]), f32)
+                              for layer in range(keys_values.shape[0]) for kind in ('keys', 'values')]],
   }
 
 
@@ -92,7 +117,8 @@ def _describe(shape, dtype) -> dict[str, Any]:
 
 def export_functions(model: XModal, flat_params: dict[str, np.ndarray],
                      platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict[str, tuple[bytes, dict[str, Any]]]:
-  """{name: (serialized StableHLO, manifest entry)} for encode_image, encode_text and match."""
+  """{name: (serialized StableHLO, manifest entry)} for every function of `bundle_lib.FUNCTIONS` and
+  `bundle_lib.OPTIONAL_FUNCTIONS`."""
   flat_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_params.items()}
   signatures = _signatures(model, flat_specs)
   out = {}

@@ -8,7 +8,9 @@
     tokenizer/             the tokenizer files, copied; tokenizer.json names the one to load and max_text_len
     encode_image.stablehlo jax.export, symbolic batch 'b'; parameters are the first argument (not baked in)
     encode_text.stablehlo
-    match.stablehlo
+    match.stablehlo        and symbolic text length 'l' (older bundles: the model's fixed length)
+    image_keys_values.stablehlo  each cross-attention's keys and values of image tokens, for an index to keep;
+    match_keys_values.stablehlo  the match that reads them (both absent from older bundles)
 
 Nothing here unpickles or executes Python from a bundle: JSON, raw little-endian arrays in safetensors framing,
 tokenizer files read by the `tokenizers`/`sentencepiece` libraries, and serialized StableHLO that jax deserializes.
@@ -35,7 +37,9 @@ PREPROCESS = 'preprocess.json'
 PARAMS = 'params.safetensors'
 TOKENIZER_DIR = 'tokenizer'
 TOKENIZER_SPEC = 'tokenizer/tokenizer_spec.json'
-FUNCTIONS = ('encode_image', 'encode_text', 'match')
+FUNCTIONS = ('encode_image', 'encode_text', 'match')  # every bundle has these
+# Functions that bundles of later exports add; a reader runs a bundle without them, minus what they serve.
+OPTIONAL_FUNCTIONS = ('image_keys_values', 'match_keys_values')
 # What the training pipeline's evaluation preprocessing (xmodal.data.preprocess.eval_image) does, by name: the values
 # of preprocess.json's 'resize' and 'crop', which a reader (xmodal.inference.preprocess) implements.
 RESIZE = 'shorter_side_bilinear_antialias'
@@ -127,7 +131,8 @@ def verify(bundle: str | pathlib.Path, checksums: bool = True) -> dict[str, Any]
     raise BundleError(f'{where}: bundle format version {version} is not supported by this reader (version '
                       f'{FORMAT_VERSION}); re-export it with this xmodal, or load it with the xmodal that wrote it')
   files = manifest.get('files', {})
-  required = [MODEL_CONFIG, PREPROCESS, PARAMS, TOKENIZER_SPEC, *map(function_file, FUNCTIONS)]
+  optional = [name for name in OPTIONAL_FUNCTIONS if name in manifest.get('functions', {})]
+  required = [MODEL_CONFIG, PREPROCESS, PARAMS, TOKENIZER_SPEC, *map(function_file, (*FUNCTIONS, *optional))]
   for name in required:
     if name not in files:
       raise BundleError(f'{bundle / name}: not listed in {MANIFEST}')
