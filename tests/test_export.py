@@ -101,6 +101,87 @@ def test_bundle_functions_equal_the_model_at_batch_1_7_64(exported):
     assert scores.shape == (batch,) and relative_error(scores, ref_logits[:batch, 1]) <= 1e-5
 
 
+def test_the_matches_at_each_texts_length_and_on_kept_keys_values_equal_the_models_full_length_match(tmp_path):
+  """The shapes model's fusion encoder (a word window, a Locator) as exported: texts cut to their length bucket,
+  named by index, matched against each image's keys and values (or its tokens) give the model's full-length match."""
+  from xmodal.bundle import export, format as bundle_lib
+  from xmodal.inference import Retriever, ranking
+  from xmodal.models.model import XModal
+  config = bundle_config()
+  config.model.update(fusion_word_window=2, fusion_locator=True)
+  model, params = init_params(config)
+  export.export_bundle(config, params, 'shapes', tmp_path / 'bundle')
+  flat = bundle_lib.load_safetensors(tmp_path / 'bundle' / bundle_lib.PARAMS)
+
+  def call(name, *inputs):
+    exported = jax.export.deserialize(bytearray((tmp_path / 'bundle' / bundle_lib.function_file(name)).read_bytes()))
+    return exported.call(flat, *inputs)
+
+  retriever = Retriever.load(tmp_path / 'bundle')
+  _, text_tokens, mask = retriever.encode_texts(CAPTIONS)  # 7 texts of 3 to 11 tokens: lengths 8 and 12
+  _, image_tokens = retriever.encode_pixels(retriever.preprocess(random_images(3, seed=2)))
+  texts, images = np.repeat(np.arange(len(CAPTIONS)), 3), np.tile(np.arange(3), len(CAPTIONS))  # every pair
+  reference = np.asarray(model.apply({'params': params}, text_tokens[texts], mask[texts], image_tokens[images],
+                                     method=XModal.match))
+  keys_values = np.asarray(call('image_keys_values', image_tokens))  # (images, C, 2, H, Dh, 1+N)
+  assert keys_values.shape == (3, 3, 2, 2, 16, 17)  # the Locator's cross-attention and the 2 layers'
+  lengths = ranking.text_lengths(mask)[texts]
+  assert set(lengths) == {8, 12}
+  for length in set(lengths):
+    rows = np.flatnonzero(lengths == length)
+    cut = text_tokens[texts[rows], :length], mask[texts[rows], :length]
+    np.testing.assert_allclose(call('match', *cut, image_tokens[images[rows]]), reference[rows], atol=1e-5)
+    distinct, text_index = np.unique(texts[rows], return_inverse=True)
+    layers = [keys_values[images[rows], layer, kind] for layer in range(3) for kind in range(2)]
+    logits = call('match_keys_values', text_tokens[distinct, :length], mask[distinct, :length],
+                  text_index.astype(np.int32), *layers)
+    np.testing.assert_allclose(logits, reference[rows], atol=1e-5)
+
+
+def old_style_copy(bundle, out, model):
+  """`bundle` as exports before re-ranking at a query's length wrote it: the match at the model's fixed text length
+  and no functions for keys and values."""
+  from xmodal.bundle import export, format as bundle_lib
+  shutil.copytree(bundle, out)
+  manifest = json.loads((out / 'manifest.json').read_text())
+  for name in bundle_lib.OPTIONAL_FUNCTIONS:
+    (out / bundle_lib.function_file(name)).unlink()
+    del manifest['functions'][name], manifest['files'][bundle_lib.function_file(name)]
+  inputs = manifest['functions']['match']['inputs']
+  length = model.spec.max_text_len
+  for name in ('text_tokens', 'text_mask'):
+    inputs[name]['shape'][1] = length
+  (b,) = jax.export.symbolic_shape('b')
+  specs = [jax.ShapeDtypeStruct((b, *inputs[name]['shape'][1:]), inputs[name]['dtype'])
+           for name in ('text_tokens', 'text_mask', 'image_tokens')]
+  flat = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+          for k, v in bundle_lib.load_safetensors(out / bundle_lib.PARAMS).items()}
+  fixed = jax.export.export(jax.jit(export._model_functions(model)['match']))(flat, *specs)
+  (out / 'match.stablehlo').write_bytes(fixed.serialize())
+  (out / 'manifest.json').write_text(json.dumps(manifest))
+  _rehash(out, 'match.stablehlo')
+  return out
+
+
+def test_a_bundle_exported_before_keys_values_loads_and_searches_through_its_fixed_length_match(exported, tmp_path):
+  from xmodal.inference import Retriever
+  model, _, bundle = exported
+  old, new = Retriever.load(old_style_copy(bundle, tmp_path / 'old', model)), Retriever.load(bundle)
+  assert (old.match_any_length, old.can_keep_keys_values, new.match_any_length, new.can_keep_keys_values) == (
+      False, False, True, True)
+  images = random_images(10, seed=4)
+  old_index, new_index = old.index(images, progress=False), new.index(images, progress=False, keep_keys_values=True)
+  scores = lambda hits: [{h.index: h.itm for h in row} for row in hits]
+  expected = scores(new.search(CAPTIONS, new_index, k=8, rerank=8))
+  for got in (scores(old.search(CAPTIONS, old_index, k=8, rerank=8)),
+              scores(old.search(CAPTIONS, new_index, k=8, rerank=8))):  # the new index through the old bundle's match
+    for row, expected_row in zip(got, expected):
+      assert row.keys() == expected_row.keys()
+      np.testing.assert_allclose([row[i] for i in row], [expected_row[i] for i in row], atol=1e-5)
+  with pytest.raises(ValueError, match='does not export image_keys_values'):
+    old.index(images, progress=False, keep_keys_values=True)
+
+
 def test_manifest_lists_every_file_with_its_sha256_and_symbolic_signatures(exported):
   from xmodal.bundle import format as bundle_lib
   _, params, bundle = exported
@@ -242,8 +323,8 @@ def _rehash(copy, name):
      r'encode_text\.stablehlo: cannot deserialize'),
     (lambda c: ((c / 'params.safetensors').write_bytes(b'\x10' + b'\x00' * 7 + b'not json'),
                 _rehash(c, 'params.safetensors')), r'params\.safetensors: not a readable safetensors'),
-], ids=['checksum', 'missing_function', 'missing_optional_function', 'truncated_tokenizer', 'missing_manifest', 'bad_manifest', 'version',
-        'corrupt_stablehlo_with_valid_checksum', 'corrupt_params_with_valid_checksum'])
+], ids=['checksum', 'missing_function', 'missing_optional_function', 'truncated_tokenizer', 'missing_manifest',
+        'bad_manifest', 'version', 'corrupt_stablehlo_with_valid_checksum', 'corrupt_params_with_valid_checksum'])
 def test_a_damaged_bundle_is_refused_naming_the_file(exported, tmp_path, damage, message):
   from xmodal.inference import BundleError, Retriever
   copy = _damaged_copy(exported[2], tmp_path, damage)

@@ -129,6 +129,33 @@ def test_index_round_trips_through_disk(retriever, gallery, tmp_path):
       (h.index, round(h.itm, 4)) for h in retriever.search(query, index, k=5, rerank=5)]
 
 
+@_CAPTIONS_CUT
+def test_reranking_at_each_querys_length_on_kept_keys_values_scores_and_ranks_as_the_full_length_match(
+    retriever, gallery):
+  """Re-ranking as it runs now (each query cut to its length bucket, several queries' pairs in one call, the index's
+  kept keys and values) against the path of older bundles and indexes (the full-length match on image tokens), on
+  every pair of the gallery: the same ITM scores up to float rounding, so the same rankings."""
+  from xmodal.inference.ranking import text_lengths
+  from xmodal.inference.retriever import Reranking
+  folder, captions = gallery
+  index = retriever.index(folder, progress=False, keep_keys_values=True)
+  queries = ['a red circle', *(c[0] for c in captions[:6]), 'a small blue square left of a large green triangle']
+  assert len(set(text_lengths(retriever.tokenize(queries)[1]))) == 2  # buckets of 8 and 12 (the model's 12)
+  search = lambda: retriever.search(queries, index, k=GALLERY, rerank=GALLERY)
+  try:
+    retriever.reranking = Reranking(query_length=False, keys_values=False)
+    old = search()
+    for setting in (Reranking(query_length=True, keys_values=False), Reranking(query_length=False), Reranking()):
+      retriever.reranking = setting
+      one_by_one = [retriever.search(q, index, k=GALLERY, rerank=GALLERY) for q in queries]
+      for new in (search(), one_by_one):
+        for new_hits, old_hits in zip(new, old):
+          assert [h.index for h in new_hits] == [h.index for h in old_hits], setting
+          np.testing.assert_allclose([h.itm for h in new_hits], [h.itm for h in old_hits], atol=1e-4)
+  finally:
+    retriever.reranking = Reranking()
+
+
 def test_add_embeds_only_the_new_images(retriever, gallery, monkeypatch):
   folder, _ = gallery
   paths = sorted(str(p) for p in folder.glob('*.png'))

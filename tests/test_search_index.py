@@ -130,7 +130,7 @@ def test_unknown_and_truncated_queries_return_results_with_a_query_warning(retri
 @slow
 def test_sync_embeds_added_and_changed_files_drops_deleted_ones_and_equals_a_fresh_index(retriever, gallery,
                                                                                          monkeypatch):
-  index = retriever.index(gallery, progress=False)
+  index = retriever.index(gallery, progress=False, keep_keys_values=True)
   calls = counting(retriever, monkeypatch)
   report = retriever.sync(index, gallery)
   assert sum(calls) == 0 and report.counts()['unchanged'] == IMAGES and len(index) == IMAGES
@@ -143,11 +143,12 @@ def test_sync_embeds_added_and_changed_files_drops_deleted_ones_and_equals_a_fre
   report = retriever.sync(index, gallery)
   assert (report.added, report.changed, report.removed) == ([added], [changed], [str(gallery / 'img03.png')])
   assert report.unchanged == IMAGES - 2 and sum(calls) == 2  # only the new and the changed file were embedded
-  fresh = retriever.index(gallery, progress=False)
+  fresh = retriever.index(gallery, progress=False, keep_keys_values=True)
   assert sorted(index.names) == sorted(fresh.names)
   order = [fresh.names.index(name) for name in index.names]
   np.testing.assert_allclose(index.embeddings, fresh.embeddings[order], atol=1e-5)
   np.testing.assert_allclose(index.tokens, fresh.tokens[order], atol=1e-4)
+  np.testing.assert_allclose(index.keys_values, fresh.keys_values[order], atol=1e-4)
 
 
 @slow
@@ -210,6 +211,40 @@ def test_memory_mapped_tokens_equal_the_towers_and_float16_within_its_rounding(r
   query = 'a red circle'
   full, approx = retriever.search(query, index, k=5, rerank=5), retriever.search(query, half, k=5, rerank=5)
   np.testing.assert_allclose([h.itm for h in approx], [h.itm for h in full], atol=1e-2)
+
+
+@slow
+def test_kept_keys_and_values_are_memory_mapped_cost_what_the_help_says_and_spare_the_image_tower(
+    retriever, gallery, tmp_path, monkeypatch):
+  index = retriever.index(gallery, progress=False, keep_tokens=False, keep_keys_values=True, path=tmp_path / 'kv')
+  assert isinstance(index.keys_values, np.memmap) and index.tokens is None
+  # The micro model: 2 cross-attention layers x keys and values x 2 heads x 16 wide x (16 patches + [CLS]).
+  assert index.keys_values.shape == (IMAGES, 2, 2, 2, 16, 17)
+  per_image = retriever.keys_values_bytes()
+  assert per_image == 2 * 2 * 17 * 32 * 4  # layers x 2 x (1+N) x text width x 4 bytes, as `--help` says
+  assert IMAGES * per_image < os.path.getsize(tmp_path / 'kv' / 'keys_values.npy') <= IMAGES * per_image + 128
+  loaded = retriever.load_index(tmp_path / 'kv')
+  assert loaded.keep_keys_values and isinstance(loaded.keys_values, np.memmap)
+  np.testing.assert_array_equal(loaded.keys_values, index.keys_values)
+  # Re-ranking reads them: no image tokens kept, none recomputed, the scores of an index that keeps tokens.
+  with_tokens = retriever.index(gallery, progress=False)
+  calls = counting(retriever, monkeypatch)
+  query = 'a red circle left of a blue square'
+  hits, expected = retriever.search(query, loaded, k=6, rerank=6), retriever.search(query, with_tokens, k=6, rerank=6)
+  assert sum(calls) == 0
+  assert [h.index for h in hits] == [h.index for h in expected]
+  np.testing.assert_allclose([h.itm for h in hits], [h.itm for h in expected], atol=1e-5)
+
+
+@slow
+def test_an_index_written_before_keys_and_values_reads_as_one_that_keeps_none(retriever, gallery, tmp_path):
+  retriever.index(sorted(gallery.glob('*.png'))[:3], progress=False, path=tmp_path / 'idx')
+  meta = json.loads((tmp_path / 'idx' / 'index.json').read_text())
+  del meta['keys_values_shape']
+  (tmp_path / 'idx' / 'index.json').write_text(json.dumps(meta))
+  index = retriever.load_index(tmp_path / 'idx')
+  assert not index.keep_keys_values and index.keys_values is None
+  assert len(retriever.search('a red circle', index, k=3, rerank=3)) == 3
 
 
 @slow

@@ -6,9 +6,12 @@ re-ranking needs. Plain data: the `Retriever` makes, updates and searches it.
   index.save('photos.index')                                # a folder, see below
 
 On disk (format version 2) an index is a folder: index.json (settings and one entry per image: path, size,
-mtime_ns, sha256), embeddings.npy (G, E) float32 and, with kept tokens, tokens.npy (G, 1+N, Dv) float32 or float16.
-Nothing is pickled. tokens.npy is written row block by row block as images are embedded and read back memory-mapped,
-so neither indexing nor search holds a gallery's tokens in memory: `index.tokens[positions]` reads those rows only.
+mtime_ns, sha256), embeddings.npy (G, E) float32, with kept tokens tokens.npy (G, 1+N, Dv) float32 or float16 and,
+with kept keys and values, keys_values.npy (G, C, 2, H, Dh, 1+N) float32: every fusion cross-attention's keys and
+values of each image (an index written before they existed has none, and reads as one that keeps none).
+Nothing is pickled. Those per-image files are written row block by row block as images are embedded and read back
+memory-mapped, so neither indexing nor search holds a gallery's tokens in memory: `index.tokens[positions]` reads
+those rows only.
 An index records the sha256 of the weights it was computed with; a retriever with other weights refuses it.
 
 Folders are walked recursively. Symbolic links are followed, wherever they point (a gallery of links to other disks
@@ -37,7 +40,8 @@ FORMAT = 'xmodal-index'
 FORMAT_VERSION = 2  # 1: index.npz with names only; 2: entries with size, mtime_ns and sha256, tokens.npy memory-mapped
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif')
 TOKENS_DTYPES = ('float32', 'float16')
-INDEX_FILE, EMBEDDINGS_FILE, TOKENS_FILE = 'index.json', 'embeddings.npy', 'tokens.npy'
+INDEX_FILE, EMBEDDINGS_FILE, TOKENS_FILE, KEYS_VALUES_FILE = ('index.json', 'embeddings.npy', 'tokens.npy',
+                                                             'keys_values.npy')
 
 Gallery = Union[str, os.PathLike, Sequence[Union[str, os.PathLike, np.ndarray]]]
 
@@ -228,7 +232,7 @@ class TokenWriter:
   def write(self, rows: np.ndarray) -> None:
     rows = np.ascontiguousarray(rows, self.dtype)
     if rows.shape[1:] != self.row_shape:
-      raise ValueError(f'token rows {rows.shape[1:]} do not match the index {self.row_shape}')
+      raise ValueError(f'rows {rows.shape[1:]} do not match the index\'s {self.row_shape} ({self.path.name})')
     self._file.write(rows.tobytes())
     self.rows += rows.shape[0]
 
@@ -279,11 +283,23 @@ def open_tokens(path: pathlib.Path) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------------ index
+@dataclasses.dataclass(frozen=True)
+class RowFile:
+  """A per-image array an index keeps on disk beside its embeddings, memory-mapped as the index's `attribute`."""
+  attribute: str  # 'tokens' or 'keys_values'
+  file: str
+  shape: tuple[int, ...]  # of one image
+  dtype: str
+
+
 class Index:
-  """Gallery entries (G,), embeddings (G, E) float32 and, with kept tokens, image tokens (G, 1+N, Dv) on disk.
+  """Gallery entries (G,), embeddings (G, E) float32 and, kept on disk, image tokens (G, 1+N, Dv) and/or every
+  fusion cross-attention's keys and values (G, C, 2, H, Dh, 1+N) float32.
 
   Without kept tokens, re-ranking recomputes the image tokens of the candidates from their paths: an index then
-  costs E floats per image instead of (1+N) x Dv, for one image-tower pass per re-ranked candidate.
+  costs E floats per image instead of (1+N) x Dv, for one image-tower pass per re-ranked candidate. With kept keys
+  and values (`keys_values_shape`), re-ranking reads them instead of projecting the candidates' tokens in every
+  cross-attention: C x 2 x (1+N) x Dt x 4 bytes per image (`Retriever.index(keep_keys_values=True)`).
 
   `folder` is where the index lives: set by `save`, `load` or `Retriever.index(..., path=...)`. An index with a
   folder is rewritten there by every `Retriever.add` and `sync`, so the folder always holds a consistent index. Kept
@@ -291,17 +307,20 @@ class Index:
   """
 
   def __init__(self, entries: list[Entry], embeddings: np.ndarray, weights_sha256: str, token_shape: tuple[int, ...],
-               keep_tokens: bool = True, tokens_dtype: str = 'float32', folder: str | os.PathLike | None = None):
+               keep_tokens: bool = True, tokens_dtype: str = 'float32', folder: str | os.PathLike | None = None,
+               keys_values_shape: Sequence[int] | None = None):
     if tokens_dtype not in TOKENS_DTYPES:
       raise ValueError(f'tokens_dtype must be one of {TOKENS_DTYPES}; got {tokens_dtype!r}')
     self.weights_sha256 = weights_sha256
     self.token_shape = tuple(token_shape)  # (1+N, Dv) of one image
     self.keep_tokens = keep_tokens
     self.tokens_dtype = tokens_dtype
+    # (C, 2, H, Dh, 1+N) of one image where the index keeps its keys and values, else None.
+    self.keys_values_shape = tuple(keys_values_shape) if keys_values_shape is not None else None
     self.folder = pathlib.Path(folder) if folder is not None else None
     self.report = UpdateReport()  # of the last index / add / sync
     self._scratch: pathlib.Path | None = None
-    self.set_rows(entries, embeddings, self._open_tokens_file() if keep_tokens else None)
+    self.set_rows(entries, embeddings, **self._open_row_files())
 
   @classmethod
   def from_arrays(cls, names: Sequence[str], embeddings: np.ndarray, tokens: np.ndarray | None,
@@ -319,47 +338,64 @@ class Index:
   def __len__(self) -> int:
     return len(self.entries)
 
-  def set_rows(self, entries: list[Entry], embeddings: np.ndarray, tokens: np.ndarray | None) -> None:
+  @property
+  def keep_keys_values(self) -> bool:
+    return self.keys_values_shape is not None
+
+  def set_rows(self, entries: list[Entry], embeddings: np.ndarray, tokens: np.ndarray | None = None,
+               keys_values: np.ndarray | None = None) -> None:
     """Replaces the rows; `names` is kept as a list because search reads it by position."""
     self.entries = list(entries)
     self.names = [e.name for e in self.entries]
     self.embeddings = embeddings
     self.tokens = tokens
+    self.keys_values = keys_values
 
-  def _open_tokens_file(self) -> np.ndarray | None:
-    path = self.tokens_path()
-    return open_tokens(path) if path.exists() else np.zeros((0, *self.token_shape), self.tokens_dtype)
+  def row_files(self) -> list[RowFile]:
+    """The per-image arrays this index keeps on disk."""
+    files = [RowFile('tokens', TOKENS_FILE, self.token_shape, self.tokens_dtype)] if self.keep_tokens else []
+    if self.keep_keys_values:
+      files.append(RowFile('keys_values', KEYS_VALUES_FILE, self.keys_values_shape, 'float32'))
+    return files
 
-  def tokens_path(self) -> pathlib.Path:
-    """Where the kept tokens live: the index folder, or a temporary one made on first use."""
+  def _open_row_files(self) -> dict[str, np.ndarray]:
+    """{attribute: its file memory-mapped (an empty array before the first rows)} of every kept per-image array."""
+    return {f.attribute: open_tokens(self.row_path(f.file)) if self.row_path(f.file).exists() else
+            np.zeros((0, *f.shape), f.dtype) for f in self.row_files()}
+
+  def row_path(self, file: str) -> pathlib.Path:
+    """Where a kept per-image file lives: the index folder, or a temporary one made on first use."""
     if self.folder is not None:
-      return self.folder / TOKENS_FILE
+      return self.folder / file
     if self._scratch is None:
       self._scratch = pathlib.Path(tempfile.mkdtemp(prefix='xmodal-index-'))
       weakref.finalize(self, shutil.rmtree, self._scratch, True)
-    return self._scratch / TOKENS_FILE
+    return self._scratch / file
 
   def save(self, path: str | os.PathLike | None = None) -> pathlib.Path:
     """Writes the index folder `path` (default: its own folder) and makes it the index's folder. index.json is
     written last, through a rename: a folder is never left with a new index.json and old arrays. Kept tokens held
-    as an array (`from_arrays`) are written a row block at a time; a token file is copied."""
+    as an array (`from_arrays`) are written a row block at a time; a token (or keys and values) file is copied."""
     path = pathlib.Path(path) if path is not None else self.folder
     if path is None:
       raise ValueError('this index has no folder yet: save(path)')
     path.mkdir(parents=True, exist_ok=True)
-    source = self.tokens_path() if self.keep_tokens else None
-    if source is not None and not source.exists():
-      write_array(path / TOKENS_FILE, self.tokens, self.tokens_dtype)
-    elif source is not None and source.resolve() != (path / TOKENS_FILE).resolve():
-      shutil.copyfile(source, path / TOKENS_FILE)  # streams: the tokens are not read into memory
+    for f in self.row_files():
+      source = self.row_path(f.file)
+      if not source.exists():
+        write_array(path / f.file, getattr(self, f.attribute), f.dtype)
+      elif source.resolve() != (path / f.file).resolve():
+        shutil.copyfile(source, path / f.file)  # streams: the rows are not read into memory
     np.save(path / EMBEDDINGS_FILE, np.asarray(self.embeddings, np.float32))
     meta = {'format': FORMAT, 'format_version': FORMAT_VERSION, 'weights_sha256': self.weights_sha256,
             'count': len(self), 'keep_tokens': self.keep_tokens, 'tokens_dtype': self.tokens_dtype,
-            'token_shape': list(self.token_shape), 'entries': [dataclasses.astuple(e) for e in self.entries]}
+            'token_shape': list(self.token_shape),
+            'keys_values_shape': list(self.keys_values_shape) if self.keep_keys_values else None,
+            'entries': [dataclasses.astuple(e) for e in self.entries]}
     write_json(path / INDEX_FILE, meta)
     self.folder = path
-    if self.keep_tokens:
-      self.tokens = self._open_tokens_file()
+    for attribute, rows in self._open_row_files().items():
+      setattr(self, attribute, rows)
     return path
 
   @classmethod
@@ -380,37 +416,43 @@ class Index:
     try:
       embeddings = np.load(path / EMBEDDINGS_FILE, allow_pickle=False)
       index = cls(entries, embeddings, meta['weights_sha256'], tuple(meta['token_shape']), meta['keep_tokens'],
-                  meta['tokens_dtype'], folder=path)
+                  meta['tokens_dtype'], folder=path, keys_values_shape=meta.get('keys_values_shape'))
     except (OSError, ValueError) as e:
       raise IndexFormatError(f'{path}: not a readable index ({e})') from e
     rows = {'entries': len(entries), 'embeddings': embeddings.shape[0]}
-    if index.keep_tokens:
-      rows['tokens'] = index.tokens.shape[0]
+    rows.update({f.attribute: getattr(index, f.attribute).shape[0] for f in index.row_files()})
     if len(set(rows.values())) != 1:
       raise IndexFormatError(f'{path}: inconsistent row counts {rows}')
     index.report = UpdateReport(unchanged=len(entries), duplicates=duplicate_groups(entries))  # nothing done yet
     return index
 
 
-def write_rows(index: Index, keep: np.ndarray, blocks: Iterable[tuple[list[Entry], np.ndarray, np.ndarray]]) -> None:
-  """Rewrites `index` as its rows `keep` followed by new blocks of (entries, embeddings (B, E), tokens (B, 1+N, Dv)).
+Block = tuple[list[Entry], np.ndarray, np.ndarray, Union[np.ndarray, None]]
 
-  Kept tokens stream from the old token file into a new one beside it, which replaces the old only when every block
-  is written: an error in a block (for example a strict update meeting a bad file) leaves the index as it was.
+
+def write_rows(index: Index, keep: np.ndarray, blocks: Iterable[Block]) -> None:
+  """Rewrites `index` as its rows `keep` followed by new blocks of (entries, embeddings (B, E), tokens (B, 1+N, Dv),
+  keys and values (B, C, 2, H, Dh, 1+N) or None where the index keeps none).
+
+  Kept per-image rows stream from the old file into a new one beside it, which replaces the old only when every
+  block is written: an error in a block (for example a strict update meeting a bad file) leaves the index as it was.
   """
   entries = [index.entries[i] for i in keep]
   embeddings = [index.embeddings[keep]]
-  target = index.tokens_path() if index.keep_tokens else None
-  if target is not None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-  writing = TokenWriter(target, index.token_shape, index.tokens_dtype) if target else contextlib.nullcontext()
-  with writing as writer:
-    if writer is not None and len(keep) and target.exists():
-      writer.copy_rows(target, keep)
-    for block_entries, block_emb, block_tokens in blocks:
+  files = index.row_files()
+  with contextlib.ExitStack() as writing:
+    writers = {}
+    for f in files:
+      target = index.row_path(f.file)
+      target.parent.mkdir(parents=True, exist_ok=True)
+      writers[f.attribute] = writing.enter_context(TokenWriter(target, f.shape, f.dtype))
+      if len(keep) and target.exists():
+        writers[f.attribute].copy_rows(target, keep)
+    for block_entries, block_emb, block_tokens, block_keys_values in blocks:
       entries.extend(block_entries)
       embeddings.append(block_emb)
-      if writer is not None:
-        writer.write(block_tokens)
-  tokens = open_tokens(target) if target is not None else None
-  index.set_rows(entries, np.concatenate(embeddings).astype(np.float32, copy=False), tokens)
+      for attribute, rows in (('tokens', block_tokens), ('keys_values', block_keys_values)):
+        if attribute in writers:
+          writers[attribute].write(rows)
+  index.set_rows(entries, np.concatenate(embeddings).astype(np.float32, copy=False),
+                 **{f.attribute: open_tokens(index.row_path(f.file)) for f in files})

@@ -2,11 +2,18 @@
 
   r = Retriever.load('bundle/')
   index = r.index('photos/', batch_size=64)                 # ITC embeddings (+ image tokens for re-ranking)
+  index = r.index('photos/', keep_keys_values=True)         # + what re-ranking reads instead of projecting the tokens
   r.add(index, ['new.png'])                                 # embeds only the new images
   r.sync(index, 'photos/')                                  # follows the folder: added, deleted, changed files
   hits = r.search('a red circle left of a blue square', index, k=10, rerank=64)
   similar = r.search_images('photos/cat.png', index, k=10)  # image → images by ITC cosine
   captions = r.search_captions('photos/cat.png', ['a cat', 'a dog'], k=1)
+
+Re-ranking does only the work each pair needs (`Reranking`, `Retriever.reranking`): each query's pairs run at its
+length rounded up to a multiple of 8 (bundles from before that run at the model's full length), the pairs of every
+query of a `search([...])` that share a length together, and with an index that keeps keys and values the fusion
+encoder projects only the query. The scores are those of the full-length match on the image tokens up to float
+rounding (tests/test_search.py).
 
 Bad input is named: unreadable files are skipped and listed in `index.report` (or raise UnreadableImage with
 strict=True), k / rerank / batch sizes and empty queries raise ValueError, and a query that is mostly unknown words
@@ -18,6 +25,7 @@ training code, no TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import pathlib
 import warnings
@@ -61,9 +69,27 @@ def check_texts(name: str, texts: Sequence[str]) -> list[str]:
   return texts
 
 
+@dataclasses.dataclass(frozen=True)
+class Reranking:
+  """How ITM re-ranking runs (`Retriever.reranking`). The defaults do the least work that the bundle and the index
+  allow and give the same scores up to float rounding; the switches exist to measure against (`xmodal search bench
+  --compare`: both False is the path of bundles and indexes from before them)."""
+  # Each query's pairs run at its length rounded up to a bucket (`ranking.text_lengths`), not the model's full length:
+  # the [CLS] that ITM reads does not see the padding. Needs a bundle whose matches take any length.
+  query_length: bool = True
+  # The index's kept keys and values (`Retriever.index(keep_keys_values=True)`) instead of the image tokens, which
+  # every cross-attention would project again for every pair.
+  keys_values: bool = True
+
+
+def _power_of_two(n: int) -> int:
+  """The least power of two >= n: padded sizes take few values, so that few shapes ever compile."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
 def _bucket(n: int, batch_size: int) -> int:
-  """Padded batch for n rows: the next power of two, at most batch_size, so that few shapes ever compile."""
-  return min(batch_size, 1 << max(n - 1, 0).bit_length())
+  """Padded batch for n rows: the next power of two, at most batch_size."""
+  return min(batch_size, _power_of_two(n))
 
 
 class Retriever:
@@ -80,6 +106,10 @@ class Retriever:
     self.batch_size = batch_size
     self._functions = functions
     self._params = params
+    self.reranking = Reranking()
+    # Bundles exported before re-ranking at a query's length fixed the match's text length to the model's.
+    match_length = manifest['functions']['match']['inputs']['text_tokens']['shape'][1]
+    self.match_any_length = isinstance(match_length, str)
     # Ties an index to the weights it was computed with.
     self.weights_sha256 = manifest['files'][bundle_lib.PARAMS]['sha256']
 
@@ -107,7 +137,8 @@ class Retriever:
       raise bundle_lib.BundleError(f'{tokenizer_file}: cannot load the tokenizer ({e})') from e
     backend = jax.default_backend()
     functions = {}
-    for name in bundle_lib.FUNCTIONS:
+    optional = [name for name in bundle_lib.OPTIONAL_FUNCTIONS if name in manifest.get('functions', {})]
+    for name in (*bundle_lib.FUNCTIONS, *optional):
       file = path / bundle_lib.function_file(name)
       try:
         exported = jax.export.deserialize(bytearray(file.read_bytes()))
@@ -124,6 +155,13 @@ class Retriever:
   # ------------------------------------------------------------------------------------------------ the towers
   def _run(self, name: str, *inputs: np.ndarray) -> tuple[np.ndarray, ...]:
     """Runs an exported function over inputs of any leading size N in padded chunks; outputs (N, ...) numpy."""
+    return self._collect(self._dispatch(name, *inputs))
+
+  def _dispatch(self, name: str, *inputs: np.ndarray, shared: int = 0) -> list[tuple[int, Any]]:
+    """Starts an exported function on padded chunks of the inputs; returns (rows, outputs) per chunk for `_collect`,
+    which waits. Dispatching every call before reading any back keeps the host from waiting on each in turn. The
+    first `shared` inputs are passed whole to every chunk (e.g. the texts that the chunks' pairs index)."""
+    whole, inputs = inputs[:shared], inputs[shared:]
     count = inputs[0].shape[0]
     if count == 0:
       raise ValueError(f'{name}: no inputs')
@@ -134,9 +172,13 @@ class Retriever:
       pad = _bucket(rows, self.batch_size) - rows
       if pad:
         chunk = [np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) for x in chunk]
-      result = self._functions[name](self._params, *chunk)
+      result = self._functions[name](self._params, *whole, *chunk)
       outputs.append((rows, result if isinstance(result, (tuple, list)) else (result,)))
-    # Read back only after every chunk is dispatched, so the host does not wait on each one in turn.
+    return outputs
+
+  @staticmethod
+  def _collect(outputs: list[tuple[int, Any]]) -> tuple[np.ndarray, ...]:
+    """`_dispatch`'s chunks read back: each output (N, ...) numpy, the padding dropped."""
     return tuple(np.concatenate([np.asarray(result[i])[:rows] for rows, result in outputs])
                  for i in range(len(outputs[0][1])))
 
@@ -192,7 +234,8 @@ class Retriever:
 
   # ------------------------------------------------------------------------------------------ index and search
   def index(self, gallery: Gallery, batch_size: int | None = None, progress: bool = True, keep_tokens: bool = True,
-            tokens_dtype: str = 'float32', path: str | pathlib.Path | None = None, strict: bool = False) -> Index:
+            tokens_dtype: str = 'float32', path: str | pathlib.Path | None = None, strict: bool = False,
+            keep_keys_values: bool = False) -> Index:
     """Embeds a gallery (a folder, or a list of paths / uint8 arrays) into a new `Index`; see `add`.
 
     Args:
@@ -200,12 +243,34 @@ class Retriever:
       tokens_dtype: 'float32' or 'float16' (half the disk; re-ranking scores move by about 1e-3).
       path: the index folder, written as images are embedded; default a temporary one until `Index.save`.
       strict: raise UnreadableImage at the first unreadable file instead of skipping it.
+      keep_keys_values: also store every fusion cross-attention's keys and values of each image (the Locator's
+        included; on disk, memory-mapped), which re-ranking then reads instead of projecting the candidates' tokens
+        in every layer: cross-attention layers x 2 x (1+N) x text width x 4 bytes per image (`keys_values_bytes`;
+        the shapes model: 3 x 2 x 65 x 128 x 4 = 199,680 bytes, 6x its float32 tokens). Needs a bundle that
+        exports `image_keys_values`.
     """
     token_shape = tuple(self.manifest['functions']['encode_image']['outputs'][0]['shape'][1:])
     index = Index([], np.zeros((0, int(self.manifest['embed_dim'])), np.float32), self.weights_sha256, token_shape,
-                  keep_tokens, tokens_dtype, folder=path)
+                  keep_tokens, tokens_dtype, folder=path,
+                  keys_values_shape=self._keys_values_shape() if keep_keys_values else None)
     self.add(index, gallery, batch_size=batch_size, progress=progress, strict=strict)
     return index
+
+  def _keys_values_shape(self) -> tuple[int, ...]:
+    """(C, 2, H, Dh, 1+N): one image's keys and values, as the bundle's `image_keys_values` returns them."""
+    if not self.can_keep_keys_values:
+      raise ValueError(f'{self.path}: this bundle does not export image_keys_values (exported by an older xmodal); '
+                       're-export it with `xmodal export`, or index without keep_keys_values')
+    return tuple(self.manifest['functions']['image_keys_values']['outputs'][0]['shape'][1:])
+
+  @property
+  def can_keep_keys_values(self) -> bool:
+    """Whether the bundle has the functions an index with keep_keys_values needs (exports since they exist)."""
+    return {'image_keys_values', 'match_keys_values'} <= set(self._functions)
+
+  def keys_values_bytes(self) -> int:
+    """Disk (and page cache) an index with keep_keys_values spends per image on them."""
+    return 4 * int(np.prod(self._keys_values_shape()))
 
   def add(self, index: Index, gallery: Gallery, batch_size: int | None = None, progress: bool = False,
           strict: bool = False) -> Index:
@@ -233,14 +298,18 @@ class Retriever:
               progress: bool, strict: bool) -> UpdateReport:
     """Applies a plan: kept rows, then the embedded new ones; saves an index that has a folder."""
     self.check_compatible(index)
-    if not index.keep_tokens and any(isinstance(item, np.ndarray) for item, _, _ in plan.todo):
-      raise ValueError('an index without kept tokens recomputes them from paths; arrays need keep_tokens=True')
+    if not (index.keep_tokens or index.keep_keys_values) and any(isinstance(item, np.ndarray)
+                                                                 for item, _, _ in plan.todo):
+      raise ValueError('an index without kept tokens (or keys and values) recomputes them from paths; arrays need '
+                       'keep_tokens=True')
+    if index.keep_keys_values:
+      self._keys_values_shape()  # raises, naming the bundle, if it cannot compute them
     report = UpdateReport(added=plan.added, removed=plan.removed, changed=plan.changed, unchanged=plan.unchanged,
                           skipped_links=listing.skipped_links if listing else [])
     # With nothing to add or drop nothing is rewritten (kept tokens would be copied whole for nothing).
     if plan.todo or len(plan.keep) != len(index):
       blocks = self.embed_gallery(plan.todo, batch_size=batch_size, progress=progress, strict=strict,
-                                  unreadable=report.unreadable)
+                                  unreadable=report.unreadable, keys_values=index.keep_keys_values)
       index_lib.write_rows(index, plan.keep, blocks)
       if index.folder is not None:
         index.save()
@@ -274,11 +343,12 @@ class Retriever:
 
   def embed_gallery(self, items: Sequence[tuple[Any, str, tuple[int, int] | None]], batch_size: int | None = None,
                     progress: bool = False, strict: bool = False,
-                    unreadable: list[tuple[str, str]] | None = None
-                    ) -> Iterator[tuple[list[Entry], np.ndarray, np.ndarray]]:
+                    unreadable: list[tuple[str, str]] | None = None, keys_values: bool = False
+                    ) -> Iterator[index_lib.Block]:
     """Embeds (image, name, (size, mtime_ns) or None) items a batch at a time, so that only one batch of pixels and
-    tokens is ever in memory: yields (entries, emb (B, E), tokens (B, 1+N, Dv)). Unreadable files are appended to
-    `unreadable` as (path, reason) and skipped; with strict, the first one raises UnreadableImage."""
+    tokens is ever in memory: yields (entries, emb (B, E), tokens (B, 1+N, Dv), with `keys_values` their keys and
+    values (B, C, 2, H, Dh, 1+N), else None). Unreadable files are appended to `unreadable` as (path, reason) and
+    skipped; with strict, the first one raises UnreadableImage."""
     batch_size = check_count('batch_size', batch_size or self.batch_size, 1)
     starts = range(0, len(items), batch_size)
     if progress:
@@ -298,7 +368,7 @@ class Retriever:
         pixels.append(preprocess_lib.preprocess(rgb, self.preprocess_spec))
       if entries:
         emb, tokens = self.encode_pixels(np.stack(pixels))
-        yield entries, emb, tokens
+        yield entries, emb, tokens, self._run('image_keys_values', tokens)[0] if keys_values else None
 
   @staticmethod
   def _read(item: preprocess_lib.ImageLike) -> tuple[np.ndarray, str]:
@@ -357,13 +427,47 @@ class Retriever:
     self.check_compatible(index)
     text_emb, text_tokens, text_mask = self.encode_texts(queries)
     scores, candidates = self._candidates(text_emb, index, max(k, rerank), ann)
-
-    def scorer(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-      return self.match_tokens(text_tokens[q], text_mask[q], self._image_tokens(index, g))
-
+    scorer = lambda q, g: self._score_pairs(text_tokens, text_mask, q, index, g)
     ranked = ranking.rank(scores, candidates, k, rerank, scorer)
     hits = [[Hit(g, index.names[g], s, m) for g, s, m in row] for row in ranked]
     return hits[0] if single else hits
+
+  def _score_pairs(self, text_tokens: np.ndarray, text_mask: np.ndarray, queries: np.ndarray, index: Index,
+                   positions: np.ndarray) -> np.ndarray:
+    """ITM scores (P,) of the pairs (text `queries[p]`, gallery position `positions[p]`), as `self.reranking` says.
+
+    The pairs of every query that share a length bucket run together, cut to it, in chunks of the batch size; every
+    chunk of every bucket is dispatched before any is read back. An index's kept keys and values are read in place
+    of its image tokens where the bundle has the function that reads them.
+    """
+    settings = self.reranking
+    keys_values = settings.keys_values and index.keep_keys_values and self.can_keep_keys_values
+    if settings.query_length and (keys_values or self.match_any_length):
+      lengths = ranking.text_lengths(text_mask)[queries]
+    else:
+      lengths = np.full(len(queries), text_mask.shape[1])
+    # Kept tokens may be float16 on disk; the bundle's functions take float32.
+    image_tokens = None if keys_values else np.asarray(self._image_tokens(index, positions), np.float32)
+    pending = []
+    for length in np.unique(lengths):
+      rows = np.flatnonzero(lengths == length)
+      if keys_values:
+        # The bucket's distinct texts once each (their count padded to a power of two: few shapes compile), and the
+        # kept rows (G, C, 2, H, Dh, N) read layer by layer: keys_0, values_0, keys_1, ..., each (P, H, Dh, N).
+        texts, text_index = np.unique(queries[rows], return_inverse=True)
+        texts = np.pad(texts, (0, _power_of_two(len(texts)) - len(texts)), mode='edge')
+        kept, picked = index.keys_values, positions[rows]
+        layers = [kept[picked, layer, kind] for layer in range(kept.shape[1]) for kind in range(2)]
+        pending.append((rows, self._dispatch('match_keys_values', text_tokens[texts, :length],
+                                             text_mask[texts, :length], text_index.astype(np.int32), *layers,
+                                             shared=2)))
+      else:
+        texts = text_tokens[queries[rows], :length], text_mask[queries[rows], :length]
+        pending.append((rows, self._dispatch('match', *texts, image_tokens[rows])))
+    scores = np.empty(len(queries), np.float32)
+    for rows, outputs in pending:
+      scores[rows] = self._collect(outputs)[0][:, 1]
+    return scores
 
   @staticmethod
   def _candidates(query_emb: np.ndarray, index: Index, count: int, ann: Any) -> tuple[np.ndarray, np.ndarray]:
