@@ -318,6 +318,36 @@ def test_cli_bad_input_is_one_line_and_exit_2(bundle, gallery, capsys, extra, me
 
 
 @slow
+def test_cli_keys_values_keeps_them_in_the_index_and_answers_as_without(bundle, gallery, tmp_path, capsys):
+  from xmodal.cli.main import main
+  answers = {}
+  for name, extra in (('kv', ['--keys-values']), ('tokens', [])):
+    assert main(['search', '--bundle', str(bundle), '--images', str(gallery), '--index', str(tmp_path / name),
+                 '--query', 'a red circle', '--k', '4', '--rerank', '4', '--json', *extra]) == 0
+    answers[name] = json.loads(capsys.readouterr().out)['results'][0]['hits']
+  assert (tmp_path / 'kv' / 'keys_values.npy').exists() and not (tmp_path / 'tokens' / 'keys_values.npy').exists()
+  assert [h['index'] for h in answers['kv']] == [h['index'] for h in answers['tokens']]
+  np.testing.assert_allclose([h['itm'] for h in answers['kv']], [h['itm'] for h in answers['tokens']], atol=1e-5)
+
+
+@slow
+def test_search_bench_compares_the_old_and_new_reranking_in_one_run(bundle, capsys):
+  from xmodal.cli.main import main
+  assert main(['search', 'bench', '--bundle', str(bundle), '--gallery-size', '24', '--queries', '4', '--k', '3',
+               '--rerank', '8', '--batch-size', '8', '--compare', '--rounds', '2']) == 0
+  printed = capsys.readouterr().out.splitlines()
+  results = json.loads(printed[-1])
+  assert {'index_images_per_s', 'queries_per_s_itc', 'queries_per_s_itc+itm', 'dtype'} <= set(results)
+  compare = results['compare']
+  assert (compare['old']['query_length'], compare['old']['keys_values']) == (False, False)
+  assert (compare['new']['query_length'], compare['new']['keys_values']) == (True, True)
+  assert len(compare['old']['queries_per_s']) == len(compare['new']['queries_per_s']) == 2
+  assert compare['ratio'] == pytest.approx(compare['new']['median'] / compare['old']['median'])
+  assert compare['max_itm_difference'] < 1e-4 and compare['same_rankings']
+  assert any(line.startswith('ratio new/old') for line in printed)
+
+
+@slow
 def test_cli_prints_query_warnings(bundle, gallery, capsys):
   from xmodal.cli.main import main
   assert main(['search', '--bundle', str(bundle), '--images', str(gallery), '--no-progress', '--query',

@@ -2,16 +2,19 @@
 
   xmodal search --bundle BUNDLE --images FOLDER --query "a red circle left of a blue square" [--query TEXT ...]
                 [--query-image PATH ...] [--k 10] [--rerank 64] [--json] [--out DIR] [--index DIR] [--strict]
-                [--batch-size 32] [--tokens-dtype float16] [--no-tokens]
+                [--batch-size 32] [--tokens-dtype float16] [--no-tokens] [--keys-values]
   xmodal search --bundle BUNDLE --index DIR --query TEXT                 (search a saved index as it is)
   xmodal search sync --bundle BUNDLE --images FOLDER --index DIR [--strict] [--json]
   xmodal search bench --bundle BUNDLE [--gallery-size 512] [--queries 32] [--k 10] [--rerank 64]   (or --bench)
+                      [--compare [--rounds 3]]
 
 Prints, per query, the ranked list (rank, ITC score, ITM score, path); --json prints one JSON document instead.
 --index keeps the index in DIR and follows FOLDER: new files are embedded, changed ones re-embedded, deleted ones
 dropped, and the counts printed (`sync` does only that). Unreadable images are skipped and listed (--strict: the first
 one is an error). Bad arguments, bad files and unusable indexes end with one line `xmodal search: ...` and exit 2.
 --out writes DIR/results.html and DIR/results.png (DIR/1/, DIR/2/, ... for several queries).
+bench --compare times re-ranking the way older bundles and indexes ran it (full text length, image tokens) against
+today's (each query at its length, the index's kept keys and values), alternating, in one process.
 Imports only `xmodal.inference`: no model or training code, no TensorFlow.
 """
 
@@ -47,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                       help='a new index stores image tokens in this dtype (float16: half the disk)')
   parser.add_argument('--no-tokens', action='store_true',
                       help='a new index keeps no image tokens (re-ranking recomputes the candidates\')')
+  parser.add_argument('--keys-values', action='store_true',
+                      help='a new index also keeps every fusion cross-attention\'s keys and values of each image, so '
+                      'that re-ranking projects only the query: cross-attention layers x 2 x (1+N) x text width x 4 '
+                      'bytes per image on disk, memory-mapped (the shapes model: 3 x 2 x 65 x 128 x 4 = 195 KiB, 6x '
+                      'its tokens); needs a bundle exported with image_keys_values')
   parser.add_argument('--batch-size', type=int, default=32)
   parser.add_argument('--no-progress', action='store_true', help='no tqdm bar while indexing')
   parser.add_argument('--ann', choices=('flat', 'hnsw', 'ivf'),
@@ -56,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--bench', action='store_true', help='measure index and query throughput instead')
   parser.add_argument('--gallery-size', type=int, default=512, help='bench: synthetic gallery images')
   parser.add_argument('--queries', type=int, default=32, help='bench: timed queries per setting')
+  parser.add_argument('--compare', action='store_true',
+                      help='bench: also time re-ranking the old way (full text length, image tokens), alternating')
+  parser.add_argument('--rounds', type=int, default=3, help='bench --compare: timed rounds of each way')
   return parser
 
 
@@ -70,7 +81,8 @@ def _index(retriever: Retriever, args: argparse.Namespace) -> Index:
   if not args.images:
     raise ValueError('--images is required (or --index with a saved index)')
   return retriever.index(args.images, batch_size=args.batch_size, progress=progress, keep_tokens=not args.no_tokens,
-                         tokens_dtype=args.tokens_dtype, path=args.index, strict=args.strict)
+                         tokens_dtype=args.tokens_dtype, path=args.index, strict=args.strict,
+                         keep_keys_values=args.keys_values)
 
 
 def _report_json(index: Index) -> dict:
@@ -170,6 +182,17 @@ def _ann(args: argparse.Namespace, index: Index):
   return ann
 
 
+def _print_comparison(compare: dict) -> None:
+  for name in ('old', 'new'):
+    way = compare[name]
+    what = (f'{"each query at its length" if way["query_length"] else "full text length"}, '
+            f'{"kept keys and values" if way["keys_values"] else "image tokens"}')
+    rates = ', '.join(f'{r:.1f}' for r in way['queries_per_s'])
+    print(f're-ranking {name} ({what}): median {way["median"]:.1f} queries/s of {rates}')
+  print(f'ratio new/old {compare["ratio"]:.2f}x; largest ITM score difference {compare["max_itm_difference"]:.2e}; '
+        f'same rankings: {"yes" if compare["same_rankings"] else "no"}')
+
+
 def main(argv: Sequence[str]) -> int:
   argv = list(argv)
   sync_only = bool(argv) and argv[0] == 'sync'
@@ -183,9 +206,11 @@ def main(argv: Sequence[str]) -> int:
     return 2
   if args.bench:
     results = bench_lib.run(retriever, gallery_size=args.gallery_size, queries=args.queries, k=args.k,
-                            rerank=args.rerank, batch_size=args.batch_size)
+                            rerank=args.rerank, batch_size=args.batch_size, compare=args.compare, rounds=args.rounds)
     print(f'index {results["index_images_per_s"]:.1f} images/s; queries {results["queries_per_s_itc"]:.1f}/s '
           f'(ITC), {results["queries_per_s_itc+itm"]:.1f}/s (ITC + ITM re-rank of {args.rerank})')
+    if args.compare:
+      _print_comparison(results['compare'])
     print(json.dumps(results))
     return 0
   if sync_only and not (args.images and args.index):
