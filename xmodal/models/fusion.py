@@ -56,11 +56,12 @@ class Locator(nn.Module):
   dtype: jnp.dtype = jnp.float32
   impl: str = 'xla'
   init: str = 'bert'
+  explain: bool = False  # its cross-attention sows its weights (layers.Attention.explain)
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask, image_index=None) -> jax.Array:
     x, _ = layers.FusionBlock(self.heads, self.mlp_dim, self.eps, self.dtype, self.impl, self.init, where=True,
-                              name='layer')(x, mask, image_tokens, image_mask, image_index)
+                              explain=self.explain, name='layer')(x, mask, image_tokens, image_mask, image_index)
     return nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32, name='head',
                     kernel_init=layers.with_names(layers.kernel_init(self.init), 'embed', None),
                     bias_init=layers.with_names(nn.initializers.zeros, None))(x.astype(jnp.float32))
@@ -86,11 +87,12 @@ class FusionEncoder(nn.Module):
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
                image_mask: jax.Array | None = None, image_index: jax.Array | None = None, *,
-               locate_only: bool = False, cls_only: bool = False) -> jax.Array:
+               locate_only: bool = False, cls_only: bool = False, explain: bool = False) -> jax.Array:
     """`image_index` (B,) int: text row i reads image `image_index[i]` of `image_tokens` (M, N, Dv), whose keys and
     values each layer projects once per image rather than once per row (ITM's negatives reuse the batch's images).
     `locate_only`: return the Locator's positions (B, L, 2) instead of the fused tokens (needs `locator`).
-    `cls_only`: return the fused [CLS] alone (B, 1, Dt): the last layer computes no other token."""
+    `cls_only`: return the fused [CLS] alone (B, 1, Dt): the last layer computes no other token.
+    `explain`: every cross-attention sows its weights (the Locator's first, then the layers'; `models.explain`)."""
     if self.word_window > 0:
       text_tokens = WordWindow(self.word_window, self.layer_norm_eps, self.dtype, self.init, name='word_window')(
           text_tokens.astype(self.dtype), text_mask)
@@ -107,7 +109,7 @@ class FusionEncoder(nn.Module):
       # shapes_recipe.md, "Grounded captions").
       reads = (jax.lax.stop_gradient(text_tokens), broadcast[0], jax.lax.stop_gradient(broadcast[1]), *broadcast[2:])
       positions = Locator(self.heads, self.mlp_dim, self.layer_norm_eps, self.dtype, self.attention, self.init,
-                          name='locator')(*reads)
+                          explain, name='locator')(*reads)
       if locate_only:
         return positions
       # The place enters as an input trained by the locate loss alone: with ITM's gradient in it too, the relation
@@ -120,7 +122,7 @@ class FusionEncoder(nn.Module):
     apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat,
                          num_broadcast=len(broadcast), heads=self.heads, mlp_dim=self.mlp_dim,
                          eps=self.layer_norm_eps, dtype=self.dtype, impl=self.attention, init=self.init,
-                         where=self.locator,
+                         where=self.locator, explain=explain,
                          # Init creates the stacked parameters the [CLS]-only view splits.
                          last_queries=1 if cls_only and not self.is_initializing() else 0)
     return apply(text_tokens, *broadcast)

@@ -165,6 +165,12 @@ class XModal(nn.Module):
     fused = self.fusion(text_tokens, text_mask, image_tokens, image_mask, image_index, cls_only=True)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
 
+  def match_explained(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    """`match` (logits (B, 2)) with every token computed in every layer and each cross-attention's weights sown into
+    'intermediates' and open to 'perturbations': what `models.explain` reads and differentiates."""
+    fused = self.fusion(text_tokens, text_mask, image_tokens, explain=True)
+    return self.itm_head(fused[:, 0].astype(jnp.float32))
+
   def locate(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array,
              image_index: jax.Array | None = None) -> jax.Array:
     """(text tokens (B, L, Dt), text mask (B, L), image tokens (B or M, N, Dv)[, image index (B,)]) -> (B, L, 2)
