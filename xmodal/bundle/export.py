@@ -2,7 +2,8 @@
 
   xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16] [--platforms cpu,cuda]
 
-The three model functions are serialized with `jax.export` at a symbolic batch size 'b'. Parameters are the first
+The model functions (encode_image, encode_text, match, explain) are serialized with `jax.export` at a symbolic
+batch size 'b'. Parameters are the first
 argument of each function, not constants baked into the program: the weights are stored once (params.safetensors)
 instead of three times, the StableHLO files stay a few hundred KB whatever the model size, and a bundle can be
 re-weighted without re-exporting. Every function takes and returns float32 (and int32 ids/masks); a bfloat16 bundle
@@ -31,6 +32,7 @@ from flax import traverse_util
 
 import xmodal
 from xmodal.bundle import format as bundle_lib
+from xmodal.models import explain as explain_lib
 from xmodal.models.model import XModal, build
 from xmodal.tokenizer import Tokenizer, load_tokenizer
 
@@ -45,7 +47,7 @@ def flatten_params(params) -> dict[str, np.ndarray]:
 
 
 def _model_functions(model: XModal):
-  """The three exported functions, each (flat params, inputs...) → float32 outputs."""
+  """The exported functions, each (flat params, inputs...) → float32 outputs."""
 
   def variables(flat):
     # Stored weights may be bfloat16; the modules expect float32 parameters (model.dtype sets the matmul precision).
@@ -65,7 +67,13 @@ def _model_functions(model: XModal):
                          method=XModal.match)
     return logits.astype(jnp.float32)
 
-  return {'encode_image': encode_image, 'encode_text': encode_text, 'match': match}
+  def explain(flat, text_tokens, text_mask, image_tokens):
+    dtype = jnp.dtype(model.spec.dtype)
+    maps, logit = explain_lib.explain(model, variables(flat)['params'], text_tokens.astype(dtype), text_mask,
+                                      image_tokens.astype(dtype))
+    return maps.astype(jnp.float32), logit.astype(jnp.float32)
+
+  return {'encode_image': encode_image, 'encode_text': encode_text, 'match': match, 'explain': explain}
 
 
 def _signatures(model: XModal, flat_specs: dict[str, jax.ShapeDtypeStruct]):
@@ -78,11 +86,13 @@ def _signatures(model: XModal, flat_specs: dict[str, jax.ShapeDtypeStruct]):
                                 jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))[0]
   num_patches, vision_width = image_tokens.shape[1:]
   f32, i32 = jnp.float32, jnp.int32
+  pair = [('text_tokens', (b, length, spec.text.width), f32), ('text_mask', (b, length), i32),
+          ('image_tokens', (b, num_patches, vision_width), f32)]
   return {
       'encode_image': [('images', (b, size, size, 3), f32)],
       'encode_text': [('ids', (b, length), i32), ('mask', (b, length), i32)],
-      'match': [('text_tokens', (b, length, spec.text.width), f32), ('text_mask', (b, length), i32),
-                ('image_tokens', (b, num_patches, vision_width), f32)],
+      'match': pair,
+      'explain': pair,
   }
 
 
@@ -92,7 +102,7 @@ def _describe(shape, dtype) -> dict[str, Any]:
 
 def export_functions(model: XModal, flat_params: dict[str, np.ndarray],
                      platforms: Sequence[str] = DEFAULT_PLATFORMS) -> dict[str, tuple[bytes, dict[str, Any]]]:
-  """{name: (serialized StableHLO, manifest entry)} for encode_image, encode_text and match."""
+  """{name: (serialized StableHLO, manifest entry)} for encode_image, encode_text, match and explain."""
   flat_specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat_params.items()}
   signatures = _signatures(model, flat_specs)
   out = {}

@@ -9,6 +9,7 @@
     encode_image.stablehlo jax.export, symbolic batch 'b'; parameters are the first argument (not baked in)
     encode_text.stablehlo
     match.stablehlo
+    explain.stablehlo      per-token heatmaps over the patches (xmodal.models.explain); absent from older bundles
 
 Nothing here unpickles or executes Python from a bundle: JSON, raw little-endian arrays in safetensors framing,
 tokenizer files read by the `tokenizers`/`sentencepiece` libraries, and serialized StableHLO that jax deserializes.
@@ -35,7 +36,9 @@ PREPROCESS = 'preprocess.json'
 PARAMS = 'params.safetensors'
 TOKENIZER_DIR = 'tokenizer'
 TOKENIZER_SPEC = 'tokenizer/tokenizer_spec.json'
-FUNCTIONS = ('encode_image', 'encode_text', 'match')
+FUNCTIONS = ('encode_image', 'encode_text', 'match')  # every bundle has these
+# Functions that bundles of later exports add; a reader runs a bundle without them, minus what they serve.
+OPTIONAL_FUNCTIONS = ('explain',)
 # What the training pipeline's evaluation preprocessing (xmodal.data.preprocess.eval_image) does, by name: the values
 # of preprocess.json's 'resize' and 'crop', which a reader (xmodal.inference.preprocess) implements.
 RESIZE = 'shorter_side_bilinear_antialias'
