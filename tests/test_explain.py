@@ -158,13 +158,14 @@ def test_words_merge_pieces_that_touch_and_drop_function_words():
   maps = np.zeros((5, 2, 2), np.float32)
   for i in range(5):
     maps[i].flat[i % 4] = i + 1.0
-  explanation = Explanation('a redd-ish box', ['a', 'red', 'd', '-ish', 'box'],
-                            [(0, 1), (2, 5), (5, 6), (6, 10), (11, 14)], maps, 0.0, 'attention', 0)
+  explanation = Explanation('a redd-ish box,', ['a', 'red', 'd', '-ish', 'box', ','],
+                            [(0, 1), (2, 5), (5, 6), (6, 10), (11, 14), (14, 15)], maps[[0, 1, 2, 3, 4, 4]], 0.0,
+                            'attention', 0)
   words = explanation.words()
   assert [w for w, _ in words] == ['redd-ish', 'box']
   merged = maps[1:4].mean(axis=0)
   np.testing.assert_allclose(words[0][1], merged / merged.max())
-  assert [w for w, _ in explanation.words(content_only=False)] == ['a', 'redd-ish', 'box']
+  assert [w for w, _ in explanation.words(content_only=False)] == ['a', 'redd-ish', 'box', ',']
 
 
 def test_overlay_lights_the_map_and_dims_the_rest():
@@ -235,3 +236,39 @@ def test_xmodal_search_explain_writes_an_overlay_per_content_word_into_the_page(
   assert main(['search', '--bundle', str(bundle), '--images', str(folder), '--query', 'a red circle',
                '--explain', '--no-progress']) == 2
   assert '--explain' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_pointing_run_scores_every_shape_and_colour_word_of_a_split(tmp_path):
+  """`xmodal eval --pointing`'s driver on a tiny shapes build with a random model: every named word within the text
+  length is scored once per method and layer (counted here from the captions by a loop), chance is the objects'
+  share of patches."""
+  from xmodal.data.shapes import builder as shapes_lib
+  from xmodal.data.shapes.captions import named_objects
+  from xmodal.tokenizer import load_tokenizer
+  from xmodal.train import pointing
+  shapes_config = shapes_lib.shapes_config(seed=0, image_size=32, train_size=8, validation_size=8, test_size=12,
+                                           test_hard_size=4, validation_hard_size=4)
+  builder = shapes_lib.XmodalShapes(config=shapes_config, data_dir=str(tmp_path / 'tfds'))
+  builder.download_and_prepare()
+  config = bundle_config()
+  config.model.update(fusion_locator=True, fusion_word_window=2)
+  config.data.tfds_name = builder.data_dir
+  model, params = init_params(config)
+  results = pointing.run(config, model, params, 'test', batch_size=16)
+
+  _, captions = shapes_lib.read_split(builder, 'test')
+  texts = [c for cs in captions for c in cs]
+  tokenizer = load_tokenizer('shapes')
+  within = lambda text, span: any(a < span[1] and b > span[0] and i + 1 < config.model.max_text_len - 1
+                                  for i, (a, b) in enumerate(tokenizer.token_offsets([text])[0]))
+  shape_words = sum(within(t, o.shape_span) for t in texts for o in named_objects(t))
+  colour_words = sum(within(t, o.color_span) for t in texts for o in named_objects(t))
+  assert results['pairs'] == len(texts) == 60 and results['layers'] == 3
+  assert results['shape']['count'] == shape_words > 0 and results['colour']['count'] == colour_words > 0
+  for kind in ('shape', 'colour'):
+    assert 1.0 < results[kind]['chance'] < 10.0
+    assert all(len(results[kind][m]) == 3 and all(0 <= v <= 100 for v in results[kind][m])
+               for m in ('attention', 'gradcam'))
+    assert results[kind]['gradcam'][0] <= 100.0 / results[kind]['count'] * 5  # the Locator's Grad-CAM is all zero
+  assert 'layer 0' in pointing.format_table(results)

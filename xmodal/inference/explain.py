@@ -50,10 +50,12 @@ class Explanation:
 
   def words(self, content_only: bool = True) -> list[tuple[str, np.ndarray]]:
     """(word, (G, G) map) per word: pieces that touch (no space between) are one word, their maps averaged and
-    rescaled to a maximum of 1; with `content_only`, STOP_WORDS and punctuation are left out."""
+    rescaled to a maximum of 1, except punctuation, which is its own word ("box," is "box" and ","); with
+    `content_only`, STOP_WORDS and punctuation are left out."""
+    wordy = [any(c.isalnum() for c in token) for token in self.tokens]
     groups: list[list[int]] = []
     for i, (start, _) in enumerate(self.spans):
-      if groups and self.spans[groups[-1][-1]][1] == start:
+      if groups and self.spans[groups[-1][-1]][1] == start and wordy[i] and wordy[groups[-1][-1]]:
         groups[-1].append(i)
       else:
         groups.append([i])
