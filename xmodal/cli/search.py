@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--json', action='store_true', help='print one JSON document: index counts, hits, warnings')
   parser.add_argument('--out', help='folder for the contact sheet (results.html, results.png)')
   parser.add_argument('--explain', action='store_true',
-                      help='with --out: for each text query\'s results, one overlay per content word (why it matched)')
+                      help='with --out: each text query\'s results get one overlay per content word (why it matched)')
   parser.add_argument('--index', help='index folder: loaded and synced with --images if present, else written')
   parser.add_argument('--strict', action='store_true', help='an unreadable image is an error instead of skipped')
   parser.add_argument('--tokens-dtype', choices=TOKENS_DTYPES, default='float32',

@@ -96,7 +96,7 @@ def hits(maps: np.ndarray, targets_: Sequence[Target], image_size: int) -> np.nd
 
 
 def chance(targets_: Sequence[Target], patches: int, image_size: int) -> float:
-  """The expected hit rate of a uniformly random patch: the mean share of patch centres inside the targets' circles."""
+  """The expected hit rate of a uniformly drawn patch: the mean share of patch centres inside the targets' circles."""
   return float(np.mean(_inside(targets_, patch_centres(patches, image_size)))) if targets_ else float('nan')
 
 

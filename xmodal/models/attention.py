@@ -91,4 +91,10 @@ def attended_positions(q: jax.Array, k: jax.Array, positions: jax.Array, mask: j
 
 def weighted_positions(weights: jax.Array, positions: jax.Array) -> jax.Array:
   """(B, H, Lq, Lk) attention weights and (Lk, P) key positions -> (B, Lq, H, P) float32: the weighted mean."""
-  return jnp.einsum('bhqk,kp->bqhp', weights.astype(jnp.float32), positions.astype(jnp.float32))
+  # The positions as values of every head, attended like any values: the same operations, in the same order, as
+  # before explanations shared this function (a contraction over 'kp' directly rounds differently, and a trained
+  # run's numbers move with it).
+  batch, heads, _, length = weights.shape
+  values = jnp.broadcast_to(positions.astype(jnp.float32)[None, :, None, :],
+                            (batch, length, heads, positions.shape[-1]))
+  return attend(weights.astype(jnp.float32), values)
