@@ -1,80 +1,17 @@
 """Search with an exported bundle: a trained micro model finds a test caption's image, indexes round-trip and grow
 without recomputing, FAISS agrees with exact search, and `xmodal search` prints and draws its results."""
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
-from helpers import ROOT, xla_flags
+# Module fixtures, found by pytest under these names: the shapes build, gallery, trained bundle and its retriever.
+from search_fixtures import bundle, gallery, retriever, shapes  # noqa: F401  # pylint: disable=unused-import
 
 # The micro model reads 10 tokens, as it was trained on: the gallery's captions are cut on purpose; not reported.
 _CAPTIONS_CUT = pytest.mark.filterwarnings('ignore:query .* cut to the model')
 
-GALLERY = 40  # test images searched: top-10 of 40 is a quarter of the gallery, so chance alone rarely passes
-TRAIN_STEPS = 200
-# Every test searches with the bundle of a model trained TRAIN_STEPS steps in a subprocess.
+# Every test searches with the bundle of a model trained search_fixtures.TRAIN_STEPS steps in a subprocess.
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-  """(tfds data dir, config) of a 32 px shapes build: 512 train images, GALLERY test images."""
-  from xmodal.data.shapes import builder as shapes_lib
-  config = shapes_lib.shapes_config(seed=0, image_size=32, train_size=512, validation_size=16, test_size=GALLERY,
-                                    test_hard_size=16, validation_hard_size=4)
-  builder = shapes_lib.XmodalShapes(config=config, data_dir=str(tmp_path_factory.mktemp('tfds')))
-  builder.download_and_prepare()
-  return builder.data_dir, config
-
-
-@pytest.fixture(scope='module')
-def gallery(shapes, tmp_path_factory):
-  """(folder of the test split as PNGs, their captions): made by the same pure function the builder uses."""
-  from xmodal.data.shapes import builder as shapes_lib
-  folder = tmp_path_factory.mktemp('gallery')
-  captions = []
-  for i in range(GALLERY):
-    example = shapes_lib.make_example(shapes[1], 'test', i)
-    (folder / f'test{i:03d}.png').write_bytes(example['image'])
-    captions.append(list(example['captions']))
-  return folder, captions
-
-
-@pytest.fixture(scope='module')
-def bundle(shapes, tmp_path_factory):
-  """A micro model trained TRAIN_STEPS steps at batch 32 (one device, in a subprocess) and exported by the CLI.
-
-  One device: on a 2-core machine the 8 fake devices of the test process would split each step eight ways.
-  """
-  from xmodal.cli.main import main
-  workdir = tmp_path_factory.mktemp('run')
-  overrides = [f'--config.data.tfds_name={shapes[0]}', '--config.data.image_size=32', '--config.data.batch_size=32',
-               '--config.data.eval_batch_size=16', '--config.data.eval_split=validation', f'--config.train.steps='
-               f'{TRAIN_STEPS}', '--config.train.checkpoint_every=100000', '--config.train.progress=false',
-               '--config.train.log_every=20', '--config.eval.k=4', '--config.optim.lr=3e-3',
-               '--config.optim.warmup_steps=10',
-               # The shapes recipe's knobs that need no new data (configs/shapes.py): whole images, mean pooling,
-               # and ITM's negatives easy at first, so that re-ranking helps rather than shuffles the top 16.
-               '--config.data.crop_scale=(1.0, 1.0)', '--config.model.pool=mean',
-               '--config.model.vision.posemb_init=sincos2d', f'--config.loss.itm_hard_warmup_steps={TRAIN_STEPS}']
-  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
-  result = subprocess.run([sys.executable, '-m', 'xmodal.cli', 'train', '--config', str(ROOT / 'tests' /
-                                                                                      'micro_config.py'),
-                           '--workdir', str(workdir), *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  out = tmp_path_factory.mktemp('bundle') / 'trained'
-  assert main(['export', '--workdir', str(workdir), '--out', str(out)]) == 0
-  return out
-
-
-@pytest.fixture(scope='module')
-def retriever(bundle):
-  from xmodal.inference import Retriever
-  return Retriever.load(bundle, batch_size=16)
 
 
 def test_xmodal_search_prints_the_retrievers_top_10_and_writes_a_contact_sheet(bundle, retriever, gallery, tmp_path,
@@ -106,7 +43,7 @@ def test_text_queries_rank_their_images_better_than_chance(retriever, gallery):
   # test_evaluate.py; this micro model's ITM has not left its prior, so re-ranked lists would test its noise.
   hits = retriever.search([c[0] for c in captions], index, k=10, rerank=0)
   found = [str(folder / f'test{i:03d}.png') in [h.name for h in row] for i, row in enumerate(hits)]
-  # Chance is 10 / GALLERY = 25 %.
+  # Chance is 10 / search_fixtures.GALLERY = 25 %.
   assert np.mean(found) >= 0.5, np.mean(found)
 
 
@@ -141,13 +78,14 @@ def test_reranking_at_each_querys_length_on_kept_keys_values_scores_and_ranks_as
   index = retriever.index(folder, progress=False, keep_keys_values=True)
   queries = ['a red circle', *(c[0] for c in captions[:6]), 'a small blue square left of a large green triangle']
   assert len(set(text_lengths(retriever.tokenize(queries)[1]))) == 2  # buckets of 8 and 12 (the model's 12)
-  search = lambda: retriever.search(queries, index, k=GALLERY, rerank=GALLERY)
+  everything = len(index)  # every image of the gallery re-ranked
+  search = lambda: retriever.search(queries, index, k=everything, rerank=everything)
   try:
     retriever.reranking = Reranking(query_length=False, keys_values=False)
     old = search()
     for setting in (Reranking(query_length=True, keys_values=False), Reranking(query_length=False), Reranking()):
       retriever.reranking = setting
-      one_by_one = [retriever.search(q, index, k=GALLERY, rerank=GALLERY) for q in queries]
+      one_by_one = [retriever.search(q, index, k=everything, rerank=everything) for q in queries]
       for new in (search(), one_by_one):
         for new_hits, old_hits in zip(new, old):
           assert [h.index for h in new_hits] == [h.index for h in old_hits], setting

@@ -2,12 +2,13 @@
 
   xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16] [--platforms cpu,cuda]
 
-The model functions are serialized with `jax.export` at a symbolic batch size 'b', the matches also at a symbolic
-text length 'l' (re-ranking runs each query at its own length). Parameters are the first argument of each function,
-not constants baked into the program: the weights are stored once (params.safetensors) instead of once per function,
-the StableHLO files stay a few hundred KB whatever the model size, and a bundle can be re-weighted without
-re-exporting. Every function takes and returns float32 (and int32 ids/masks); a bfloat16 bundle
-stores bfloat16 weights and runs its matmuls in bfloat16 (model.dtype), casting at the boundary.
+The model functions (encode_image, encode_text, match, explain, image_keys_values, match_keys_values) are
+serialized with `jax.export` at a symbolic batch size 'b', the matches also at a symbolic text length 'l' (re-ranking
+runs each query at its own length). Parameters are the first argument of each function, not constants baked into
+the program: the weights are stored once (params.safetensors) instead of once per function, the StableHLO files stay
+a few hundred KB whatever the model size, and a bundle can be re-weighted without re-exporting. Every function takes
+and returns float32 (and int32 ids/masks); a bfloat16 bundle stores bfloat16 weights and runs its matmuls in
+bfloat16 (model.dtype), casting at the boundary.
 
 `export_bundle` needs only a config and a parameter tree, so tests and other tools can export without a checkpoint.
 """
@@ -32,6 +33,7 @@ from flax import traverse_util
 
 import xmodal
 from xmodal.bundle import format as bundle_lib
+from xmodal.models import explain as explain_lib
 from xmodal.models.model import XModal, build
 from xmodal.tokenizer import Tokenizer, load_tokenizer
 
@@ -46,7 +48,7 @@ def flatten_params(params) -> dict[str, np.ndarray]:
 
 
 def _model_functions(model: XModal):
-  """The three exported functions, each (flat params, inputs...) → float32 outputs."""
+  """The exported functions, each (flat params, inputs...) → float32 outputs."""
 
   def variables(flat):
     # Stored weights may be bfloat16; the modules expect float32 parameters (model.dtype sets the matmul precision).
@@ -66,6 +68,12 @@ def _model_functions(model: XModal):
                          method=XModal.match)
     return logits.astype(jnp.float32)
 
+  def explain(flat, text_tokens, text_mask, image_tokens):
+    dtype = jnp.dtype(model.spec.dtype)
+    maps, logit = explain_lib.explain(model, variables(flat)['params'], text_tokens.astype(dtype), text_mask,
+                                      image_tokens.astype(dtype))
+    return maps.astype(jnp.float32), logit.astype(jnp.float32)
+
   def image_keys_values(flat, image_tokens):
     keys_values = model.apply(variables(flat), image_tokens.astype(jnp.dtype(model.spec.dtype)),
                               method=XModal.image_keys_values)
@@ -80,7 +88,7 @@ def _model_functions(model: XModal):
                          text_index=text_index, method=XModal.match)
     return logits.astype(jnp.float32)
 
-  return {'encode_image': encode_image, 'encode_text': encode_text, 'match': match,
+  return {'encode_image': encode_image, 'encode_text': encode_text, 'match': match, 'explain': explain,
           'image_keys_values': image_keys_values, 'match_keys_values': match_keys_values}
 
 
@@ -97,13 +105,15 @@ def _signatures(model: XModal, flat_specs: dict[str, jax.ShapeDtypeStruct]):
                                image_tokens)
   num_patches, vision_width = image_tokens.shape[1:]
   f32, i32 = jnp.float32, jnp.int32
+  image_input = ('image_tokens', (b, num_patches, vision_width), f32)
   # The matches take texts of any length up to the model's: a search cuts each query to its own (padding is masked).
   texts = [('text_tokens', (b, l, spec.text.width), f32), ('text_mask', (b, l), i32)]
   return {
       'encode_image': [('images', (b, size, size, 3), f32)],
       'encode_text': [('ids', (b, length), i32), ('mask', (b, length), i32)],
-      'match': [*texts, ('image_tokens', (b, num_patches, vision_width), f32)],
-      'image_keys_values': [('image_tokens', (b, num_patches, vision_width), f32)],
+      'match': [*texts, image_input],
+      'explain': [('text_tokens', (b, length, spec.text.width), f32), ('text_mask', (b, length), i32), image_input],
+      'image_keys_values': [image_input],
       'match_keys_values': [('text_tokens', (t, l, spec.text.width), f32), ('text_mask', (t, l), i32),
                             ('text_index', (b,), i32),
                             *[(f'{kind}_{layer}', (b, *keys_values.shape[3:]), f32)

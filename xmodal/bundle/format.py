@@ -9,6 +9,7 @@
     encode_image.stablehlo jax.export, symbolic batch 'b'; parameters are the first argument (not baked in)
     encode_text.stablehlo
     match.stablehlo        and symbolic text length 'l' (older bundles: the model's fixed length)
+    explain.stablehlo      per-token heatmaps over the patches (xmodal.models.explain); absent from older bundles
     image_keys_values.stablehlo  each cross-attention's keys and values of image tokens, for an index to keep;
     match_keys_values.stablehlo  the match that reads them (both absent from older bundles)
 
@@ -39,7 +40,7 @@ TOKENIZER_DIR = 'tokenizer'
 TOKENIZER_SPEC = 'tokenizer/tokenizer_spec.json'
 FUNCTIONS = ('encode_image', 'encode_text', 'match')  # every bundle has these
 # Functions that bundles of later exports add; a reader runs a bundle without them, minus what they serve.
-OPTIONAL_FUNCTIONS = ('image_keys_values', 'match_keys_values')
+OPTIONAL_FUNCTIONS = ('explain', 'image_keys_values', 'match_keys_values')
 # What the training pipeline's evaluation preprocessing (xmodal.data.preprocess.eval_image) does, by name: the values
 # of preprocess.json's 'resize' and 'crop', which a reader (xmodal.inference.preprocess) implements.
 RESIZE = 'shorter_side_bilinear_antialias'

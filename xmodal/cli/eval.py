@@ -1,6 +1,7 @@
 """`xmodal eval`: restore a checkpoint of a workdir and print the retrieval table (also written as JSON).
 
-  xmodal eval --workdir DIR [--config configs/NAME.py[:arg]] [--split test] [--step N] [--verbose] [--config.a.b=v]
+  xmodal eval --workdir DIR [--config configs/NAME.py[:arg]] [--split test] [--step N] [--pointing] [--verbose]
+              [--config.a.b=v]
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ def add_parser(sub) -> None:
   evaluate.add_argument('--workdir', required=True)
   evaluate.add_argument('--split', default=None, help='data split (default: config.data.eval_split)')
   evaluate.add_argument('--step', type=int, default=None, help='checkpoint step (default: the latest)')
+  evaluate.add_argument('--pointing', action='store_true',
+                        help='also the pointing test (shapes data): where each shape and colour word\'s heatmap '
+                        'peaks, per explanation method and cross-attention layer, beside chance')
   evaluate.add_argument('--verbose', action='store_true', help=f'libraries\' INFO on the console too (always in '
                         f'WORKDIR/{console.LOG_FILE})')
 
@@ -31,7 +35,7 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   import jax
 
   from xmodal import distributed, sharding
-  from xmodal.train import evaluation
+  from xmodal.train import evaluation, pointing
   from xmodal.train.run import load_run_config, restore_state
   # pylint: enable=g-import-not-at-top
 
@@ -44,11 +48,17 @@ def run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
   with jax.set_mesh(mesh), nn.logical_axis_rules([tuple(r) for r in config.mesh.rules]):
     results = evaluation.evaluate(config, model, state.params, mesh, split=args.split,
                                   progress=jax.process_index() == 0 and config.train.progress)
+    if args.pointing:
+      results['pointing'] = pointing.run(config, model, state.params, results['split'],
+                                         progress=jax.process_index() == 0 and config.train.progress)
   results['step'] = restored_step
   if jax.process_index() == 0:
     print(f'step {restored_step}, split {results["split"]}: {results["num_images"]} images, '
           f'{results["num_texts"]} captions')
     print(evaluation.format_table(results))
+    if args.pointing:
+      print(pointing.format_table(results['pointing']) if results['pointing'] else
+            'pointing: not a shapes dataset (the test reads the scenes\' metadata)')
     out = workdir / f'eval_{results["split"]}_{restored_step}.json'
     out.write_text(json.dumps(results, indent=2) + '\n')
     print(f'written to {out}')

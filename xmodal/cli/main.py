@@ -8,6 +8,7 @@
   xmodal config --config configs/shapes.py [--config.a.b=v]   (prints the resolved config)
   xmodal export --workdir DIR --out BUNDLE [--step N] [--dtype float32|bfloat16]
   xmodal search --bundle BUNDLE --images FOLDER --query TEXT [--k 10] [--rerank 64] [--out DIR] | bench ...
+  xmodal serve  --bundle BUNDLE --images FOLDER [--index DIR] [--port 8000] [--host 127.0.0.1]   (a search page)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ _SELF_PARSED = {
     'data': ('xmodal.cli.data', 'xmodal data build|bench|train-tokenizer (see `xmodal data --help`)'),
     'export': ('xmodal.cli.export', 'a checkpoint as an inference bundle (see `xmodal export --help`)'),
     'search': ('xmodal.cli.search', 'search images with a bundle, or bench it (see `xmodal search --help`)'),
+    'serve': ('xmodal.cli.serve', 'a local search page over a folder with a bundle (see `xmodal serve --help`)'),
 }
 
 

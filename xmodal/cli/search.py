@@ -1,8 +1,8 @@
 """`xmodal search`: text or image → images over a folder with an exported bundle; index sync; throughput benchmark.
 
   xmodal search --bundle BUNDLE --images FOLDER --query "a red circle left of a blue square" [--query TEXT ...]
-                [--query-image PATH ...] [--k 10] [--rerank 64] [--json] [--out DIR] [--index DIR] [--strict]
-                [--batch-size 32] [--tokens-dtype float16] [--no-tokens] [--keys-values]
+                [--query-image PATH ...] [--k 10] [--rerank 64] [--json] [--out DIR [--explain]] [--index DIR]
+                [--strict] [--batch-size 32] [--tokens-dtype float16] [--no-tokens] [--keys-values]
   xmodal search --bundle BUNDLE --index DIR --query TEXT                 (search a saved index as it is)
   xmodal search sync --bundle BUNDLE --images FOLDER --index DIR [--strict] [--json]
   xmodal search bench --bundle BUNDLE [--gallery-size 512] [--queries 32] [--k 10] [--rerank 64]   (or --bench)
@@ -12,7 +12,9 @@ Prints, per query, the ranked list (rank, ITC score, ITM score, path); --json pr
 --index keeps the index in DIR and follows FOLDER: new files are embedded, changed ones re-embedded, deleted ones
 dropped, and the counts printed (`sync` does only that). Unreadable images are skipped and listed (--strict: the first
 one is an error). Bad arguments, bad files and unusable indexes end with one line `xmodal search: ...` and exit 2.
---out writes DIR/results.html and DIR/results.png (DIR/1/, DIR/2/, ... for several queries).
+--out writes DIR/results.html and DIR/results.png (DIR/1/, DIR/2/, ... for several queries); with --explain, each
+text query's results also get one overlay per content word of the query (a cross-attention map on the
+image), written as DIR/explain/RANK_WORD.png and shown beside each result in the page.
 bench --compare times re-ranking the way older bundles and indexes ran it (full text length, image tokens) against
 today's (each query at its length, the index's kept keys and values), alternating, in one process.
 Imports only `xmodal.inference`: no model or training code, no TensorFlow.
@@ -29,6 +31,8 @@ import warnings
 from collections.abc import Sequence
 
 from xmodal.inference import BundleError, Hit, Index, Retriever, bench as bench_lib, contact_sheet
+from xmodal.inference import explain as explain_lib
+from xmodal.inference.preprocess import load_rgb
 from xmodal.inference.index import INDEX_FILE, TOKENS_DTYPES
 from xmodal.inference.retriever import QueryWarning, check_count, check_texts
 
@@ -44,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--rerank', type=int, default=64, help='ITC candidates re-ranked by ITM (0 = ITC only)')
   parser.add_argument('--json', action='store_true', help='print one JSON document: index counts, hits, warnings')
   parser.add_argument('--out', help='folder for the contact sheet (results.html, results.png)')
+  parser.add_argument('--explain', action='store_true',
+                      help='with --out: each text query\'s results get one overlay per content word (why it matched)')
   parser.add_argument('--index', help='index folder: loaded and synced with --images if present, else written')
   parser.add_argument('--strict', action='store_true', help='an unreadable image is an error instead of skipped')
   parser.add_argument('--tokens-dtype', choices=TOKENS_DTYPES, default='float32',
@@ -133,6 +139,8 @@ def _run(retriever: Retriever, args: argparse.Namespace, sync_only: bool) -> Non
   """Indexes, searches and prints; input errors propagate as ValueError / OSError for main to print."""
   if not sync_only:  # before indexing, which may take long: a bad argument should not wait for it
     check_count('k', args.k, 1), check_count('rerank', args.rerank, 0)
+    if args.explain and not (args.out and args.query):
+      raise ValueError('--explain draws word overlays into the contact sheet: give --out DIR and a --query')
     if args.query:
       check_texts('query', args.query)
   index = _index(retriever, args)
@@ -154,8 +162,30 @@ def _run(retriever: Retriever, args: argparse.Namespace, sync_only: bool) -> Non
     _print_hits(kind, query, hits, args.rerank)
     if args.out:
       out = pathlib.Path(args.out) / (str(number) if len(results) > 1 else '')
-      page, png = contact_sheet.write(query, hits, out)
+      overlays = _write_overlays(retriever, query, hits, out / 'explain') if args.explain and kind == 'text' else None
+      page, png = contact_sheet.write(query, hits, out, overlays)
       print(f'contact sheet: {page} {png}')
+
+
+def _write_overlays(retriever: Retriever, query: str, hits: list[Hit], out: pathlib.Path
+                    ) -> list[list[tuple[str, pathlib.Path]]]:
+  """Each hit's image lit by each content word's heatmap, written as out/RANK_WORD.png: [(word, path)] per hit."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  out.mkdir(parents=True, exist_ok=True)
+  overlays = []
+  for rank, hit in enumerate(hits, 1):
+    rgb = load_rgb(hit.name)
+    written = []
+    for number, (word, heat) in enumerate(retriever.explain(query, rgb).words()):
+      path = out / f'{rank:02d}_{number}_{_file_safe(word)}.png'
+      Image.fromarray(explain_lib.overlay(rgb, heat)).save(path)
+      written.append((word, path))
+    overlays.append(written)
+  return overlays
+
+
+def _file_safe(word: str) -> str:
+  return ''.join(c if c.isalnum() else '_' for c in word)[:32]
 
 
 def _ann(args: argparse.Namespace, index: Index):

@@ -21,14 +21,27 @@ def _score(value: float | None) -> str:
   return '—' if value is None else f'{value:+.3f}'
 
 
-def write_html(query: str, hits: Sequence[Hit], path: pathlib.Path) -> pathlib.Path:
-  """An HTML page of the hits; image links are relative to the page, so the folder can move with the images."""
+# Per hit, (word, overlay PNG path) of each content word (xmodal search --explain).
+Overlays = Sequence[Sequence[tuple[str, pathlib.Path]]]
+
+
+def _figure(source: str, caption: str, alt: str) -> str:
+  return (f'<figure><img src="{html.escape(source)}" width="{THUMB}" height="{THUMB}" alt="{html.escape(alt)}">'
+          f'<figcaption>{caption}</figcaption></figure>')
+
+
+def write_html(query: str, hits: Sequence[Hit], path: pathlib.Path, overlays: Overlays | None = None) -> pathlib.Path:
+  """An HTML page of the hits; image links are relative to the page, so the folder can move with the images. With
+  `overlays`, each hit's row also shows its image lit by each content word's heatmap."""
   rows = []
+  relative = lambda p: os.path.relpath(os.path.abspath(p), path.parent.resolve())
   for rank, hit in enumerate(hits, 1):
-    source = html.escape(os.path.relpath(os.path.abspath(hit.name), path.parent.resolve()))
-    rows.append(f'<figure><img src="{source}" width="{THUMB}" height="{THUMB}" alt="{html.escape(hit.name)}">'
-                f'<figcaption>#{rank} {html.escape(pathlib.Path(hit.name).name)}<br>ITC {_score(hit.itc)} · ITM '
-                f'{_score(hit.itm)}</figcaption></figure>')
+    label = (f'#{rank} {html.escape(pathlib.Path(hit.name).name)}<br>ITC {_score(hit.itc)} · ITM '
+             f'{_score(hit.itm)}')
+    figures = [_figure(relative(hit.name), label, hit.name)]
+    for word, png in (overlays[rank - 1] if overlays else ()):
+      figures.append(_figure(relative(png), f'“{html.escape(word)}”', f'{hit.name}: {word}'))
+    rows.append(f'<div class="hit">{"".join(figures)}</div>' if overlays else figures[0])
   page = (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(query)}</title><style>'
           'body{font-family:sans-serif} figure{display:inline-block;margin:6px;text-align:center;font-size:12px}'
           'img{image-rendering:pixelated;border:1px solid #ccc}</style></head><body>'
@@ -56,11 +69,12 @@ def grid(hits: Sequence[Hit], columns: int = 5) -> Image.Image:
   return sheet
 
 
-def write(query: str, hits: Sequence[Hit], out_dir: str | os.PathLike) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes out_dir/results.html and out_dir/results.png; returns their paths."""
+def write(query: str, hits: Sequence[Hit], out_dir: str | os.PathLike,
+          overlays: Overlays | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+  """Writes out_dir/results.html (with the word overlays if given) and out_dir/results.png; returns their paths."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  page = write_html(query, hits, out_dir / 'results.html')
+  page = write_html(query, hits, out_dir / 'results.html', overlays)
   png = out_dir / 'results.png'
   grid(hits).save(png)
   return page, png

@@ -38,6 +38,7 @@ import jax
 import numpy as np
 
 from xmodal.bundle import format as bundle_lib
+from xmodal.inference import explain as explain_lib
 from xmodal.inference import preprocess as preprocess_lib
 from xmodal.inference import ranking
 from xmodal.inference import index as index_lib
@@ -277,6 +278,38 @@ class Retriever:
       raise ValueError(f'match: {len(text_tokens)} texts and {len(image_tokens)} images do not pair up')
     pick = lambda x: np.broadcast_to(x, (count, *x.shape[1:])) if len(x) == 1 else x
     return self.match_tokens(pick(text_tokens), pick(mask), pick(image_tokens))
+
+  def explain(self, query: str, image: preprocess_lib.ImageLike, method: str = explain_lib.DEFAULT_METHOD,
+              layer: int = explain_lib.DEFAULT_LAYER) -> explain_lib.Explanation:
+    """Per-token heatmaps of why `image` (a path or a uint8 array) matches `query`; see xmodal.inference.explain.
+
+    Args:
+      method: 'attention' (the cross-attention weights) or 'gradcam' (ALBEF's: the weights times their positive
+        gradients of the ITM score); both averaged over heads.
+      layer: which cross-attention layer (0 = the first: the Locator's where the model has one; negative counts from
+        the end). The defaults are what pointed best on the shapes validation split (docs/search.md).
+
+    Raises:
+      ValueError: an empty query, an unknown method or layer, or a bundle exported without `explain`.
+    """
+    if 'explain' not in self._functions:
+      raise ValueError(f'{self.path}: this bundle has no explain function (exported by an older xmodal); '
+                       're-export it with `xmodal export`')
+    if method not in explain_lib.METHODS:
+      raise ValueError(f'method {method!r} is not one of {explain_lib.METHODS}')
+    query, = self._check_queries([query])
+    ids, mask = self.tokenize([query])
+    text_tokens, _ = self._run('encode_text', ids, mask)
+    _, image_tokens = self.encode_images([image])
+    maps, logit = self._run('explain', text_tokens, mask, image_tokens)
+    layers = maps.shape[2]
+    if not -layers <= layer < layers:
+      raise ValueError(f'layer {layer} is out of range: the bundle has {layers} cross-attention layers')
+    count = int(mask[0].sum()) - 2  # the query's own tokens: neither [CLS] nor [SEP]
+    spans = [tuple(span) for span in self.tokenizer.token_offsets([query])[0][:count]]
+    patch_maps = maps[0, explain_lib.METHODS.index(method), layer, 1:1 + count]
+    return explain_lib.Explanation(query, [query[a:b] for a, b in spans], spans, explain_lib.grid_maps(patch_maps),
+                                   float(logit[0]), method, layer % layers)
 
   # ------------------------------------------------------------------------------------------ index and search
   def index(self, gallery: Gallery, batch_size: int | None = None, progress: bool = True, keep_tokens: bool = True,

@@ -37,14 +37,24 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
   raise ValueError(f'attention implementation {impl!r} is not one of {IMPLEMENTATIONS}')
 
 
-def _xla_attention(q, k, v, mask):
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """(B, Lq, H, Dh) queries, (B, Lk, H, Dh) keys, (B, Lk) bool key mask -> (B, H, Lq, Lk) float32: each query's
+  distribution over the keys (what the 'xla' path attends with, and what explanations read)."""
   scale = q.shape[-1] ** -0.5
   # Logits and softmax in float32: bfloat16 loses the small differences between large logits.
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
   if mask is not None:
     logits = jnp.where(mask[:, None, None, :], logits, _MASK_VALUE)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def attend(weights: jax.Array, v: jax.Array) -> jax.Array:
+  """(B, H, Lq, Lk) weights, (B, Lk, H, Dh) values -> (B, Lq, H, Dh) in the dtype of `v`."""
+  return jnp.einsum('bhqk,bkhd->bqhd', weights.astype(v.dtype), v)
+
+
+def _xla_attention(q, k, v, mask):
+  return attend(attention_weights(q, k, mask), v)
 
 
 # cuDNN's training kernels take only even sequence lengths (jax 0.11 on an H100: "Unsupported sequence length Q 257,
@@ -76,5 +86,15 @@ def attended_positions(q: jax.Array, k: jax.Array, positions: jax.Array, mask: j
   """Where each query looks: (B, Lq, H, Dh) queries, (B, Lk, H, Dh) keys and (Lk, P) key positions -> (B, Lq, H, P)
   float32, the attention-weighted mean of the key positions per head (the same weights as `dot_product_attention`'s
   'xla' path, whichever path produced the values)."""
-  values = jnp.broadcast_to(positions.astype(jnp.float32)[None, :, None, :], (*k.shape[:3], positions.shape[-1]))
-  return _xla_attention(q.astype(jnp.float32), k.astype(jnp.float32), values, mask)
+  return weighted_positions(attention_weights(q.astype(jnp.float32), k.astype(jnp.float32), mask), positions)
+
+
+def weighted_positions(weights: jax.Array, positions: jax.Array) -> jax.Array:
+  """(B, H, Lq, Lk) attention weights and (Lk, P) key positions -> (B, Lq, H, P) float32: the weighted mean."""
+  # The positions as values of every head, attended like any values: the same operations, in the same order, as
+  # before explanations shared this function (a contraction over 'kp' directly rounds differently, and a trained
+  # run's numbers move with it).
+  batch, heads, _, length = weights.shape
+  values = jnp.broadcast_to(positions.astype(jnp.float32)[None, :, None, :],
+                            (batch, length, heads, positions.shape[-1]))
+  return attend(weights.astype(jnp.float32), values)

@@ -56,13 +56,14 @@ class Locator(nn.Module):
   dtype: jnp.dtype = jnp.float32
   impl: str = 'xla'
   init: str = 'bert'
+  explain: bool = False  # its cross-attention sows its weights (layers.Attention.explain)
   kv_projected: bool = False  # image_tokens are the layer's keys and values (`image_keys_values`)
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask, image_index=None, text_index=None) -> jax.Array:
     x, _ = layers.FusionBlock(self.heads, self.mlp_dim, self.eps, self.dtype, self.impl, self.init, where=True,
-                              kv_projected=self.kv_projected, name='layer')(x, mask, image_tokens, image_mask,
-                                                                            image_index, text_index)
+                              explain=self.explain, kv_projected=self.kv_projected, name='layer')(
+                                  x, mask, image_tokens, image_mask, image_index, text_index)
     return nn.Dense(2, dtype=jnp.float32, param_dtype=jnp.float32, name='head',
                     kernel_init=layers.with_names(layers.kernel_init(self.init), 'embed', None),
                     bias_init=layers.with_names(nn.initializers.zeros, None))(x.astype(jnp.float32))
@@ -88,12 +89,13 @@ class FusionEncoder(nn.Module):
   @nn.compact
   def __call__(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array | None,
                image_mask: jax.Array | None = None, image_index: jax.Array | None = None, *,
-               locate_only: bool = False, cls_only: bool = False, keys_values: jax.Array | None = None,
-               text_index: jax.Array | None = None) -> jax.Array:
+               locate_only: bool = False, cls_only: bool = False, explain: bool = False,
+               keys_values: jax.Array | None = None, text_index: jax.Array | None = None) -> jax.Array:
     """`image_index` (B,) int: text row i reads image `image_index[i]` of `image_tokens` (M, N, Dv), whose keys and
     values each layer projects once per image rather than once per row (ITM's negatives reuse the batch's images).
     `locate_only`: return the Locator's positions (B, L, 2) instead of the fused tokens (needs `locator`).
     `cls_only`: return the fused [CLS] alone (B, 1, Dt): the last layer computes no other token.
+    `explain`: every cross-attention sows its weights (the Locator's first, then the layers'; `models.explain`).
     `keys_values` (C, 2, B or M, H, Dh, N) from `image_keys_values`, or C (keys, values) pairs of (B or M, H, Dh, N),
     in place of `image_tokens` (None): every cross-attention reads its layer's as given instead of projecting the
     image's tokens. `text_index` (B,) int: text tokens and mask hold T texts and row i is text `text_index[i]`; what
@@ -125,7 +127,7 @@ class FusionEncoder(nn.Module):
       reads = (jax.lax.stop_gradient(text_tokens), broadcast[0], jax.lax.stop_gradient(locator_image), broadcast[2],
                image_index, text_index)
       positions = Locator(self.heads, self.mlp_dim, self.layer_norm_eps, self.dtype, self.attention, self.init,
-                          kv_projected=projected, name='locator')(*reads)
+                          explain, kv_projected=projected, name='locator')(*reads)
       if locate_only:
         return positions
       text_tokens, text_mask = by_pair(text_tokens), by_pair(text_mask)
@@ -140,7 +142,8 @@ class FusionEncoder(nn.Module):
     apply = layers.stack(layers.FusionBlock, self.depth, scan=self.scan_layers, remat=self.remat,
                          num_broadcast=len(broadcast), heads=self.heads, mlp_dim=self.mlp_dim,
                          eps=self.layer_norm_eps, dtype=self.dtype, impl=self.attention, init=self.init,
-                         where=self.locator, kv_projected=projected, per_layer_args=(1,) if projected else (),
+                         where=self.locator, explain=explain, kv_projected=projected,
+                         per_layer_args=(1,) if projected else (),
                          # Init creates the stacked parameters the [CLS]-only view splits.
                          last_queries=1 if cls_only and not self.is_initializing() else 0)
     return apply(text_tokens, *broadcast)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from xmodal.models import activations
 from xmodal.models import gather
 from xmodal.models import regions
-from xmodal.models.attention import attended_positions, dot_product_attention
+from xmodal.models.attention import (attend, attended_positions, attention_weights, dot_product_attention,
+                                     weighted_positions)
 
 Dtype = Any
 
@@ -80,6 +81,10 @@ class Projection(nn.Module):
     return y + bias.astype(self.dtype)
 
 
+# The name under which an explaining cross-attention sows (and perturbs) its weights.
+EXPLAIN_NAME = 'cross_attention_weights'
+
+
 class Attention(nn.Module):
   """Multi-head attention; self-attention when `kv` is None, cross-attention otherwise.
 
@@ -87,12 +92,17 @@ class Attention(nn.Module):
   how text tokens of width Dt read image tokens of width Dv. With `where` (cross-attention over image tokens), each
   head also reads where it looked, the attention-weighted mean of the tokens' (x, y) (`regions.token_positions`),
   projected into the output: a place as two numbers, not spread over the values' features.
+
+  With `explain` (cross-attention only), the attention weights (B, H, Lq, Lk) are computed explicitly, passed
+  through `perturb` (so a gradient with respect to them can be taken: Grad-CAM) and sown into 'intermediates' as
+  `EXPLAIN_NAME`; the output is the same as without.
   """
   heads: int
   dtype: Dtype = jnp.float32
   impl: str = 'xla'
   init: str = 'bert'
   where: bool = False
+  explain: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None, kv: jax.Array | None = None,
@@ -128,10 +138,18 @@ class Attention(nn.Module):
         if kv_index is not None:
           kv_proj = gather.take_rows(kv_proj, kv_index)
         k, v = kv_proj[:, :, 0], kv_proj[:, :, 1]
-    out = HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(dot_product_attention(q, k, v, mask,
-                                                                                           impl=self.impl))
+    weights = None
+    if self.explain and kv is not None:
+      weights = self.perturb(EXPLAIN_NAME, attention_weights(q, k, mask))
+      self.sow('intermediates', EXPLAIN_NAME, weights)
+      attended = attend(weights, v)
+    else:
+      attended = dot_product_attention(q, k, v, mask, impl=self.impl)
+    out = HeadsOut(width, dtype=self.dtype, init=self.init, name='out')(attended)
     if self.where and kv is not None:
-      where = attended_positions(q, k, regions.token_positions(k.shape[1]), mask)
+      positions = regions.token_positions(k.shape[1])
+      where = (attended_positions(q, k, positions, mask) if weights is None
+               else weighted_positions(weights, positions))
       out = out + HeadsOut(width, dtype=self.dtype, init=self.init, name='where')(where.astype(self.dtype))
     return out
 
@@ -223,6 +241,7 @@ class FusionBlock(nn.Module):
   # The last layer of a match needs only [CLS]: its other tokens' queries, cross-attention and MLP are not computed.
   queries: int = 0
   kv_projected: bool = False  # image_tokens are this layer's keys and values (`Attention`'s kv_projected)
+  explain: bool = False  # the cross-attention sows its weights (Attention.explain)
 
   @nn.compact
   def __call__(self, x, mask, image_tokens, image_mask, image_index=None, text_index=None):
@@ -234,7 +253,7 @@ class FusionBlock(nn.Module):
     x = LayerNorm(self.eps, self.dtype, name='ln1')(kept + attn(x, mask, queries=self.queries))
     if text_index is not None:
       x = jnp.take(x, text_index, axis=0)
-    cross = Attention(self.heads, self.dtype, self.impl, self.init, self.where, name='cross_attn')(
+    cross = Attention(self.heads, self.dtype, self.impl, self.init, self.where, self.explain, name='cross_attn')(
         x, image_mask, kv=image_tokens, kv_index=image_index, kv_projected=self.kv_projected)
     x = LayerNorm(self.eps, self.dtype, name='ln_cross')(x + cross)
     x = LayerNorm(self.eps, self.dtype, name='ln2')(x + Mlp(self.mlp_dim, self.dtype, self.init, name='mlp')(x))
@@ -273,7 +292,9 @@ def stack(block_cls: type[nn.Module], depth: int, *, scan: bool, remat: str, num
     return nn.map_variables(_LayerByLayer, 'params', trans_in_fn=split, mutable=False)(
         tuple(functools.partial(block_cls, **block_kwargs, **(last if i == depth - 1 else {})) for i in range(depth)),
         layer_args, name=name)
-  scanned = functools.partial(nn.scan, block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+  # Sown intermediates and perturbations (explanations) are per layer, as parameters are.
+  per_layer = {'params': 0, 'intermediates': 0, 'perturbations': 0}
+  scanned = functools.partial(nn.scan, block_cls, variable_axes=per_layer, split_rngs={'params': True},
                               in_axes=(nn.broadcast,) * num_broadcast, metadata_params={nn.PARTITION_NAME: 'layers'})
   if scan and last_queries:
     # The stacked parameters seen as the first depth - 1 layers, scanned, and the last one on its own.

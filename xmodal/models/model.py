@@ -171,6 +171,12 @@ class XModal(nn.Module):
                         keys_values=keys_values, text_index=text_index)
     return self.itm_head(fused[:, 0].astype(jnp.float32))
 
+  def match_explained(self, text_tokens: jax.Array, text_mask: jax.Array, image_tokens: jax.Array) -> jax.Array:
+    """`match` (logits (B, 2)) with every token computed in every layer and each cross-attention's weights sown into
+    'intermediates' and open to 'perturbations': what `models.explain` reads and differentiates."""
+    fused = self.fusion(text_tokens, text_mask, image_tokens, explain=True)
+    return self.itm_head(fused[:, 0].astype(jnp.float32))
+
   def image_keys_values(self, image_tokens: jax.Array) -> jax.Array:
     """Image tokens (B, N, Dv) -> (C, 2, B, H, Dh, N) in the compute dtype: the keys and values each of the fusion
     encoder's C cross-attentions (the Locator's, then fusion_depth) projects from the image, what a search index

@@ -178,7 +178,7 @@ def oracle_metrics(tfds_name: str, data_dir: str, split: str) -> dict[str, float
   scenes; None for any other dataset. Cached: a run validates the same slice many times."""
   from xmodal.data.shapes import builder as shapes
   from xmodal.evaluation import oracle
-  builder = _shapes_builder(tfds_name, data_dir)
+  builder = shapes_builder(tfds_name, data_dir)
   if builder is None:
     return None
   scenes, captions = shapes.read_split(builder, split)
@@ -191,11 +191,11 @@ def binding_kinds(tfds_name: str, data_dir: str, split: str) -> dict[int, str] |
   """image_id -> what its negative breaks ('colours' or 'relation') on a hard split of xmodal_shapes; None for any
   other dataset. Cached like `oracle_metrics`."""
   from xmodal.data.shapes import builder as shapes
-  builder = _shapes_builder(tfds_name, data_dir)
+  builder = shapes_builder(tfds_name, data_dir)
   return None if builder is None else shapes.read_binding_kinds(builder, split)
 
 
-def _shapes_builder(tfds_name: str, data_dir: str):
+def shapes_builder(tfds_name: str, data_dir: str):
   """The tfds builder of `tfds_name` when it is xmodal_shapes, whose records carry their scenes; else None."""
   from xmodal.data import sources
   builder = sources.tfds_builder(tfds_name, data_dir)

@@ -250,6 +250,12 @@ def load_split(split: str, data_dir: str | None = None, config: ShapesConfig | N
   return read_split(builder, split)
 
 
+def read_images(builder: tfds.core.DatasetBuilder, split: str) -> np.ndarray:
+  """(n, S, S, 3) uint8: the images of a prepared split (sliced or not), in the order `read_split` reads them."""
+  source = builder.as_data_source(split)
+  return np.stack([np.asarray(source[i]['image'], np.uint8) for i in range(len(source))])
+
+
 def _records(builder: tfds.core.DatasetBuilder, split: str) -> Iterator[dict[str, Any]]:
   """The records of a split (sliced or not) in order, images left encoded."""
   source = builder.as_data_source(split, decoders={'image': tfds.decode.SkipDecoding()})

@@ -372,6 +372,27 @@ def ground_caption(text: str, region_phrases: Sequence[str]) -> list[tuple[int, 
   return sorted(spans)
 
 
+@dataclasses.dataclass(frozen=True)
+class NamedObject:
+  """A noun phrase of a caption: where its colour and shape words are (character spans) and what they name."""
+  color_span: tuple[int, int]
+  shape_span: tuple[int, int]
+  color: str  # canonical, as the scene's metadata names it
+  shape: str
+
+
+def named_objects(text: str) -> list[NamedObject]:
+  """Every noun phrase of a caption, in the order written ([] for a caption the templates cannot read): what the
+  pointing test (xmodal.evaluation.pointing) asks a word's heatmap to find. A scene's colour-shape pairs are
+  distinct, so (color, shape) names one object."""
+  reading = _first_reading(text)
+  if reading is None:
+    return []
+  m, slots, _ = reading
+  return [NamedObject(m.span(f'{slot}_color'), m.span(f'{slot}_shape'), _canonical(m[f'{slot}_color'], COLOR_WORDS),
+                      _canonical(m[f'{slot}_shape'], SHAPE_WORDS)) for slot in slots if slot != 'R']
+
+
 NEGATIVE_KINDS = ('colours', 'relation', 'shape', 'colour')
 
 
