@@ -256,12 +256,14 @@ BLOCKED_RUN = textwrap.dedent('''
     retriever = Retriever.load(sys.argv[1])
     index = retriever.index(sys.argv[2], progress=False)
     hits = retriever.search('a red circle', index, k=3, rerank=2)
+    words = [w for w, _ in retriever.explain('a red circle', hits[0].name).words()]
     loaded = sorted(m for m in sys.modules if any(m == b or m.startswith(b + '.') for b in BLOCKED))
-    print(json.dumps({'names': [h.name for h in hits], 'itm': [h.itm for h in hits], 'loaded': loaded}))
+    print(json.dumps({'names': [h.name for h in hits], 'itm': [h.itm for h in hits], 'words': words,
+                      'loaded': loaded}))
 ''')
 
 
-def test_a_process_without_tensorflow_or_model_code_loads_the_bundle_and_searches(exported, tmp_path):
+def test_a_process_without_tensorflow_or_model_code_loads_the_bundle_searches_and_explains(exported, tmp_path):
   _, _, bundle = exported
   folder = write_pngs(random_images(5, size=40), tmp_path / 'gallery')
   result = subprocess.run([sys.executable, '-c', BLOCKED_RUN, str(bundle), str(folder)], capture_output=True,
@@ -270,6 +272,7 @@ def test_a_process_without_tensorflow_or_model_code_loads_the_bundle_and_searche
   out = json.loads(result.stdout.strip().splitlines()[-1])
   assert len(out['names']) == 3 and all(n.startswith(str(folder)) for n in out['names'])
   assert out['itm'][0] is not None and out['itm'][2] is None  # 2 re-ranked, the third by ITC only
+  assert out['words'] == ['red', 'circle']  # explanations run from the bundle alone too
   assert out['loaded'] == []
 
 
