@@ -73,13 +73,14 @@ def _inside(targets_: Sequence[Target], centres: np.ndarray) -> np.ndarray:
   return distance <= circles[:, 2:]
 
 
-def hits(maps: np.ndarray, targets_: Sequence[Target], image_size: int) -> np.ndarray:
+def hits(maps: np.ndarray, targets_: Sequence[Target], image_size: int, first_row: int = 0) -> np.ndarray:
   """Whether each target's word map peaks inside its object.
 
   Args:
     maps: (P, M, K, L, N) maps of P pairs (M methods, K layers, L tokens, N patches), as `models.explain` returns.
-    targets_: targets whose `row` indexes the P pairs.
+    targets_: targets whose `row` - first_row indexes the P pairs.
     image_size: the image side in pixels.
+    first_row: the row of the pair maps[0] (a batch of a split's pairs).
 
   Returns:
     (T, M, K) bool. A word of several tokens is read at the mean of their maps.
@@ -88,7 +89,7 @@ def hits(maps: np.ndarray, targets_: Sequence[Target], image_size: int) -> np.nd
   weights = np.zeros((len(targets_), length), np.float32)
   for i, t in enumerate(targets_):
     weights[i, list(t.tokens)] = 1.0 / len(t.tokens)
-  rows = np.array([t.row for t in targets_], np.int64)
+  rows = np.array([t.row for t in targets_], np.int64) - first_row
   heat = np.einsum('tl,tmkln->tmkn', weights, maps[rows])
   hottest = np.argmax(heat, axis=-1)  # (T, M, K)
   inside = _inside(targets_, patch_centres(patches, image_size))

@@ -298,8 +298,7 @@ class Retriever:
     if method not in explain_lib.METHODS:
       raise ValueError(f'method {method!r} is not one of {explain_lib.METHODS}')
     query, = self._check_queries([query])
-    ids, mask = self.tokenize([query])
-    text_tokens, _ = self._run('encode_text', ids, mask)
+    _, text_tokens, mask = self.encode_texts([query])
     _, image_tokens = self.encode_images([image])
     maps, logit = self._run('explain', text_tokens, mask, image_tokens)
     layers = maps.shape[2]

@@ -16,11 +16,10 @@ it to look at.
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 
+from xmodal.models import fusion
 from xmodal.models.layers import EXPLAIN_NAME
 from xmodal.models.model import XModal
 
@@ -55,26 +54,9 @@ def explain(model: XModal, params, text_tokens: jax.Array, text_mask: jax.Array,
     return jnp.sum(logits[:, 1]), (logits[:, 1], state['intermediates'])
 
   gradients, (logit, intermediates) = jax.grad(match_logit, has_aux=True)(zeros)
-  weights, grads = _per_layer(intermediates), _per_layer(gradients)
+  # `sow` keeps a tuple of the values of each call (one here).
+  weights = [b['cross_attn'][EXPLAIN_NAME][0] for b in fusion.cross_attention_blocks(intermediates['fusion'])]
+  grads = [b['cross_attn'][EXPLAIN_NAME] for b in fusion.cross_attention_blocks(gradients['fusion'])]
   attention = jnp.stack([w.mean(axis=1) for w in weights], axis=1)  # (B, K, L, 1+N)
   gradcam = jnp.stack([(w * jax.nn.relu(g)).mean(axis=1) for w, g in zip(weights, grads)], axis=1)
   return jnp.stack([attention, gradcam], axis=1)[..., 1:], logit
-
-
-def _per_layer(tree) -> list[jax.Array]:
-  """The cross-attention weights (or their gradients) of every layer, the Locator's first, each (B, H, L, Lk).
-
-  Scanned layers hold their stack on a leading axis; unscanned ones are named `layers_0`, `layers_1`, ... (`sow`'s
-  tuple is one more key on the path, so one walk serves the weights and their gradients).
-  """
-  found = []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = [getattr(key, 'key', getattr(key, 'name', None)) for key in path]
-    if EXPLAIN_NAME not in names:
-      continue
-    numbers = [int(m.group(1)) for n in names if isinstance(n, str) and (m := re.fullmatch(r'layers_(\d+)', n))]
-    found.append((('locator' not in names, *numbers), leaf))
-  layers = []
-  for _, leaf in sorted(found, key=lambda item: item[0]):
-    layers.extend(list(leaf) if leaf.ndim == 5 else [leaf])
-  return layers

@@ -159,17 +159,23 @@ def image_keys_values(params, image_tokens: jax.Array, dtype: jnp.dtype = jnp.fl
   a layer's (M, H, Dh, N) slice is then read as it lies. From (M, N, 2, H, Dh), the copies into that layout took 40 %
   of a match at 8 text tokens on a 2-core CPU; as separate arrays per layer (`FusionEncoder`'s pairs) none remain.
 
-  Each layer's own `Projection` computes them, from the parameters where `FusionEncoder` keeps them: 'locator/layer'
-  and 'layers' (stacked on a leading axis when scanned, else 'layers_0', 'layers_1', ...), each at 'cross_attn/kv'.
+  Each layer's own `Projection` computes them, from its 'cross_attn/kv' parameters (`cross_attention_blocks`).
   """
-  kv = lambda block: block['cross_attn']['kv']
-  one = lambda block: jax.tree.map(lambda p: p[None], kv(block))  # one layer's, on a leading layer axis
-  stacked = [one(params['locator']['layer'])] if 'locator' in params else []
-  stacked += [kv(params['layers'])] if 'layers' in params else [
-      one(params[f'layers_{i}']) for i in range(len(params)) if f'layers_{i}' in params]
-  stacked = jax.tree.map(lambda *p: jnp.concatenate(p), *stacked)
+  blocks = cross_attention_blocks(params)
+  stacked = jax.tree.map(lambda *p: jnp.stack(p), *[block['cross_attn']['kv'] for block in blocks])
   # parent=None: a module of its own, applied to the given parameters, not a new child of a calling module.
   projection = layers.Projection(stacked['kernel'].shape[2:], (None,) * (stacked['kernel'].ndim - 2), dtype=dtype,
                                  parent=None)
   keys_values = jax.vmap(lambda p: projection.apply({'params': p}, image_tokens))(stacked)  # (C, M, N, 2, H, Dh)
   return jnp.transpose(keys_values, (0, 3, 1, 4, 5, 2))
+
+
+def cross_attention_blocks(tree) -> list:
+  """A FusionEncoder's variables of one collection (params, intermediates, perturbations) -> one subtree per block
+  that has a cross-attention, in the order the text passes them: the Locator's layer ('locator/layer'), then the
+  fusion layers ('layers', stacked on a leading axis when scanned, which is split here; else 'layers_0', ...)."""
+  blocks = [tree['locator']['layer']] if 'locator' in tree else []
+  if 'layers' in tree:
+    depth = jax.tree.leaves(tree['layers'])[0].shape[0]
+    return blocks + [jax.tree.map(lambda x, i=i: x[i], tree['layers']) for i in range(depth)]
+  return blocks + [tree[f'layers_{i}'] for i in range(len(tree)) if f'layers_{i}' in tree]

@@ -41,21 +41,25 @@ def run(config: ml_collections.ConfigDict, model: XModal, params, split: str, ba
   max_len = config.model.max_text_len
   targets = pointing_lib.targets(texts, [scenes[i] for i in image_of], tokenizer.token_offsets(texts), max_len)
   ids, mask = tokenizer.encode(texts, max_len)
+  # Each image's tokens once (five captions read each image), then the pairs' maps a batch at a time.
+  encode = jax.jit(lambda p, x: model.apply({'params': p}, x, method=XModal.encode_image)[0])
+  image_tokens = np.concatenate([np.asarray(encode(params, pixels[i:i + batch_size]))
+                                 for i in range(0, len(pixels), batch_size)])
   explain = jax.jit(functools.partial(_explain_pairs, model))
   starts = range(0, len(texts), batch_size)
+  # Where each batch's targets begin (`targets` come in row order).
+  first_target = np.searchsorted([t.row for t in targets], [*starts, len(texts)])
   if progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     starts = tqdm(starts, desc='pointing', unit='batch', dynamic_ncols=True)
-  by_row = np.array([t.row for t in targets])
   hit, patches = [], None
-  for start in starts:
+  for number, start in enumerate(starts):
     rows = np.minimum(np.arange(start, start + batch_size), len(texts) - 1)  # one shape: the last batch repeats
-    maps = np.asarray(explain(params, pixels[image_of[rows]], ids[rows], mask[rows]))
+    maps = np.asarray(explain(params, image_tokens[image_of[rows]], ids[rows], mask[rows]))
     patches = maps.shape[-1]
-    chosen = [t for t, r in zip(targets, by_row) if start <= r < start + batch_size]
-    local = [pointing_lib.Target(t.row - start, t.kind, t.tokens, t.x, t.y, t.radius) for t in chosen]
-    if local:
-      hit.append(pointing_lib.hits(maps, local, config.data.image_size))
+    chosen = targets[first_target[number]:first_target[number + 1]]
+    if chosen:
+      hit.append(pointing_lib.hits(maps, chosen, config.data.image_size, first_row=start))
   kinds = [t.kind for t in targets]
   chances = {kind: pointing_lib.chance([t for t in targets if t.kind == kind], patches, config.data.image_size)
              for kind in pointing_lib.WORD_KINDS}
@@ -64,8 +68,7 @@ def run(config: ml_collections.ConfigDict, model: XModal, params, split: str, ba
           'methods': list(explain_lib.METHODS), **summary}
 
 
-def _explain_pairs(model: XModal, params, images, ids, mask):
-  image_tokens, _ = model.apply({'params': params}, images, method=XModal.encode_image)
+def _explain_pairs(model: XModal, params, image_tokens, ids, mask):
   text_tokens, _ = model.apply({'params': params}, ids, mask, method=XModal.encode_text)
   maps, _ = explain_lib.explain(model, params, text_tokens, mask, image_tokens)
   return maps
